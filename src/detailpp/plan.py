@@ -1,0 +1,206 @@
+"""The decomposition plan: the prompt p0, the base prompt p1 and one sub-prompt per subject (paper, step 1).
+
+A plan is what the prompt parser (:mod:`detailpp.decompose`) produces and what the pipeline consumes. It can also be
+written by hand (a JSON file or a Python object); :func:`validate_plan` then checks it against the prompt and the
+tokenizer before any denoising starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+Granularity = Literal["subject", "attribute"]
+GRANULARITIES: tuple[str, ...] = ("subject", "attribute")
+
+#: CLIP's context window: start token + 75 text tokens + end token.
+CLIP_MAX_TOKENS = 77
+
+
+class PlanError(ValueError):
+    """A plan (or a prompt) that cannot be used; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One detail branch: ``prompt`` is the base prompt plus the ``attributes`` of one ``subject``.
+
+    Attributes:
+        prompt: the sub-prompt this branch is denoised with.
+        subject: the subject's words as they appear in p0 (``"teddy bear"``); its cross-attention mask confines
+            the branch's latent changes.
+        attributes: the modifier words or phrases this branch adds (``["red"]``, ``["with a necklace"]``).
+        subject_token_indices: positions of the subject's tokens in SDXL's CLIP tokenization of p0 (start token =
+            0; sub-word tokens included).
+    """
+
+    prompt: str
+    subject: str
+    attributes: tuple[str, ...] = ()
+    subject_token_indices: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", tuple(self.attributes))
+        object.__setattr__(self, "subject_token_indices", tuple(int(i) for i in self.subject_token_indices))
+
+
+@dataclass(frozen=True)
+class DecompositionPlan:
+    """p0, p1 and the detail branches p2..pn, JSON round-trippable (:meth:`to_json` / :meth:`from_json`)."""
+
+    prompt: str
+    base: str
+    granularity: Granularity = "subject"
+    branches: tuple[Branch, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        branches = tuple(b if isinstance(b, Branch) else Branch(**b) for b in self.branches)
+        object.__setattr__(self, "branches", branches)
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts of every branch of the UNet batch, in order: p0, p1, p2..pn."""
+        return [self.prompt, self.base, *(b.prompt for b in self.branches)]
+
+    @property
+    def subjects(self) -> list[str]:
+        return [b.subject for b in self.branches]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["branches"] = [
+            {**b, "attributes": list(b["attributes"]), "subject_token_indices": list(b["subject_token_indices"])}
+            for b in out["branches"]
+        ]
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DecompositionPlan:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"A plan must be a JSON object, got {type(data).__name__}.")
+        missing = [k for k in ("prompt", "base") if k not in data]
+        if missing:
+            raise PlanError(f"The plan lacks the field(s) {missing}; a plan needs 'prompt', 'base' and 'branches'.")
+        branches = []
+        for i, b in enumerate(data.get("branches", [])):
+            if not isinstance(b, Mapping) or "prompt" not in b or "subject" not in b:
+                raise PlanError(f"Branch {i} of the plan needs at least 'prompt' and 'subject', got {b!r}.")
+            unknown = set(b) - {"prompt", "subject", "attributes", "subject_token_indices"}
+            if unknown:
+                raise PlanError(f"Branch {i} of the plan has unknown field(s) {sorted(unknown)}.")
+            branches.append(Branch(**b))
+        granularity = data.get("granularity", "subject")
+        if granularity not in GRANULARITIES:
+            raise PlanError(f"Unknown granularity {granularity!r}; use one of {GRANULARITIES}.")
+        return cls(prompt=data["prompt"], base=data["base"], granularity=granularity, branches=tuple(branches))
+
+    @classmethod
+    def from_json(cls, text: str) -> DecompositionPlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"The plan is not valid JSON ({e}).") from e
+        return cls.from_dict(data)
+
+
+def load_plan(source: DecompositionPlan | Mapping[str, Any] | str | Path) -> DecompositionPlan:
+    """A plan from a :class:`DecompositionPlan`, a dict, a JSON string or the path of a JSON file."""
+    if isinstance(source, DecompositionPlan):
+        return source
+    if isinstance(source, Mapping):
+        return DecompositionPlan.from_dict(source)
+    path = Path(source)
+    if isinstance(source, Path) or (not str(source).lstrip().startswith("{") and path.suffix == ".json"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise PlanError(f"Cannot read the plan file {str(path)!r}: {e.strerror}.") from e
+        return DecompositionPlan.from_json(text)
+    return DecompositionPlan.from_json(str(source))
+
+
+def find_subject_span(prompt: str, subject: str, occurrence: int = 0) -> tuple[int, int] | None:
+    """Character span of the ``occurrence``-th whole-word, case-insensitive match of ``subject`` in ``prompt``."""
+    words = subject.split()
+    if not words:
+        return None
+    pattern = r"(?<!\w)" + r"[\s]+".join(re.escape(w) for w in words) + r"(?!\w)"
+    matches = list(re.finditer(pattern, prompt, flags=re.IGNORECASE))
+    if occurrence >= len(matches):
+        return None
+    return matches[occurrence].span()
+
+
+def token_indices_for_span(prompt: str, start: int, end: int, tokenizer: Any) -> tuple[int, ...]:
+    """Positions (start token = 0) of the CLIP tokens of ``prompt`` that overlap the characters ``[start, end)``.
+
+    The tokenization is not truncated, so positions past CLIP's window come back as they are; callers check them.
+    """
+    enc = tokenizer(prompt, return_offsets_mapping=True, truncation=False, add_special_tokens=True)
+    return tuple(i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < end and e > start)
+
+
+def subject_token_indices(prompt: str, subject: str, tokenizer: Any, occurrence: int = 0) -> tuple[int, ...]:
+    """Token positions of ``subject`` in ``prompt``; raises :class:`PlanError` when it does not occur."""
+    span = find_subject_span(prompt, subject, occurrence)
+    if span is None:
+        raise PlanError(
+            f"The subject {subject!r} does not occur in the prompt {prompt!r}; every branch's subject must be "
+            "written in the prompt exactly as there (fix the plan's 'subject' or the prompt)."
+        )
+    return token_indices_for_span(prompt, *span, tokenizer)
+
+
+def subject_occurrence(prompt: str, subject: str, indices: Sequence[int], tokenizer: Any) -> int:
+    """Which occurrence of ``subject`` in ``prompt`` the token ``indices`` point at (0 when none matches)."""
+    k = 0
+    while (span := find_subject_span(prompt, subject, k)) is not None:
+        if set(token_indices_for_span(prompt, *span, tokenizer)) == set(indices):
+            return k
+        k += 1
+    return 0
+
+
+def check_token_window(subject: str, indices: Sequence[int], max_tokens: int = CLIP_MAX_TOKENS) -> None:
+    """Raise when a subject's tokens fall outside CLIP's window (the end token takes the last slot)."""
+    if not indices:
+        raise PlanError(f"The subject {subject!r} has no CLIP tokens; give a subject made of words.")
+    if max(indices) >= max_tokens - 1:
+        raise PlanError(
+            f"The subject {subject!r} sits at CLIP tokens {min(indices)}-{max(indices)}, beyond the text encoder's "
+            f"window of {max_tokens} tokens ({max_tokens - 2} words and sub-words); SDXL would never see it. "
+            "Shorten the prompt or move the subject earlier."
+        )
+
+
+def validate_plan(plan: DecompositionPlan, tokenizer: Any, prompt: str | None = None) -> DecompositionPlan:
+    """Check a plan and return it with token indices computed by ``tokenizer``.
+
+    Every branch subject must occur in p0 and lie inside CLIP's window; ``prompt``, when given, must equal p0.
+    Token indices supplied in the plan pick which occurrence of a repeated subject is meant; missing ones are
+    computed from the first occurrence.
+    """
+    if prompt is not None and prompt.strip() != plan.prompt.strip():
+        raise PlanError(
+            f"The plan was made for the prompt {plan.prompt!r}, not {prompt!r}; pass the plan's prompt or none."
+        )
+    if not plan.prompt.strip():
+        raise PlanError("The plan's prompt is empty; write what the image should show.")
+    branches = []
+    for b in plan.branches:
+        if not b.prompt.strip():
+            raise PlanError(f"The branch for {b.subject!r} has an empty prompt.")
+        occurrence = 0
+        if b.subject_token_indices:
+            occurrence = subject_occurrence(plan.prompt, b.subject, b.subject_token_indices, tokenizer)
+        indices = subject_token_indices(plan.prompt, b.subject, tokenizer, occurrence)
+        check_token_window(b.subject, indices)
+        branches.append(replace(b, subject_token_indices=indices))
+    return replace(plan, branches=tuple(branches))
