@@ -1,0 +1,153 @@
+"""Every knob of Detail++ in one frozen, documented dataclass.
+
+Defaults follow the paper where it gives a value and the authors' code where the paper is silent (see
+``docs/method.md``); each field says where its default comes from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+#: Loss thresholds under which nursing stops early, by denoising step (authors' code).
+DEFAULT_NURSING_THRESHOLDS: tuple[float, ...] = (26.0, 25.0, 24.0, 23.0, 22.5, 22.0)
+
+
+class ConfigError(ValueError):
+    """A Detail++ setting out of its range; the message names the field, the value and the valid range."""
+
+
+@dataclass(frozen=True)
+class DetailConfig:
+    """Settings of Progressive Detail Injection and attention nursing.
+
+    Attributes:
+        share_steps: fraction S/T of the denoising steps during which self-attention is shared and latents are
+            modified (paper: S = 0.8 T). 0 disables both; after these steps every branch denoises on its own.
+        share_attention: share branch 0's (the full prompt's) self-attention map with every branch in the
+            lowest-resolution attention layers (paper, section 3.2).
+        share_halves: ``"cond"`` shares in the conditional half of the CFG batch only (authors' code);
+            ``"both"`` also shares the unconditional half's own branch-0 map.
+        mask_threshold: tau of eq. 3; a subject mask keeps the latent pixels whose min-max normalised
+            cross-attention exceeds it (authors' config: 0.5). Must lie in (0, 1).
+        mask_source: whose cross-attention makes the masks: ``"full"`` = branch 0 (the full prompt),
+            ``"previous"`` = the previous branch of the chain, ``"auto"`` = ``"full"`` while nursing is on, else
+            ``"previous"`` (authors' code).
+        mask_average: ``"running"`` averages the maps over all steps so far (authors' code), ``"current"`` uses
+            the current step's maps only.
+        latent_modification: apply Accumulative Latent Modification (eq. 4) after each scheduler step within the
+            first S steps. Off, the branches never mix (an ablation switch).
+        nursing: test-time attention optimisation of branch 0's latent (eqs. 6-9) at the first steps.
+        centroid_alignment: include L_align (eq. 7) in the nursing loss; off gives the paper's "+ L_ent" ablation.
+        entropy_loss: include L_ent (eq. 8) in the nursing loss.
+        entropy_weight: lambda of eq. 9 (paper: 1).
+        alignment_weight: weight on the squared centroid error (authors' code: 0.05).
+        entropy_temperature: softmax temperature of the entropy loss over prompt tokens (ToMe: 0.5).
+        blur_kernel_size / blur_sigma: the Gaussian blur applied to a detached map before taking its argmax.
+        nursing_steps: how many of the first denoising steps run nursing (authors: 6, steps 0-5).
+        nursing_thresholds: early-stop loss threshold per nursing step (authors' values; the last value repeats).
+        scale_thresholds: the authors' thresholds were set for two subjects on a 32x32 grid (their loss sums the
+            entropy of each subject, whose maximum is ln(grid tokens)); scale them by ``(K / 2) * ln(N) / ln(1024)``
+            for K subjects and N grid tokens so that nursing behaves alike at 512x512 or with three subjects.
+            Off, the raw values apply (authors' code: one subject never nurses, three always hit the cap).
+        nursing_max_iterations_early / nursing_max_iterations_late: iteration cap while t/1000 > 0.9 / after.
+        nursing_step_size: alpha_0; alpha at step i is alpha_0 * sqrt(1 - i / (T - 1)) over the run's own T steps
+            (the authors read T before setting the timesteps, which makes alpha nearly constant; we do not).
+        prune_branches: after the first S steps stop computing every branch but the last one, unless branch images
+            were asked for. The final image is identical either way.
+        reference_attention: use the materialised-map reference processors in every attention layer (what the
+            authors' code does). Slow and memory-hungry: for tests and benchmarks only.
+        granularity: how a prompt is split when no plan is given: one branch per ``"subject"`` (authors' code) or
+            one per ``"attribute"``.
+    """
+
+    share_steps: float = 0.8
+    share_attention: bool = True
+    share_halves: Literal["cond", "both"] = "cond"
+    mask_threshold: float = 0.5
+    mask_source: Literal["auto", "full", "previous"] = "auto"
+    mask_average: Literal["running", "current"] = "running"
+    latent_modification: bool = True
+    nursing: bool = True
+    centroid_alignment: bool = True
+    entropy_loss: bool = True
+    entropy_weight: float = 1.0
+    alignment_weight: float = 0.05
+    entropy_temperature: float = 0.5
+    blur_kernel_size: int = 5
+    blur_sigma: float = 1.1
+    nursing_steps: int = 6
+    nursing_thresholds: tuple[float, ...] = DEFAULT_NURSING_THRESHOLDS
+    scale_thresholds: bool = True
+    nursing_max_iterations_early: int = 6
+    nursing_max_iterations_late: int = 3
+    nursing_step_size: float = 1750.0
+    prune_branches: bool = True
+    reference_attention: bool = False
+    granularity: Literal["subject", "attribute"] = "subject"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nursing_thresholds", tuple(float(x) for x in self.nursing_thresholds))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for any value out of range (no side effects)."""
+        if not 0.0 <= self.share_steps <= 1.0:
+            raise ConfigError(f"share_steps must lie in [0, 1] (a fraction of the steps), got {self.share_steps}.")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"mask_threshold (tau) must lie in (0, 1), got {self.mask_threshold}.")
+        choices = {
+            "share_halves": ("cond", "both"),
+            "mask_source": ("auto", "full", "previous"),
+            "mask_average": ("running", "current"),
+            "granularity": ("subject", "attribute"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name in ("nursing_steps", "nursing_max_iterations_early", "nursing_max_iterations_late"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0:
+            raise ConfigError(f"blur_kernel_size must be a positive odd number, got {self.blur_kernel_size}.")
+        for name in ("entropy_weight", "alignment_weight", "nursing_step_size", "blur_sigma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.entropy_temperature <= 0:
+            raise ConfigError(f"entropy_temperature must be > 0, got {self.entropy_temperature}.")
+        if self.nursing and not self.nursing_thresholds:
+            raise ConfigError("nursing_thresholds must hold at least one value while nursing is on.")
+
+    @property
+    def resolved_mask_source(self) -> Literal["full", "previous"]:
+        if self.mask_source == "auto":
+            return "full" if self.nursing else "previous"
+        return self.mask_source
+
+    def num_share_steps(self, num_inference_steps: int) -> int:
+        """S: how many of the first denoising steps share attention and modify latents."""
+        return int(round(self.share_steps * num_inference_steps))
+
+    def threshold_at(self, step: int, num_subjects: int = 2, grid_tokens: int = 1024) -> float:
+        """The early-stop threshold of nursing at ``step`` (see ``scale_thresholds``)."""
+        value = self.nursing_thresholds[min(step, len(self.nursing_thresholds) - 1)]
+        if self.scale_thresholds:
+            value *= (num_subjects / 2) * math.log(grid_tokens) / math.log(1024)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["nursing_thresholds"] = list(self.nursing_thresholds)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DetailConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"Unknown Detail++ setting(s) {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> DetailConfig:
+        return replace(self, **changes)

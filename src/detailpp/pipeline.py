@@ -1,0 +1,543 @@
+"""``DetailPlusPlusPipeline``: Progressive Detail Injection on SDXL (paper, section 3), as a diffusers pipeline.
+
+One call denoises p0 (the full prompt), p1 (the base prompt) and p2..pn (one sub-prompt per subject) as branches of
+one UNet batch from the same initial noise:
+
+1. classifier-free guidance per branch (batch ``[uncond x B, cond x B]``);
+2. for the first S steps, shared self-attention in the lowest-resolution layers (:mod:`detailpp.attention`);
+3. subject cross-attention captured in the same layers and turned into masks (:mod:`detailpp.masks`, eq. 3);
+4. attention nursing of branch 0's latent at the first steps (:mod:`detailpp.nursing`, eqs. 6-9);
+5. Accumulative Latent Modification after each scheduler step within S (:mod:`detailpp.latent_modification`);
+6. after S steps only the last branch feeds the final image, so the others are no longer computed unless their
+   images were asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from detailpp.attention import AttentionState, CaptureSpec, HookError, detail_processors, find_mask_layers
+from detailpp.config import DetailConfig
+from detailpp.latent_modification import FIRST_DETAIL_BRANCH, accumulate_latents
+from detailpp.masks import MaskAccumulator, binary_masks, normalized_maps
+from detailpp.nursing import NursingRecord, max_iterations, nurse_latent, nursing_loss, step_size
+from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
+from detailpp.plan import (
+    CLIP_MAX_TOKENS,
+    DecompositionPlan,
+    PlanError,
+    load_plan,
+    subject_occurrence,
+    subject_token_indices,
+    validate_plan,
+)
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from detailpp import DetailPlusPlusPipeline, DetailConfig
+
+        >>> pipe = DetailPlusPlusPipeline.from_pretrained(
+        ...     "stabilityai/stable-diffusion-xl-base-1.0", torch_dtype=torch.float16
+        ... ).to("cuda")
+        >>> out = pipe(
+        ...     "a red dog with sunglasses and a blue cat with a necklace",
+        ...     generator=torch.Generator("cuda").manual_seed(0),
+        ...     detail_config=DetailConfig(mask_threshold=0.5),
+        ...     return_branch_images=True,
+        ... )
+        >>> out.images[0].save("dog_cat.png")
+        >>> print(out.plan.to_json(indent=2))
+        ```
+"""
+
+#: Arguments of StableDiffusionXLPipeline.__call__ that Detail++ does not support (yet), with the reason.
+UNSUPPORTED = {
+    "prompt_2": "Detail++ encodes each branch's prompt with both text encoders",
+    "negative_prompt_2": "Detail++ encodes each branch's prompt with both text encoders",
+    "prompt_embeds": "branches are made from prompt text; pass `plan=` to choose the sub-prompts",
+    "negative_prompt_embeds": "pass `negative_prompt` instead",
+    "pooled_prompt_embeds": "branches are made from prompt text",
+    "negative_pooled_prompt_embeds": "pass `negative_prompt` instead",
+    "ip_adapter_image": "IP-Adapter is not wired into the branch batch yet",
+    "ip_adapter_image_embeds": "IP-Adapter is not wired into the branch batch yet",
+    "denoising_end": "the last branch must be denoised to the end",
+}
+
+
+class DetailInputError(ValueError):
+    """A call argument Detail++ cannot use; raised before any denoising starts."""
+
+
+class _StopUNet(Exception):
+    """Raised by a forward hook to end a nursing pass once every mask layer has run."""
+
+
+class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
+    """SDXL with Detail++ (training-free progressive detail injection).
+
+    Load it like SDXL (``from_pretrained``, ``from_pipe``, ``from_single_file``) and call it like SDXL, plus
+    ``detail_config=`` (:class:`detailpp.DetailConfig`) and ``plan=`` (:class:`detailpp.DecompositionPlan`, a dict or
+    a JSON file; parsed from the prompt with spaCy when absent). A plan with no branch runs plain SDXL.
+    """
+
+    def decompose(self, prompt: str, granularity: str = "subject") -> DecompositionPlan:
+        """The plan for ``prompt``, from the spaCy parser (:func:`detailpp.decompose.decompose`)."""
+        from detailpp.decompose import decompose
+
+        return decompose(prompt, granularity=granularity, tokenizer=self.tokenizer)
+
+    def prepare_plan(
+        self, prompt: str | None, plan: DecompositionPlan | dict | str | None, config: DetailConfig
+    ) -> DecompositionPlan:
+        """Parse or load the plan and validate it against the prompt and this pipeline's tokenizer."""
+        if plan is None:
+            if prompt is None or not isinstance(prompt, str):
+                raise DetailInputError("Give `prompt` as one string (Detail++ runs one prompt per call), or a `plan`.")
+            if not prompt.strip():
+                raise DetailInputError("The prompt is empty; write what the image should show.")
+            plan = self.decompose(prompt, config.granularity)
+        else:
+            plan = load_plan(plan)
+        return validate_plan(plan, self.tokenizer, prompt)
+
+    def check_detail_inputs(self, height: int, width: int, num_inference_steps: int, kwargs: dict[str, Any]) -> None:
+        """Fail early, with the fix in the message, on arguments Detail++ cannot run with."""
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            if name in UNSUPPORTED:
+                raise DetailInputError(f"`{name}` is not supported by DetailPlusPlusPipeline: {UNSUPPORTED[name]}.")
+            if name == "num_images_per_prompt" and value != 1:
+                raise DetailInputError(
+                    "Detail++ makes one image per call; call it once per seed (each with its own generator)."
+                )
+            if name not in ("num_images_per_prompt", "callback", "callback_steps"):
+                raise DetailInputError(f"Unknown argument `{name}`.")
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % 8:
+                raise DetailInputError(f"`{name}` must be a positive multiple of 8, got {value!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+
+    # ------------------------------------------------------------------ helpers used by __call__
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode as SDXL does it (fp16 VAEs that ask for it are upcast), with a clear error on NaNs."""
+        if torch.isnan(latents).any():
+            raise FloatingPointError(
+                "The latents contain NaN after denoising; run the UNet in float32 or bfloat16 (--dtype float32)."
+            )
+        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if needs_upcasting:
+            self.upcast_vae()
+            latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+        elif latents.dtype != self.vae.dtype:
+            latents = latents.to(self.vae.dtype)
+        mean = getattr(self.vae.config, "latents_mean", None)
+        std = getattr(self.vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / self.vae.config.scaling_factor + mean
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        latents = latents.to(get_module_execution_device(self.vae))
+        image = self.vae.decode(latents, return_dict=False)[0]
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float16)
+        if torch.isnan(image).any():
+            raise FloatingPointError(
+                "The decoded image contains NaN: the fp16 VAE overflowed. Load the VAE in float32, or use the "
+                "fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix): "
+                "pipe.vae = AutoencoderKL.from_pretrained('madebyollin/sdxl-vae-fp16-fix', torch_dtype=torch.float16)."
+            )
+        return image
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str) -> Any:
+        if output_type == "latent":
+            return latents
+        images = [self._decode(latents[i : i + 1]) for i in range(latents.shape[0])]
+        image = torch.cat(images)
+        if self.watermark is not None:
+            image = self.watermark.apply_watermark(image)
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    @contextmanager
+    def _stop_after(self, block_name: str) -> Iterator[None]:
+        """End UNet forwards after ``block_name`` (nursing needs nothing computed later)."""
+
+        def hook(module, args, output):
+            raise _StopUNet
+
+        handle = self.unet.get_submodule(block_name).register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # ------------------------------------------------------------------ the call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        detail_config: DetailConfig | None = None,
+        plan: DecompositionPlan | dict | str | None = None,
+        return_branch_images: bool = False,
+        return_masks: bool = False,
+        **kwargs: Any,
+    ) -> DetailPlusPlusPipelineOutput | tuple:
+        r"""Generate one image with Detail++.
+
+        Args:
+            prompt: the full prompt p0. May be omitted when ``plan`` is given.
+            negative_prompt: shared by every branch.
+            height, width: image size in pixels, multiples of 8 (default: the UNet's sample size).
+            num_inference_steps, timesteps, sigmas, guidance_scale, guidance_rescale, eta, generator, latents,
+            cross_attention_kwargs, original_size, crops_coords_top_left, target_size, negative_original_size,
+            negative_crops_coords_top_left, negative_target_size, clip_skip: as in ``StableDiffusionXLPipeline``;
+                ``latents`` is one initial latent, shared by every branch.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            callback_on_step_end: called after each step with ``latents`` holding one row per branch (rows of
+                branches that were pruned after the first S steps hold no meaningful values).
+            detail_config: every Detail++ setting (:class:`detailpp.DetailConfig`).
+            plan: the decomposition plan; parsed from ``prompt`` when absent.
+            return_branch_images: also decode every branch (p0, p1, p2..pn). Keeps every branch computed to the
+                end; the final image is the same either way.
+            return_masks: also return each detail branch's normalised subject map.
+
+        Returns:
+            :class:`DetailPlusPlusPipelineOutput` (or ``(images,)`` with ``return_dict=False``).
+        """
+        config = detail_config if detail_config is not None else DetailConfig()
+        if not isinstance(config, DetailConfig):
+            raise DetailInputError(f"`detail_config` must be a DetailConfig, got {type(config).__name__}.")
+        height = self.default_sample_size * self.vae_scale_factor if height is None else height
+        width = self.default_sample_size * self.vae_scale_factor if width is None else width
+        self.check_detail_inputs(height, width, num_inference_steps, kwargs)
+        plan = self.prepare_plan(prompt, plan, config)
+
+        if not plan.branches:
+            logger.info("The plan has no detail branch: running plain SDXL on %r.", plan.prompt)
+            out = StableDiffusionXLPipeline.__call__(
+                self,
+                prompt=plan.prompt,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                eta=eta,
+                generator=generator,
+                latents=latents,
+                output_type=output_type,
+                cross_attention_kwargs=cross_attention_kwargs,
+                original_size=original_size,
+                crops_coords_top_left=crops_coords_top_left,
+                target_size=target_size,
+                negative_original_size=negative_original_size,
+                negative_crops_coords_top_left=negative_crops_coords_top_left,
+                negative_target_size=negative_target_size,
+                clip_skip=clip_skip,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
+            if not return_dict:
+                return (out.images,)
+            return DetailPlusPlusPipelineOutput(
+                images=out.images,
+                plan=plan,
+                branch_images=out.images if return_branch_images else None,
+                masks=None,
+                nursing=[],
+            )
+
+        self.check_inputs(
+            plan.prompt,
+            None,
+            height,
+            width,
+            None,
+            negative_prompt=negative_prompt,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._denoising_end = None
+        self._interrupt = False
+        device = self._execution_device
+        cfg = self.do_classifier_free_guidance
+        prompts = plan.prompts
+        n_branches = len(prompts)
+
+        # 1. Every branch's prompt through both text encoders; one negative prompt for all.
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt=prompts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=[negative_prompt] * n_branches if negative_prompt is not None else None,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+
+        # 2. One initial noise, repeated for every branch.
+        latents = self.prepare_latents(
+            1, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+        latents = latents.repeat(n_branches, 1, 1, 1)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        projection_dim = (
+            int(pooled.shape[-1]) if self.text_encoder_2 is None else self.text_encoder_2.config.projection_dim
+        )
+        add_time_ids = self._get_add_time_ids(
+            original_size or (height, width),
+            crops_coords_top_left,
+            target_size or (height, width),
+            dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        )
+        negative_add_time_ids = add_time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_add_time_ids = self._get_add_time_ids(
+                negative_original_size,
+                negative_crops_coords_top_left,
+                negative_target_size,
+                dtype=prompt_embeds.dtype,
+                text_encoder_projection_dim=projection_dim,
+            )
+        cond = {
+            "encoder_hidden_states": prompt_embeds,
+            "text_embeds": pooled,
+            "time_ids": add_time_ids.repeat(n_branches, 1),
+        }
+        if cfg:
+            cond = {
+                "encoder_hidden_states": torch.cat([negative_prompt_embeds, prompt_embeds]),
+                "text_embeds": torch.cat([negative_pooled, pooled]),
+                "time_ids": torch.cat([negative_add_time_ids.repeat(n_branches, 1), cond["time_ids"]]),
+            }
+        cond = {k: v.to(device) for k, v in cond.items()}
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(self.guidance_scale - 1).repeat(1)
+            timestep_cond = self.get_guidance_scale_embedding(
+                scale, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        def rows_of(branches: list[int]) -> list[int]:
+            """Batch rows of these branches: their unconditional rows, then their conditional rows."""
+            return branches + [n_branches + b for b in branches] if cfg else list(branches)
+
+        def predict(branches: list[int], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            """Guided noise prediction of ``branches`` (latents ``x``, one row per branch)."""
+            rows = rows_of(branches)
+            model_input = torch.cat([x, x]) if cfg else x
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            eps = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=cond["encoder_hidden_states"][rows],
+                timestep_cond=None if timestep_cond is None else timestep_cond.expand(len(rows), -1),
+                cross_attention_kwargs=cross_attention_kwargs,
+                added_cond_kwargs={"text_embeds": cond["text_embeds"][rows], "time_ids": cond["time_ids"][rows]},
+                return_dict=False,
+            )[0]
+            if cfg:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+                if guidance_rescale > 0.0:
+                    eps = rescale_noise_cfg(eps, eps_text, guidance_rescale=guidance_rescale)
+            return eps
+
+        # 3. What each step does.
+        layers = find_mask_layers(self.unet)
+        latent_hw = (latents.shape[-2], latents.shape[-1])
+        state = AttentionState(layers, layers.token_grid(*latent_hw))
+        share_steps = config.num_share_steps(num_inference_steps)
+        n_detail = n_branches - FIRST_DETAIL_BRANCH
+        detail_branches = list(range(FIRST_DETAIL_BRANCH, n_branches))
+        want_masks = n_detail > 0 and (config.latent_modification or return_masks)
+        capture = None
+        if want_masks:
+            if config.resolved_mask_source == "full":
+                cap_rows = [rows_of([0])[-1]] * n_detail
+                cap_tokens = [list(b.subject_token_indices) for b in plan.branches]
+            else:
+                cap_rows = [rows_of([i - 1])[-1] for i in detail_branches]
+                cap_tokens = [
+                    self._tokens_in(prompts[i - 1], b, plan)
+                    for i, b in zip(detail_branches, plan.branches, strict=True)
+                ]
+            capture = CaptureSpec(rows=cap_rows, tokens=cap_tokens)
+        share = []
+        if config.share_attention:
+            share = [(n_branches, 2 * n_branches)] if cfg else [(0, n_branches)]
+            if cfg and config.share_halves == "both":
+                share.insert(0, (0, n_branches))
+        nursing_steps = config.nursing_steps if (config.nursing and n_detail > 0) else 0
+        if nursing_steps and not (config.entropy_loss or config.centroid_alignment):
+            nursing_steps = 0
+        prompt_length = min(len(self.tokenizer(plan.prompt, truncation=False).input_ids) - 2, CLIP_MAX_TOKENS - 2)
+        nursing_tokens = [list(b.subject_token_indices) for b in plan.branches]
+        uses_processors = bool(share) or capture is not None or nursing_steps > 0 or config.reference_attention
+        accumulator = MaskAccumulator(config.mask_average)
+        last_maps: torch.Tensor | None = None
+        nursing_records: list[NursingRecord] = []
+        keep_all = return_branch_images or not config.prune_branches
+        last = n_branches - 1
+
+        def nursing_loss_of(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+            rows = rows_of([0])[-1:]
+
+            def loss_of(z0: torch.Tensor) -> torch.Tensor:
+                state.begin(capture=CaptureSpec(rows=[0], tokens=[], full=True))
+                try:
+                    with self._stop_after(layers.last_block):
+                        self.unet(
+                            self.scheduler.scale_model_input(z0, t),
+                            t,
+                            encoder_hidden_states=cond["encoder_hidden_states"][rows],
+                            timestep_cond=timestep_cond,
+                            cross_attention_kwargs=cross_attention_kwargs,
+                            added_cond_kwargs={
+                                "text_embeds": cond["text_embeds"][rows],
+                                "time_ids": cond["time_ids"][rows],
+                            },
+                            return_dict=False,
+                        )
+                except _StopUNet:
+                    pass
+                state.end(expect_self=False)
+                return nursing_loss(state.mean_full_probs(), nursing_tokens, prompt_length, state.grid, config)
+
+            return loss_of
+
+        # 4. The denoising loop.
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        processors = detail_processors(self.unet, state, config.reference_attention) if uses_processors else None
+        with processors or nullcontext(), self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                in_window = i < share_steps
+                if i < nursing_steps:
+                    record = NursingRecord(step=i)
+                    started = time.perf_counter()
+                    latents[0:1] = nurse_latent(
+                        latents[0:1],
+                        nursing_loss_of(t),
+                        iterations=max_iterations(config, float(t), self.scheduler.config.num_train_timesteps),
+                        threshold=config.threshold_at(i, n_detail, state.num_tokens),
+                        alpha=step_size(config, i, num_inference_steps),
+                        record=record,
+                    )
+                    logger.debug("nursing at step %d took %.3f s", i, time.perf_counter() - started)
+                    nursing_records.append(record)
+
+                if in_window:
+                    state.begin(share=share, capture=capture)
+                    eps = predict(list(range(n_branches)), latents, t)
+                    state.end()
+                    if capture is not None:
+                        last_maps = accumulator.update(state.mean_maps())
+                else:
+                    # After the window only the last branch feeds the final image. It always runs on its own, so
+                    # that neither pruning nor asking for the other branches' images can change it.
+                    eps = predict([last], latents[last:], t)
+                    if keep_all:
+                        eps = torch.cat([predict(list(range(last)), latents[:last], t), eps])
+                    else:
+                        eps = eps.expand_as(latents).clone()
+
+                dtype = latents.dtype
+                latents = self.scheduler.step(eps, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if in_window and config.latent_modification and last_maps is not None:
+                    masks = binary_masks(normalized_maps(last_maps, state.grid, latent_hw), config.mask_threshold)
+                    latents = accumulate_latents(latents, masks)
+                latents = latents.to(dtype)
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": cond["encoder_hidden_states"]}
+                    tensors |= {"add_text_embeds": cond["text_embeds"], "add_time_ids": cond["time_ids"]}
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs if k in tensors}
+                    )
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+
+        # 5. Decode the last branch (and the others when asked).
+        decoded = self._postprocess(latents if return_branch_images else latents[last:], output_type)
+        image = decoded[-1:]
+        branch_images = decoded if return_branch_images else None
+        masks_out = None
+        if return_masks and last_maps is not None:
+            masks_out = normalized_maps(last_maps, state.grid, latent_hw).cpu()
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return DetailPlusPlusPipelineOutput(
+            images=image, plan=plan, branch_images=branch_images, masks=masks_out, nursing=nursing_records
+        )
+
+    def _tokens_in(self, prompt: str, branch: Any, plan: DecompositionPlan) -> list[int]:
+        """Token positions of ``branch``'s subject in another branch's ``prompt`` (same occurrence as in p0)."""
+        occurrence = subject_occurrence(plan.prompt, branch.subject, branch.subject_token_indices, self.tokenizer)
+        try:
+            return list(subject_token_indices(prompt, branch.subject, self.tokenizer, occurrence))
+        except PlanError:
+            return list(subject_token_indices(prompt, branch.subject, self.tokenizer, 0))
+
+
+__all__ = ["DetailPlusPlusPipeline", "DetailInputError", "HookError"]

@@ -1,0 +1,222 @@
+"""The Detail++ pipeline on the tiny random SDXL (CPU, fp32, the real CLIP tokenizer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from detailpp import Branch, DecompositionPlan, DetailConfig, PlanError
+from detailpp.attention import HookError, find_mask_layers
+from detailpp.pipeline import DetailInputError
+from detailpp.tiny import build_tiny_pipeline
+
+PROMPT = "a red teddy bear wearing a green tracksuit"
+PLAN = DecompositionPlan(
+    prompt=PROMPT,
+    base="a teddy bear wearing a tracksuit",
+    branches=(
+        Branch("a red teddy bear wearing a tracksuit", "teddy bear", ("red",)),
+        Branch("a teddy bear wearing a green tracksuit", "tracksuit", ("green",)),
+    ),
+)
+SIZE = {"height": 128, "width": 128}
+PLAIN = DetailConfig(share_attention=False, latent_modification=False, nursing=False)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline(seed=0)
+
+
+def run(pipe, steps=3, seed=0, **kwargs):
+    kwargs.setdefault("plan", PLAN)
+    kwargs.setdefault("output_type", "np")
+    kwargs = {**SIZE, **kwargs}
+    return pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def processors_of(pipe):
+    return dict(pipe.unet.attn_processors)
+
+
+def test_mask_layers_are_sdxl_lowest_resolution_blocks(pipe):
+    layers = find_mask_layers(pipe.unet)
+    expected = [
+        name
+        for name, module in pipe.unet.named_modules()
+        if name.startswith(("down_blocks.2.", "mid_block.", "up_blocks.0.")) and name.endswith((".attn1", ".attn2"))
+    ]
+    assert sorted(layers.self_attention + layers.cross_attention) == sorted(expected)
+    assert all(n.endswith("attn1") for n in layers.self_attention) and len(layers.self_attention) == 8
+    assert layers.last_block == "up_blocks.0"
+    assert layers.token_grid(16, 16) == (4, 4) and layers.token_grid(21, 33) == (6, 9)
+
+
+def test_plain_mode_branches_equal_plain_sdxl_per_prompt(pipe):
+    out = run(pipe, detail_config=PLAIN.replace(prune_branches=False), return_branch_images=True)
+    sdxl = StableDiffusionXLPipeline(**pipe.components)
+    sdxl.set_progress_bar_config(disable=True)
+    for prompt, image in zip(PLAN.prompts, out.branch_images, strict=True):
+        ref = sdxl(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np", **SIZE)
+        assert abs(ref.images[0] - image).max() < 1e-4, prompt
+    assert (out.images[0] == out.branch_images[-1]).all()
+
+
+def test_zero_branch_plan_is_plain_sdxl_bit_for_bit(pipe):
+    plan = DecompositionPlan(prompt="a dog", base="a dog", branches=())
+    out = run(pipe, plan=plan)
+    sdxl = StableDiffusionXLPipeline(**pipe.components)
+    sdxl.set_progress_bar_config(disable=True)
+    ref = sdxl("a dog", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np", **SIZE)
+    assert out.plan == plan and (out.images == ref.images).all()
+
+
+def test_same_seed_same_image_other_seed_other_image(pipe):
+    a, b, c = run(pipe, seed=1), run(pipe, seed=1), run(pipe, seed=2)
+    assert (a.images == b.images).all()
+    assert not (a.images == c.images).all()
+
+
+def test_pruning_does_not_change_the_final_image(pipe):
+    config = DetailConfig(share_steps=0.5, nursing=False)
+    pruned = run(pipe, steps=4, detail_config=config)
+    full = run(pipe, steps=4, detail_config=config, return_branch_images=True)
+    unpruned = run(pipe, steps=4, detail_config=config.replace(prune_branches=False))
+    assert (pruned.images == full.images).all() and (pruned.images == unpruned.images).all()
+    assert len(full.branch_images) == 4
+
+
+def test_sharing_and_alm_change_the_result(pipe):
+    plain = run(pipe, detail_config=PLAIN)
+    shared = run(pipe, detail_config=PLAIN.replace(share_attention=True))
+    alm = run(pipe, detail_config=PLAIN.replace(latent_modification=True))
+    assert not (plain.images == shared.images).all()
+    assert not (plain.images == alm.images).all()
+
+
+def test_reference_attention_matches_sdpa_end_to_end(pipe):
+    config = DetailConfig(nursing=False)
+    fast = run(pipe, detail_config=config, output_type="latent")
+    ref = run(pipe, detail_config=config.replace(reference_attention=True), output_type="latent")
+    assert torch.allclose(fast.images, ref.images, atol=1e-4)
+
+
+def test_masks_and_nursing_records(pipe):
+    config = DetailConfig(
+        nursing_thresholds=(0.0,), nursing_steps=2, nursing_max_iterations_early=2, nursing_max_iterations_late=2
+    )
+    out = run(pipe, detail_config=config, return_masks=True)
+    assert out.masks.shape == (2, 16, 16)
+    assert out.masks.min() >= 0 and out.masks.max() <= 1 and (out.masks.amax(dim=(1, 2)) > 0.99).all()
+    assert [r.step for r in out.nursing] == [0, 1]
+    assert all(r.updates == 2 and len(r.losses) == 2 for r in out.nursing)
+
+
+def test_nursing_changes_only_through_branch_zero(pipe):
+    base = DetailConfig(share_attention=False, latent_modification=False, prune_branches=False)
+    off = run(pipe, detail_config=base.replace(nursing=False), return_branch_images=True)
+    on = run(pipe, detail_config=base.replace(nursing_thresholds=(0.0,), nursing_steps=1), return_branch_images=True)
+    assert not (off.branch_images[0] == on.branch_images[0]).all()
+    for i in range(1, 4):  # without sharing or ALM the nursed latent of branch 0 reaches no other branch
+        assert (off.branch_images[i] == on.branch_images[i]).all()
+
+
+def test_processors_restored_after_success_and_exception(pipe):
+    before = processors_of(pipe)
+    run(pipe)
+    assert processors_of(pipe) == before
+
+    def boom(p, i, t, kwargs):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        run(pipe, callback_on_step_end=boom)
+    assert processors_of(pipe) == before
+
+
+def test_custom_processor_on_untouched_layer_survives(pipe):
+    calls = []
+
+    class Counting(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
+    custom = Counting()
+    original = pipe.unet.attn_processors[name]
+    pipe.unet.set_attn_processor({**pipe.unet.attn_processors, name: custom})
+    try:
+        run(pipe, steps=2)
+        assert pipe.unet.attn_processors[name] is custom and len(calls) > 0
+    finally:
+        pipe.unet.set_attn_processor({**pipe.unet.attn_processors, name: original})
+
+
+def test_hook_that_did_not_fire_raises(pipe):
+    layer = find_mask_layers(pipe.unet).self_attention[0]
+
+    def swap(p, i, t, kwargs):  # something replaces a Detail++ processor mid-run
+        p.unet.get_submodule(layer).set_processor(AttnProcessor2_0())
+        return {}
+
+    with pytest.raises(HookError, match="Shared self-attention ran in"):
+        run(pipe, callback_on_step_end=swap, detail_config=DetailConfig(nursing=False))
+
+
+def test_callback_sees_one_latent_per_branch(pipe):
+    seen = []
+
+    def cb(p, i, t, kwargs):
+        seen.append(kwargs["latents"].shape[0])
+        return {}
+
+    run(pipe, callback_on_step_end=cb)
+    assert seen == [4, 4, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"height": 100}, "multiple of 8"),
+        ({"width": 0}, "multiple of 8"),
+        ({"steps": 0}, "num_inference_steps"),
+        ({"plan": None, "prompt": "   "}, "prompt is empty"),
+        ({"plan": None, "prompt": ["a", "b"]}, "one string"),
+        ({"num_images_per_prompt": 2}, "one image per call"),
+        ({"prompt_embeds": torch.zeros(1)}, "not supported"),
+        ({"prompt": "a blue cat"}, "was made for the prompt"),
+    ],
+)
+def test_bad_inputs_fail_before_denoising(pipe, kwargs, message):
+    steps = kwargs.pop("steps", 2)
+    calls = []
+    with pytest.raises(ValueError, match=message):
+        run(pipe, steps=steps, callback_on_step_end=lambda *a: calls.append(1) or {}, **kwargs)
+    assert not calls
+
+
+def test_plan_subject_missing_or_cut_off(pipe):
+    bad = DecompositionPlan(PROMPT, PLAN.base, branches=(Branch("a red cat", "cat", ("red",)),))
+    with pytest.raises(PlanError, match="'cat' does not occur"):
+        run(pipe, plan=bad)
+    long_prompt = "a photo " + "of a very nice place " * 16 + "with a red dog"
+    cut = DecompositionPlan(long_prompt, long_prompt.replace("red ", ""), branches=(Branch(long_prompt, "dog"),))
+    with pytest.raises(PlanError, match="beyond the text encoder's window of 77"):
+        run(pipe, plan=cut)
+
+
+def test_config_validation():
+    for kwargs, message in [
+        ({"mask_threshold": 0.0}, "mask_threshold"),
+        ({"mask_threshold": 1.5}, "mask_threshold"),
+        ({"share_steps": 1.2}, "share_steps"),
+        ({"share_steps": -0.1}, "share_steps"),
+        ({"mask_source": "x"}, "mask_source"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DetailConfig(**kwargs)
+    with pytest.raises(DetailInputError):
+        raise DetailInputError("x")
