@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args._run(args) or 0)
-    except (UserError, PlanError, ValueError, OSError) as e:
+    except (UserError, PlanError, ValueError, OSError, FloatingPointError) as e:
         # Input problems get one clear line, not a traceback; --verbose shows the traceback too.
         if args.verbose:
             logger.exception("failed")

@@ -1,0 +1,127 @@
+"""Writing results: atomic PNG files with generation parameters, branch grids and mask overlays."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+import PIL.PngImagePlugin
+import torch
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: never half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_png(image: PIL.Image.Image, path: str | Path, text_chunks: dict[str, str] | None = None) -> None:
+    """Save ``image`` as PNG with ``tEXt``/``iTXt`` chunks (e.g. A1111's ``parameters``), atomically."""
+    info = PIL.PngImagePlugin.PngInfo()
+    for key, value in (text_chunks or {}).items():
+        info.add_itxt(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def a1111_parameters(
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    sampler: str,
+    guidance_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """The ``parameters`` text the AUTOMATIC1111 web UI writes (and many tools read back)."""
+    fields = {
+        "Steps": steps,
+        "Sampler": sampler,
+        "CFG scale": guidance_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model,
+    }
+    fields |= extra or {}
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def _font(size: int) -> PIL.ImageFont.ImageFont:
+    try:
+        return PIL.ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return PIL.ImageFont.load_default()
+
+
+def captioned_grid(images: Sequence[PIL.Image.Image], captions: Sequence[str], columns: int | None = None):
+    """Images side by side, each with its caption underneath (the paper's Figure 2 layout)."""
+    if not images:
+        raise ValueError("No image to put in a grid.")
+    w, h = images[0].size
+    columns = columns or len(images)
+    rows = (len(images) + columns - 1) // columns
+    font_size = max(10, w // 24)
+    wrap = max(12, int(w / (font_size * 0.55)))
+    wrapped = [textwrap.wrap(c, wrap)[:4] or [""] for c in captions]
+    caption_h = (max(len(x) for x in wrapped) + 1) * int(font_size * 1.25)
+    grid = PIL.Image.new("RGB", (columns * w, rows * (h + caption_h)), "white")
+    draw = PIL.ImageDraw.Draw(grid)
+    font = _font(font_size)
+    for i, (img, lines) in enumerate(zip(images, wrapped, strict=True)):
+        x, y = (i % columns) * w, (i // columns) * (h + caption_h)
+        grid.paste(img.convert("RGB").resize((w, h)), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x + 4, y + h + 4 + j * int(font_size * 1.25)), line, fill="black", font=font)
+    return grid
+
+
+def mask_overlay(image: PIL.Image.Image, mask: torch.Tensor | np.ndarray, color=(255, 32, 32), alpha=0.5):
+    """``image`` with ``mask`` (any size, bool or [0, 1]) tinted in ``color`` where it is set."""
+    m = mask.detach().float().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask, dtype=np.float32)
+    m_img = PIL.Image.fromarray((np.clip(m, 0, 1) * 255).astype(np.uint8)).resize(image.size, PIL.Image.NEAREST)
+    weight = np.asarray(m_img, dtype=np.float32)[..., None] / 255.0 * alpha
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    tinted = base * (1 - weight) + np.array(color, dtype=np.float32) * weight
+    return PIL.Image.fromarray(tinted.round().astype(np.uint8))
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """The text chunks of a PNG file."""
+    with PIL.Image.open(path) as img:
+        img.load()
+        return dict(getattr(img, "text", {}))
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False)

@@ -1,0 +1,102 @@
+"""Loading a Detail++ pipeline from a name: a Hub id, a local diffusers folder, a single-file checkpoint, or one of
+the embedded models (``tiny-random``: random weights for tests; ``toy``: the small model trained on synthetic scenes,
+when it is installed)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from detailpp.resources import DATA_DIR
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+TOY_MODEL_DIR = DATA_DIR / "toy-model"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(OSError):
+    """The model could not be loaded; the message names it and the ways out."""
+
+
+def resolve_device(device: str | None) -> str:
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """float16 on CUDA, float32 elsewhere, unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def toy_model_available() -> bool:
+    return (TOY_MODEL_DIR / "model_index.json").is_file()
+
+
+def load_pipeline(
+    model: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    pipeline_class: type | None = None,
+):
+    """A ready-to-call :class:`~detailpp.DetailPlusPlusPipeline` (or ``pipeline_class``) on ``device``.
+
+    Args:
+        model: ``"tiny-random"``, ``"toy"``, a local diffusers folder, a ``.safetensors``/``.ckpt`` single-file
+            SDXL checkpoint, or a Hub id (``stabilityai/stable-diffusion-xl-base-1.0`` or any SDXL fine-tune).
+        device: ``"cuda"``, ``"cpu"``, ``"mps"``...; the best available when ``None``.
+        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``; float16 on CUDA and float32 elsewhere when ``None``.
+    """
+    if pipeline_class is None:
+        from detailpp.pipeline import DetailPlusPlusPipeline as pipeline_class
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if model == "tiny-random":
+        from detailpp.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(pipeline_class=pipeline_class, dtype=torch_dtype)
+        return pipe.to(device)
+    source: str | Path = model
+    if model == "toy":
+        if not toy_model_available():
+            raise ModelLoadError(
+                f"The embedded toy model is not installed (no {TOY_MODEL_DIR / 'model_index.json'}); "
+                "use --model tiny-random, or a Hub id or local SDXL folder."
+            )
+        source = TOY_MODEL_DIR
+    path = Path(source)
+    try:
+        if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+            pipe = pipeline_class.from_single_file(str(path), torch_dtype=torch_dtype)
+        else:
+            if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+                raise FileNotFoundError(f"no folder {model!r} and it is no Hub id of the form 'owner/name'")
+            variant = "fp16" if torch_dtype == torch.float16 and not path.exists() else None
+            try:
+                pipe = pipeline_class.from_pretrained(str(source), torch_dtype=torch_dtype, variant=variant)
+            except (OSError, ValueError):
+                if variant is None:
+                    raise
+                pipe = pipeline_class.from_pretrained(str(source), torch_dtype=torch_dtype)
+    except Exception as e:  # every loader failure gets the same clear way out
+        raise ModelLoadError(
+            f"Cannot load the model {model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            "Give a local SDXL folder or checkpoint (--model PATH), a Hub id you can reach (with network access "
+            "and, for gated models, `hf auth login`), or --model tiny-random to check the set-up without weights."
+        ) from e
+    return pipe.to(device)

@@ -1,0 +1,109 @@
+"""`detailpp generate` on the tiny random model: every file, the PNG chunks, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from detailpp.cli import main
+from detailpp.images import read_png_text
+
+PROMPT = "a red teddy bear wearing a green tracksuit"
+FAST = ["--model", "tiny-random", "--steps", "2", "--height", "128", "--width", "128", "--quiet"]
+
+
+def test_generate_writes_every_file_and_chunks_read_back(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "generate",
+            PROMPT,
+            *FAST,
+            "--seed",
+            "3",
+            "4",
+            "--save-branches",
+            "--save-masks",
+            "--output-dir",
+            str(out),
+            "--tau",
+            "0.4",
+            "--no-nursing",
+        ]
+    )
+    assert code == 0
+    for seed in (3, 4):
+        stem = out / f"a-red-teddy-bear-wearing-a-green-tracksuit-{seed}"
+        chunks = read_png_text(f"{stem}.png")
+        params = chunks["parameters"].splitlines()
+        assert params[0] == PROMPT
+        assert f"Seed: {seed}" in params[-1] and "Steps: 2" in params[-1] and "Size: 128x128" in params[-1]
+        settings = json.loads(chunks["detailpp"])
+        assert settings["detail_config"]["mask_threshold"] == 0.4 and settings["detail_config"]["nursing"] is False
+        assert settings["plan"]["base"] == "a teddy bear wearing a tracksuit"
+        sidecar = json.loads((stem.parent / f"{stem.name}.json").read_text())
+        assert sidecar["seed"] == seed and sidecar["plan"] == settings["plan"]
+        assert set(sidecar["files"]) == {"image", "branches", "mask-0", "mask-1"}
+        for path in sidecar["files"].values():
+            assert os.path.getsize(path) > 0
+        assert read_png_text(sidecar["files"]["mask-0"])["subject"] == "teddy bear"
+    assert "tracksuit-3.png" in capsys.readouterr().out
+
+
+def test_generate_with_a_plan_file(tmp_path):
+    plan = {
+        "prompt": "a dog and a cat",
+        "base": "a dog and a cat",
+        "granularity": "subject",
+        "branches": [{"prompt": "a black dog and a cat", "subject": "dog", "attributes": ["black"]}],
+    }
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    assert main(["generate", "--plan", str(path), *FAST, "--output-dir", str(tmp_path)]) == 0
+    sidecar = json.loads((tmp_path / "a-dog-and-a-cat-0.json").read_text())
+    assert sidecar["plan"]["branches"][0]["subject_token_indices"] == [2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["   "], "prompt is empty"),
+        ([PROMPT, "--height", "100"], "--height must be a positive multiple of 8"),
+        ([PROMPT, "--steps", "0"], "--steps must be at least 1"),
+        ([PROMPT, "--tau", "1.5"], "--tau must lie in (0, 1)"),
+        ([PROMPT, "--share-steps", "2"], "--share-steps must lie in [0, 1]"),
+        ([], "Give a prompt"),
+        ([PROMPT, "--model", "no/such-model-here", "--device", "cpu"], "Cannot load the model 'no/such-model-here'"),
+    ],
+)
+def test_generate_bad_input_is_one_clear_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["generate", *argv, "--output-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_generate_plan_subject_not_in_prompt(tmp_path, capsys):
+    plan = {"prompt": "a dog", "base": "a dog", "branches": [{"prompt": "a red cat", "subject": "cat"}]}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    assert main(["generate", "--plan", str(path), *FAST, "--output-dir", str(tmp_path)]) == 2
+    assert "'cat' does not occur in the prompt" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_dir(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["generate", PROMPT, *FAST, "--output-dir", str(locked / "x")]) == 2
+    assert "Cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_unwritable_output_dir_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["generate", PROMPT, *FAST, "--output-dir", str(blocker / "sub")]) == 2
+    assert "Cannot write to the output folder" in capsys.readouterr().err
