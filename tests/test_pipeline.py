@@ -220,3 +220,29 @@ def test_config_validation():
             DetailConfig(**kwargs)
     with pytest.raises(DetailInputError):
         raise DetailInputError("x")
+
+
+def test_from_pipe_previous_mask_source_and_no_cfg(pipe):
+    from detailpp import DetailPlusPlusPipeline
+
+    sdxl = StableDiffusionXLPipeline(**pipe.components)
+    detail = DetailPlusPlusPipeline.from_pipe(sdxl)
+    detail.set_progress_bar_config(disable=True)
+    assert detail.unet is pipe.unet
+    prev = run(detail, detail_config=DetailConfig(nursing=False, mask_source="previous"), return_masks=True)
+    full = run(detail, detail_config=DetailConfig(nursing=False, mask_source="full"), return_masks=True)
+    assert prev.masks.shape == full.masks.shape and not torch.equal(prev.masks, full.masks)
+    no_cfg = run(detail, guidance_scale=1.0, output_type="latent")
+    assert no_cfg.images.shape == (1, 4, 16, 16) and torch.isfinite(no_cfg.images).all()
+
+
+def test_nan_image_raises_with_the_fp16_vae_advice(pipe, monkeypatch):
+    decode = pipe.vae.decode
+
+    def nan_decode(latents, return_dict=False):
+        image = decode(latents, return_dict=False)[0]
+        return (image * float("nan"),)
+
+    monkeypatch.setattr(pipe.vae, "decode", nan_decode)
+    with pytest.raises(FloatingPointError, match="fp16-fix VAE"):
+        run(pipe, steps=1, detail_config=DetailConfig(nursing=False))
