@@ -14,9 +14,10 @@ import re
 import time
 from pathlib import Path
 
+from detailpp.atomic import atomic_write_text
 from detailpp.cli import UserError
 from detailpp.config import DetailConfig
-from detailpp.images import a1111_parameters, atomic_write_text, captioned_grid, dumps, mask_overlay, save_png
+from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
 from detailpp.plan import GRANULARITIES, DecompositionPlan, load_plan
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,286 @@
+"""The paper's benchmarks: print a suite, generate its images (sharded over GPUs, resumable), score them, report.
+
+examples:
+  detailpp bench prompts --suite scb
+  detailpp bench generate --suite t2i-color --method detailpp --out runs/color-detailpp
+  torchrun --nproc_per_node 2 --no-python detailpp bench generate --suite t2i-color --method sdxl --out runs/c-sdxl
+  detailpp bench score runs/color-detailpp --metric blip-vqa
+  detailpp bench report runs/color-sdxl runs/color-detailpp --out runs/report --paper
+
+See docs/benchmarks.md for the protocols, the default models and every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from detailpp.bench import BenchError
+from detailpp.bench import blip_vqa as _blip
+from detailpp.bench import image_reward as _ir
+from detailpp.bench import scb as _scb
+from detailpp.bench.metrics import METRIC_NAMES, make_metric
+from detailpp.bench.models import default_device
+from detailpp.bench.sharding import resolve_shard
+from detailpp.bench.suites import BASE_SEED, DEFAULT_IMAGES_PER_PROMPT, SUITE_NAMES, load_suite
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+METHODS = ("sdxl", "detailpp")
+
+
+def _suite_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--suite", choices=SUITE_NAMES, help="a packaged suite")
+    g.add_argument("--prompt-file", type=Path, help="a custom suite: a UTF-8 text file, one prompt a line")
+
+
+def _shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard-index", type=int, help="this process's shard (with --num-shards; not under torchrun)")
+    p.add_argument("--num-shards", type=int, help="how many shards the items are split into (item i -> i %% N)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples of the description as written
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
+
+    p = sub.add_parser("prompts", help="print a suite's prompts, one a line (or JSON)")
+    _suite_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON (SCB: with each prompt's components)")
+    p.set_defaults(_bench=_prompts)
+
+    p = sub.add_parser("generate", help="generate a suite's images (resumable; sharded under torchrun/accelerate)")
+    _suite_args(p)
+    p.add_argument("--method", choices=METHODS, default="detailpp", help="plain SDXL or Detail++ (default)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id, local folder or tiny-random ({DEFAULT_MODEL})")
+    p.add_argument("--out", type=Path, required=True, help="the run's folder (one method and setting per folder)")
+    p.add_argument("--images-per-prompt", type=int, default=DEFAULT_IMAGES_PER_PROMPT, help="default: 10")
+    p.add_argument("--base-seed", type=int, default=BASE_SEED, help="image k of each prompt uses base + k (42)")
+    p.add_argument("--max-prompts", type=int, help="only the first N prompts (a run can be extended later)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (paper's tables: 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (7.5)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: the launcher's or the best available)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default: the loader's choice")
+    p.add_argument("--detail-config", help="DetailConfig fields as JSON or a JSON file (method detailpp)")
+    p.add_argument("--label", help="the method's name in reports (default: --method)")
+    _shard_args(p)
+    p.set_defaults(_bench=_generate)
+
+    p = sub.add_parser("score", help="score a run's images (resumable; sharded like generate)")
+    p.add_argument("dir", type=Path, help="a folder made by `detailpp bench generate`")
+    p.add_argument("--metric", choices=METRIC_NAMES, help="default: blip-vqa for T2I-CompBench, scb for SCB")
+    p.add_argument("--device", help="default: the launcher's, else cuda when available, else cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
+    p.add_argument("--rescore", action="store_true", help="score again with new settings (old scores ignored)")
+    p.add_argument("--blip-model", default=_blip.DEFAULT_MODEL, help=f"BLIP VQA checkpoint ({_blip.DEFAULT_MODEL})")
+    p.add_argument("--clip-model", default=_scb.DEFAULT_CLIP_MODEL, help=f"SCB: CLIP ({_scb.DEFAULT_CLIP_MODEL})")
+    p.add_argument("--detector", default=_scb.DEFAULT_DETECTOR, help=f"SCB: Grounding DINO ({_scb.DEFAULT_DETECTOR})")
+    p.add_argument("--box-threshold", type=float, default=_scb.DEFAULT_BOX_THRESHOLD, help="SCB: detector box (0.35)")
+    p.add_argument(
+        "--text-threshold", type=float, default=_scb.DEFAULT_TEXT_THRESHOLD, help="SCB: detector text (0.25)"
+    )
+    p.add_argument(
+        "--missing",
+        choices=_scb.MISSING_POLICIES,
+        default=_scb.DEFAULT_MISSING,
+        help="SCB: a component not detected is scored on the whole image (default), as 0, or skipped",
+    )
+    p.add_argument("--min-box", type=int, default=_scb.DEFAULT_MIN_BOX, help="SCB: smaller boxes = not detected (8)")
+    p.add_argument("--image-reward-model", default=_ir.DEFAULT_MODEL, help="ImageReward-v1.0 or a local .pt")
+    p.add_argument("--image-reward-root", help="ImageReward's download folder (holds med_config.json)")
+    _shard_args(p)
+    p.set_defaults(_bench=_score)
+
+    p = sub.add_parser("report", help="Table 1 (Markdown + CSV), a bar chart and the worst prompts per method")
+    p.add_argument("dirs", type=Path, nargs="+", help="run folders (one per method and suite)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the report")
+    p.add_argument("--paper", action="store_true", help="add the paper's Table 1 rows for comparison")
+    p.add_argument("--worst", type=int, default=8, help="prompts per gallery (8)")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt in the gallery (4)")
+    p.set_defaults(_bench=_report)
+
+
+def run(args: argparse.Namespace) -> int:
+    from detailpp.cli import UserError
+
+    try:
+        return int(args._bench(args) or 0)
+    except BenchError as e:
+        raise UserError(str(e)) from e
+
+
+# --- prompts ---------------------------------------------------------------------------------------------------------
+def _prompts(args: argparse.Namespace) -> int:
+    import sys
+
+    suite = load_suite(args.suite, args.prompt_file)
+    if args.json:
+        if suite.name == "scb":
+            from detailpp.bench.suites import load_scb_prompts
+
+            data: Any = [vars(p) for p in load_scb_prompts()]
+        else:
+            data = list(suite.prompts)
+        sys.stdout.write(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("".join(p + "\n" for p in suite.prompts))
+    return 0
+
+
+# --- generate --------------------------------------------------------------------------------------------------------
+def parse_detail_config(text: str | None) -> dict:
+    """``--detail-config``: a JSON object, or the path of a file holding one."""
+    if not text:
+        return {}
+    source = text
+    if not text.lstrip().startswith("{"):
+        try:
+            source = Path(text).read_text(encoding="utf-8")
+        except OSError as e:
+            raise BenchError(f"--detail-config: cannot read {text!r} ({e.strerror or e}); give JSON or a file.") from e
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise BenchError(f"--detail-config is not valid JSON ({e}).") from e
+    if not isinstance(data, dict):
+        raise BenchError("--detail-config must be a JSON object of DetailConfig fields.")
+    return data
+
+
+def make_detail_config(fields: dict) -> tuple[Any, dict]:
+    """``(DetailConfig(**fields), asdict(...))``; unknown fields give a clear message."""
+    try:
+        from detailpp import DetailConfig
+    except ImportError as e:
+        raise BenchError(f"The Detail++ pipeline is not available in this installation ({e}).") from e
+    try:
+        config = DetailConfig(**fields)
+    except TypeError as e:
+        raise BenchError(f"--detail-config: {e}.") from e
+    return config, asdict(config)
+
+
+def make_generate_fn(
+    method: str, model: str, device: str | None, dtype: str | None, settings: dict, detail_config: Any = None
+):
+    """``generate_fn(prompt, seed) -> PIL image`` on the Detail++ pipeline (``sdxl``: plain SDXL, same components)."""
+    import torch
+
+    try:
+        from detailpp.loading import load_pipeline
+    except ImportError as e:
+        raise BenchError(f"The Detail++ pipeline is not available in this installation ({e}).") from e
+    state: dict[str, Any] = {}
+
+    def generate(prompt: str, seed: int):
+        # the pipeline is loaded on the first image, so resuming a finished run does not load the weights
+        if "pipe" not in state:
+            pipe = load_pipeline(model, device=device, dtype=dtype)
+            if hasattr(pipe, "set_progress_bar_config"):
+                pipe.set_progress_bar_config(disable=True)
+            state["pipe"], state["device"] = pipe, str(getattr(pipe, "device", None) or device or "cpu")
+        pipe = state["pipe"]
+        kwargs = dict(
+            prompt=prompt,
+            num_inference_steps=settings["steps"],
+            guidance_scale=settings["guidance_scale"],
+            height=settings["height"],
+            width=settings["width"],
+            generator=torch.Generator(state["device"]).manual_seed(seed),
+            output_type="pil",
+        )
+        if method == "sdxl":
+            from diffusers import StableDiffusionXLPipeline
+
+            out = StableDiffusionXLPipeline.__call__(pipe, **kwargs)  # plain SDXL on the same components
+        else:
+            out = pipe(**kwargs, detail_config=detail_config)
+        return out.images[0]
+
+    return generate
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from detailpp.bench.runner import run_generation, run_identity
+
+    suite = load_suite(args.suite, args.prompt_file)
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise BenchError(f"--max-prompts must be at least 1, got {args.max_prompts}.")
+    for name in ("steps", "height", "width"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name} must be positive, got {getattr(args, name)}.")
+    fields = parse_detail_config(args.detail_config)
+    if args.method == "sdxl" and fields:
+        raise BenchError("--detail-config applies to --method detailpp only.")
+    detail_config, detail_dict = make_detail_config(fields) if args.method == "detailpp" else (None, None)
+    settings = {
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "dtype": args.dtype,
+    }
+    identity = run_identity(
+        suite, args.method, args.model, settings, args.images_per_prompt, args.base_seed, detail_dict, args.label
+    )
+    shard = resolve_shard(args.shard_index, args.num_shards, args.device)
+    generate_fn = make_generate_fn(args.method, args.model, shard.device, args.dtype, settings, detail_config)
+    summary = run_generation(
+        args.out, suite, identity, generate_fn, max_prompts=args.max_prompts, shard=shard, progress=args.progress
+    )
+    if summary.made:
+        logger.info(
+            "shard %d: %d image(s) in %.1f s (%.2f images/min)",
+            shard.index,
+            summary.made,
+            summary.seconds,
+            60 * summary.made / max(summary.seconds, 1e-9),
+        )
+    return 0
+
+
+# --- score -----------------------------------------------------------------------------------------------------------
+def _score(args: argparse.Namespace) -> int:
+    from detailpp.bench.manifest import RUN_FILE, load_json
+    from detailpp.bench.runner import run_scoring
+
+    if not args.dir.is_dir():
+        raise BenchError(f"{args.dir} is not a folder; give the --out folder of `detailpp bench generate`.")
+    if args.batch_size < 1:
+        raise BenchError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    run_info = load_json(args.dir / RUN_FILE, "the run's settings")
+    metric_name = args.metric or ("scb" if run_info.get("suite") == "scb" else "blip-vqa")
+    shard = resolve_shard(args.shard_index, args.num_shards, args.device)
+    device = shard.device or default_device()
+    scb_settings = _scb.ScbSettings(
+        args.clip_model, args.detector, args.box_threshold, args.text_threshold, args.missing, args.min_box
+    )
+    metric = make_metric(
+        metric_name, device, args.blip_model, scb_settings, args.image_reward_model, args.image_reward_root
+    )
+    summary = run_scoring(
+        args.dir, metric, shard=shard, batch_size=args.batch_size, rescore=args.rescore, progress=args.progress
+    )
+    logger.info(
+        "%s: %d image(s) scored now, %d before, of %d.", metric_name, summary.made, summary.done_before, summary.total
+    )
+    return 0
+
+
+# --- report ----------------------------------------------------------------------------------------------------------
+def _report(args: argparse.Namespace) -> int:
+    from detailpp.bench.report import write_report
+
+    if args.worst < 1 or args.per_prompt < 1:
+        raise BenchError("--worst and --per-prompt must be at least 1.")
+    paths = write_report(args.dirs, args.out, paper=args.paper, worst=args.worst, per_prompt=args.per_prompt)
+    logger.info("report written: %s", ", ".join(str(p) for p in paths.values()))
+    return 0
