@@ -211,3 +211,22 @@ def test_step_size_schedule_and_threshold_scaling():
     assert config.threshold_at(0, 2, 1024) == 26.0
     assert math.isclose(config.threshold_at(0, 3, 256), 26.0 * 1.5 * math.log(256) / math.log(1024))
     assert config.replace(scale_thresholds=False).threshold_at(9, 3, 256) == 22.0
+
+
+def test_token_indices_with_a_slow_tokenizer_match_the_fast_one():
+    from detailpp.plan import subject_token_indices
+    from detailpp.resources import load_clip_tokenizer
+
+    fast = load_clip_tokenizer()
+
+    class Slow:  # transformers 4.x loads SDXL's tokenizer as a Python tokenizer, without offsets
+        is_fast = False
+
+        def __call__(self, text, **kwargs):
+            assert "return_offsets_mapping" not in kwargs
+            return fast(text, **kwargs)
+
+    prompt = "A sky-blue teddy bear wearing a green tracksuit, next to a Rubik's cube"
+    for subject in ("teddy bear", "tracksuit", "cube", "Rubik's cube", "sky"):
+        assert subject_token_indices(prompt, subject, Slow()) == subject_token_indices(prompt, subject, fast), subject
+    assert len(subject_token_indices(prompt, "tracksuit", fast)) == 2

@@ -1,0 +1,88 @@
+"""Start the browser demo (Gradio): edit the plan, see every branch, each subject's mask and plain SDXL side by side.
+
+The page is served on http://127.0.0.1:7860 by default: only this machine can open it. It runs offline (no share
+link, no analytics) and makes one image at a time; requests from other tabs wait in a queue.
+
+Examples:
+  detailpp demo
+  detailpp demo --model stabilityai/stable-diffusion-xl-base-1.0 --device cuda --dtype float16
+  detailpp demo --host 0.0.0.0 --port 8080     # reachable from the network: anyone who can reach it can use it
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+
+from detailpp.cli import UserError
+
+logger = logging.getLogger(__name__)
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hub id, local folder, .safetensors file, 'toy' or 'tiny-random' "
+        "(default: the embedded toy model, else tiny-random)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    p.add_argument("--device", default=None, help="cuda, cpu, mps... (default: the best available)")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16 on CUDA)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="the page's initial steps (default 50, 30 on embedded models)"
+    )
+    p.add_argument("--size", type=int, default=None, help="the page's initial width and height (default: the model's)")
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before the (slow) model load when ``host:port`` cannot be listened on."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"Cannot resolve the host {host!r} ({e}); give an address such as 127.0.0.1.") from e
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.bind(address)
+    except OSError as e:
+        raise UserError(
+            f"Cannot listen on {host}:{port} ({e.strerror or e}); the port may be in use: choose another with --port."
+        ) from e
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must lie in [0, 65535], got {args.port}.")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}.")
+    if args.size is not None and (args.size <= 0 or args.size % 8):
+        raise UserError(f"--size must be a positive multiple of 8, got {args.size}.")
+    check_port(args.host, args.port)
+    try:
+        import gradio  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"The demo needs Gradio ({e}); install it with: pip install 'detailpp[demo]'.") from e
+
+    from detailpp.cli.generate import default_model
+    from detailpp.demo import build_demo, launch
+    from detailpp.loading import load_pipeline
+
+    model = args.model or default_model()
+    if model == "tiny-random":
+        logger.warning("Model 'tiny-random' has random weights: its images are noise (it checks the set-up only).")
+    if args.host not in LOCAL_HOSTS:
+        logger.warning("Listening on %s: anyone who can reach this address can use the demo and its GPU.", args.host)
+    pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    demo = build_demo(pipe, model_name=model, default_steps=args.steps, default_size=args.size)
+    logger.info("Starting the demo on http://%s:%d (Ctrl+C stops it)", args.host, args.port)
+    launch(demo, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,410 @@
+"""The browser demo: the handlers on their own, the command, and the page driven in headless Chromium.
+
+The browser test needs Debian's Chromium at /usr/bin/chromium (``apt-get install chromium``; ``scripts/test.sh``
+installs it) and the ``playwright`` package; nothing is downloaded. ``DETAILPP_DEMO_SCREENSHOT=PATH`` makes it save a
+screenshot of the finished page there (how ``docs/img/demo.png`` is made).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from detailpp.cli import main
+from detailpp.config import DetailConfig
+from detailpp.demo import (
+    DemoInputError,
+    DemoSession,
+    branch_captions,
+    check_settings,
+    plan_to_rows,
+    rows_to_plan,
+)
+from detailpp.plan import Branch, DecompositionPlan
+
+logger = logging.getLogger(__name__)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+PROMPT = "a red dog with sunglasses and a blue cat"
+PLAN = DecompositionPlan(
+    prompt=PROMPT,
+    base="a dog with sunglasses and a cat",
+    branches=(
+        Branch("a red dog with sunglasses and a cat", "dog", ("red",)),
+        Branch("a dog with sunglasses and a blue cat", "cat", ("blue",)),
+    ),
+)
+GOOD = dict(seed=0, steps=2, guidance_scale=5.0, height=64, width=64, tau=0.5, share_steps=0.8)
+
+
+def settings(**changes):
+    return check_settings(**(GOOD | {"nursing": False, "granularity": "subject"} | changes))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from detailpp.loading import load_pipeline
+
+    return load_pipeline("tiny-random", device="cpu", dtype="float32")
+
+
+# ---------------------------------------------------------------------------------------------------- the table
+
+
+def test_table_round_trip():
+    rows = plan_to_rows(PLAN)
+    assert rows == [
+        ["base", PLAN.base, ""],
+        ["branch", PLAN.branches[0].prompt, "dog"],
+        ["branch", PLAN.branches[1].prompt, "cat"],
+    ]
+    plan = rows_to_plan(PROMPT, rows)
+    assert plan.base == PLAN.base and plan.prompts == PLAN.prompts and plan.subjects == ["dog", "cat"]
+
+
+def test_table_cells_are_cleaned_and_empty_rows_ignored():
+    rows = [
+        ["base ", "  a dog and a cat ", None],
+        ["branch", "a black dog and a cat", " dog"],
+        [None, None, None],
+        ["", "", float("nan")],
+        ["", "a dog and a white cat", "cat"],  # a row added in the page has no role: a branch
+    ]
+    plan = rows_to_plan("a black dog and a white cat ", rows, "attribute")
+    assert plan.prompt == "a black dog and a white cat" and plan.base == "a dog and a cat"
+    assert [(b.prompt, b.subject) for b in plan.branches] == [
+        ("a black dog and a cat", "dog"),
+        ("a dog and a white cat", "cat"),
+    ]
+    assert plan.granularity == "attribute"
+    assert rows_to_plan("a dog", {"headers": ["role", "prompt", "subject"], "data": [["base", "a dog", ""]]}).base
+
+
+@pytest.mark.parametrize(
+    ("prompt", "rows", "message"),
+    [
+        ("  ", [["base", "a dog", ""]], "The prompt is empty"),
+        (PROMPT, [["branch", "a red dog", "dog"]], "exactly one row with role 'base'"),
+        (PROMPT, [["base", "a dog", ""], ["base", "a cat", ""]], "found 2 rows"),
+        (PROMPT, [["base", "", ""], ["branch", "a red dog", "dog"]], "The base prompt"),
+        (PROMPT, [["base", "a dog", ""], ["branch", "a red dog", ""]], "Row 2 (branch p2) has no subject"),
+        (PROMPT, [["base", "a dog", ""], ["branch", "", "dog"]], "Row 2 (branch p2) has no prompt"),
+        (
+            PROMPT,
+            [["base", "a dog", ""], ["branch", "a red dog", "dog"], ["branch", "a red dragon", "dragon"]],
+            "Row 3 (branch p3): the subject 'dragon' does not occur in the prompt",
+        ),
+        (PROMPT, [["base", "a dog", ""], ["branch", "a red do", "do"]], "the subject 'do' does not occur"),
+    ],
+)
+def test_table_errors_name_the_row_and_the_fix(prompt, rows, message):
+    with pytest.raises(DemoInputError) as e:
+        rows_to_plan(prompt, rows)
+    assert message in str(e.value)
+
+
+def test_captions_name_every_branch_and_its_sub_prompt():
+    assert branch_captions(PLAN) == [
+        f"p0 (full prompt): {PROMPT}",
+        f"p1 (base): {PLAN.base}",
+        f"p2 (dog): {PLAN.branches[0].prompt}",
+        f"p3 (cat): {PLAN.branches[1].prompt}",
+    ]
+    assert branch_captions(DecompositionPlan("a dog", "a dog")) == ["p0 (no detail branch: plain SDXL): a dog"]
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+
+def test_settings_become_a_detail_config():
+    s = check_settings(**GOOD | {"seed": 7.0, "height": "128", "nursing": True, "granularity": "attribute"})
+    assert (s.seed, s.steps, s.height, s.width, s.guidance_scale) == (7, 2, 128, 64, 5.0)
+    assert s.config == DetailConfig(mask_threshold=0.5, share_steps=0.8, nursing=True, granularity="attribute")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"height": 100}, "Height must be a positive multiple of 8 (e.g. 512, 768, 1024), got 100."),
+        ({"width": 0}, "Width must be a positive multiple of 8"),
+        ({"width": 64.5}, "Width must be a whole number"),
+        ({"width": None}, "Width is empty"),
+        ({"height": 8192}, "at most 4096"),
+        ({"steps": 0}, "Steps must lie in [1, 200]"),
+        ({"seed": -1}, "The seed must lie in"),
+        ({"seed": "abc"}, "The seed must be a number"),
+        ({"guidance_scale": -1}, "guidance scale must be >= 0"),
+        ({"tau": 1.0}, "tau must lie in (0, 1)"),
+        ({"share_steps": 2}, "share-steps must lie in [0, 1]"),
+        ({"granularity": "word"}, "Granularity must be one of"),
+    ],
+)
+def test_bad_settings_get_one_clear_sentence(change, message):
+    with pytest.raises(DemoInputError) as e:
+        settings(**change)
+    assert message in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------- the session
+
+
+class FakePipe:
+    """Enough of the pipeline for the session: parse, validate, and a slow call that counts overlapping runs."""
+
+    unet = None
+    default_sample_size = 16
+    vae_scale_factor = 8
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.most_active = 0
+        self.calls = 0
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        pass
+
+    def decompose(self, prompt: str, granularity: str = "subject") -> DecompositionPlan:
+        if prompt == PROMPT:
+            return PLAN
+        return DecompositionPlan(prompt, prompt, granularity)
+
+    def prepare_plan(self, prompt, plan, config):
+        return plan
+
+    def __call__(self, **kwargs):
+        import PIL.Image
+        import torch
+
+        self.calls += 1
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        time.sleep(0.2)
+        self.active -= 1
+        plan = kwargs["plan"]
+        images = [PIL.Image.new("RGB", (kwargs["width"], kwargs["height"])) for _ in plan.prompts]
+        masks = torch.rand(len(plan.branches), kwargs["height"] // 8, kwargs["width"] // 8)
+        return SimpleNamespace(images=images[-1:], branch_images=images, masks=masks)
+
+
+def test_session_runs_the_edited_table_or_parses_a_changed_prompt():
+    session = DemoSession(FakePipe(), "fake")
+    rows = plan_to_rows(PLAN)
+    rows[2][1] = "a dog with sunglasses and a fluffy blue cat"
+    plan, note = session.plan_for(PROMPT, rows, PROMPT, "subject")
+    assert plan.branches[1].prompt == "a dog with sunglasses and a fluffy blue cat" and note is None
+    plan, note = session.plan_for(PROMPT, rows, "another prompt", "subject")
+    assert plan == PLAN and "parsed again" in note
+    plan, note = session.plan_for(PROMPT, [], None, "subject")
+    assert plan == PLAN and note is None
+    with pytest.raises(DemoInputError, match="The prompt is empty"):
+        session.plan_for("", rows, PROMPT, "subject")
+
+
+def test_session_loads_lazily_and_once():
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return FakePipe()
+
+    session = DemoSession(loader, "fake")
+    assert not session.loaded and session.default_size() == 1024 and session.default_steps() == 50
+    session.parse(PROMPT)
+    session.parse(PROMPT)
+    assert loads == [1] and session.loaded
+
+
+def test_one_generation_at_a_time_across_sessions():
+    pipe = FakePipe()
+    sessions = [DemoSession(pipe, "fake"), DemoSession(pipe, "fake")]
+    errors = []
+
+    def work(session):
+        try:
+            session.generate(PROMPT, [], table_prompt=None, settings=settings(), compare=False)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in sessions * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and pipe.calls == 4 and pipe.most_active == 1
+
+
+def test_generate_on_the_tiny_model_returns_every_branch_mask_and_plain_sdxl(tiny_pipe):
+    session = DemoSession(tiny_pipe, "tiny-random")
+    rows = plan_to_rows(PLAN)
+    rows[2][1] = "a dog with sunglasses and a fluffy blue cat"
+    steps = []
+    result = session.generate(
+        PROMPT, rows, table_prompt=PROMPT, settings=settings(), on_step=lambda i, n, stage: steps.append((i, n, stage))
+    )
+    assert [c for _, c in result.branches] == [
+        f"p0 (full prompt): {PROMPT}",
+        f"p1 (base): {PLAN.base}",
+        f"p2 (dog): {PLAN.branches[0].prompt}",
+        "p3 (cat): a dog with sunglasses and a fluffy blue cat",
+    ]
+    assert all(img.size == (64, 64) for img, _ in result.branches)
+    assert [c for _, c in result.masks] == ["dog (mask > tau = 0.5)", "cat (mask > tau = 0.5)"]
+    assert result.image.size == result.plain_image.size == (64, 64)
+    assert steps[0] == (0, 4, "Detail++") and steps[-1] == (4, 4, "plain SDXL")
+    assert "2 detail branches" in result.summary and "noise" in result.summary
+    rows[2][2] = "dragon"
+    with pytest.raises(DemoInputError, match="'dragon' does not occur"):
+        session.generate(PROMPT, rows, table_prompt=PROMPT, settings=settings())
+
+
+# ---------------------------------------------------------------------------------------------------- the command
+
+
+def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
+    import detailpp.demo
+    import detailpp.loading
+
+    launched, loaded = [], []
+    monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: loaded.append((a, k)) or FakePipe())
+    monkeypatch.setattr(detailpp.demo, "launch", lambda demo, host, port: launched.append((demo, host, port)))
+    assert main(["demo", "--model", "tiny-random", "--port", "7861", "--steps", "3", "--size", "128"]) == 0
+    assert loaded == [(("tiny-random",), {"device": None, "dtype": None})]
+    ((demo, host, port),) = launched
+    assert (host, port) == ("127.0.0.1", 7861)
+    generate = [f for f in demo.fns.values() if f.name == "on_generate"]
+    assert len(generate) == 1 and generate[0].concurrency_limit == 1
+    with caplog.at_level(logging.WARNING):
+        assert main(["demo", "--model", "tiny-random", "--host", "0.0.0.0"]) == 0
+    assert "anyone who can reach" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--port", "70000"], "--port must lie in"), (["--size", "100"], "--size must be a positive multiple of 8")],
+)
+def test_cli_demo_rejects_bad_arguments(args, message, capsys):
+    assert main(["demo", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_demo_says_when_the_port_is_taken_before_loading_the_model(monkeypatch, capsys):
+    import detailpp.loading
+
+    monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["demo", "--port", str(s.getsockname()[1])]) == 2
+    assert "the port may be in use: choose another with --port" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- the browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_small_png(png: bytes, path: Path) -> None:
+    """A screenshot in 128 colours, without dithering: a few hundred KB at most, for the docs."""
+    import PIL.Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with PIL.Image.open(io.BytesIO(png)) as img:
+        small = img.convert("RGB").quantize(colors=128, dither=PIL.Image.Dither.NONE)
+    small.save(path, optimize=True)
+    logger.info("wrote %s (%d KB)", path, path.stat().st_size // 1024)
+
+
+def test_the_page_in_a_real_browser(tiny_pipe):
+    """Type a prompt, parse it, edit a sub-prompt, generate, read the gallery; then bad input shows its message."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"Chromium is missing at {CHROMIUM}: install it with `apt-get install chromium` (CI does).")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("The browser test needs playwright: pip install -e '.[test]'.")
+    from detailpp.demo import build_demo, launch
+
+    started = time.perf_counter()
+    demo = build_demo(tiny_pipe, model_name="tiny-random", initial_prompt="", default_steps=2, default_size=64)
+    port = free_port()
+    launch(demo, host="127.0.0.1", port=port, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                # Nothing but the app itself: a request elsewhere (fonts, analytics) fails at once.
+                page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) else r.abort())
+                page.goto(url)
+                page.locator("#detailpp-prompt textarea").fill(PROMPT)
+                page.locator("#detailpp-parse").click()
+                cell = page.locator('#detailpp-plan [data-testid="cell-2-1"]')
+                expect(cell).to_contain_text(PLAN.branches[1].prompt, timeout=30_000)
+                expect(page.locator('#detailpp-plan [data-testid="cell-0-1"]')).to_contain_text(PLAN.base)
+                expect(page.locator('#detailpp-plan [data-testid="cell-1-2"]')).to_contain_text("dog")
+
+                edited = "a dog with sunglasses and a fluffy blue cat"
+                cell.dblclick()
+                page.keyboard.press("Control+A")
+                page.keyboard.type(edited)
+                page.keyboard.press("Enter")
+                expect(cell).to_contain_text(edited)
+                page.locator("#detailpp-nursing input").uncheck()  # faster on the CPU; nursing has its own tests
+                page.locator("#detailpp-generate").click()
+
+                captions = page.locator("#detailpp-branches .caption-label")
+                expect(captions).to_have_count(4, timeout=90_000)
+                assert captions.all_text_contents() == [
+                    f"p0 (full prompt): {PROMPT}",
+                    f"p1 (base): {PLAN.base}",
+                    f"p2 (dog): {PLAN.branches[0].prompt}",
+                    f"p3 (cat): {edited}",
+                ]
+                expect(page.locator("#detailpp-branches img")).to_have_count(4)
+                expect(page.locator("#detailpp-masks .caption-label")).to_have_text(
+                    ["dog (mask > tau = 0.5)", "cat (mask > tau = 0.5)"]
+                )
+                expect(page.locator("#detailpp-image img")).to_be_visible()
+                expect(page.locator("#detailpp-plain img")).to_be_visible()
+                expect(page.locator("#detailpp-status")).to_contain_text("2 detail branches")
+                expect(page.locator("#detailpp-error")).to_be_hidden()
+                if shot := os.environ.get("DETAILPP_DEMO_SCREENSHOT"):
+                    save_small_png(page.screenshot(full_page=True), Path(shot))
+
+                error = page.locator("#detailpp-error")
+                page.locator("#detailpp-width input").fill("100")
+                page.locator("#detailpp-generate").click()
+                expect(error).to_contain_text("Width must be a positive multiple of 8", timeout=30_000)
+                page.locator("#detailpp-width input").fill("64")
+
+                page.locator("#detailpp-prompt textarea").fill("")
+                page.locator("#detailpp-generate").click()
+                expect(error).to_contain_text("The prompt is empty; write what the image should show.")
+                assert "Traceback" not in page.content()
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+    logger.info("browser test: %.1f s", time.perf_counter() - started)
