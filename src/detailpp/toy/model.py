@@ -1,0 +1,201 @@
+"""The toy model: an SDXL-architecture pipeline small enough to train in minutes on one GPU.
+
+Components, with SDXL's names and wiring (``StableDiffusionXLPipeline.from_pretrained`` loads the folder):
+
+* ``vae``: :class:`~diffusers.AutoencoderKL`, 128 x 128 RGB to 4 x 64 x 64 latents (scale factor 2).
+* ``text_encoder``: :class:`~transformers.CLIPTextModel` and ``text_encoder_2``:
+  :class:`~transformers.CLIPTextModelWithProjection`, both on SDXL's CLIP vocabulary (49,408 tokens, the packaged
+  tokenizer), with a small hidden size; the UNet sees the concatenation of their penultimate hidden states.
+* ``unet``: :class:`~diffusers.UNet2DConditionModel` with SDXL's block layout (``down_blocks.0`` without attention,
+  cross-attention in ``down_blocks.1-2``, ``mid_block``, ``up_blocks.0-1``) and ``text_time`` added conditioning. At
+  64 x 64 latents its lowest-resolution attention layers (``down_blocks.2``, ``mid_block``, ``up_blocks.0``) have
+  16 x 16 tokens, the mid-level ones 32 x 32.
+* ``scheduler``: SDXL's :class:`~diffusers.EulerDiscreteScheduler` configuration (scaled-linear betas, epsilon).
+
+:class:`ToyModelConfig` holds every size; :data:`TINY` is a few-kilobyte variant for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+
+@dataclass(frozen=True)
+class ToyModelConfig:
+    """Sizes of the toy model's components.
+
+    Attributes:
+        image_size: pixel size of the (square) images.
+        vae_channels: ``block_out_channels`` of the VAE; its scale factor is ``2 ** (len - 1)``.
+        latent_channels: channels of the latent (SDXL: 4).
+        text_hidden: hidden size of each text encoder (the token embedding is 49,408 x this).
+        text_layers: transformer layers of each text encoder (the UNet reads the penultimate layer).
+        text_heads: attention heads of the text encoders.
+        projection_dim: ``text_encoder_2``'s pooled projection size.
+        unet_channels: ``block_out_channels`` of the UNet's three levels.
+        unet_layers: resnets per down block (up blocks have one more).
+        unet_head_dim: channels per attention head in the UNet.
+        transformer_layers: transformer blocks per attention layer, per level (level 0 has none).
+        time_embed_dim: ``addition_time_embed_dim`` of each of the 6 SDXL size/crop conditions.
+        vocab_size: CLIP's vocabulary (SDXL's tokenizer).
+    """
+
+    image_size: int = 128
+    vae_channels: tuple[int, ...] = (32, 64)
+    latent_channels: int = 4
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 2
+    projection_dim: int = 64
+    unet_channels: tuple[int, int, int] = (32, 64, 128)
+    unet_layers: int = 1
+    unet_head_dim: int = 32
+    transformer_layers: tuple[int, int, int] = (1, 1, 2)
+    time_embed_dim: int = 16
+    vocab_size: int = 49408
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_scale_factor
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ToyModelConfig:
+        d = dict(d)
+        for k in ("vae_channels", "unet_channels", "transformer_layers"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+DEFAULT = ToyModelConfig()
+#: A tiny variant for CPU tests: 32 x 32 images, 16 x 16 latents; the vocabulary stays SDXL's (the tokenizer's ids
+#: go up to 49,407), so the hidden size is what shrinks.
+TINY = replace(
+    DEFAULT,
+    image_size=32,
+    vae_channels=(8, 8),
+    text_hidden=8,
+    text_layers=2,
+    text_heads=2,
+    projection_dim=8,
+    unet_channels=(8, 16, 16),
+    unet_head_dim=8,
+    transformer_layers=(1, 1, 1),
+    time_embed_dim=4,
+)
+
+
+def build_vae(cfg: ToyModelConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=min(8, min(cfg.vae_channels)),
+        sample_size=cfg.image_size,
+        scaling_factor=1.0,
+        force_upcast=False,
+        mid_block_add_attention=False,
+    )
+
+
+def build_text_encoders(cfg: ToyModelConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.text_hidden,
+        intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+        projection_dim=cfg.projection_dim,
+    )
+    te1 = CLIPTextModel(CLIPTextConfig(**common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**common, "hidden_act": "gelu"}))
+    return te1, te2
+
+
+def build_unet(cfg: ToyModelConfig):
+    from diffusers import UNet2DConditionModel
+
+    heads = tuple(max(1, c // cfg.unet_head_dim) for c in cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers,
+        transformer_layers_per_block=cfg.transformer_layers,
+        attention_head_dim=heads,  # diffusers' legacy name: the number of heads (as in SDXL's config)
+        cross_attention_dim=2 * cfg.text_hidden,
+        norm_num_groups=min(16, min(cfg.unet_channels)),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=cfg.time_embed_dim,
+        projection_class_embeddings_input_dim=cfg.projection_dim + 6 * cfg.time_embed_dim,
+    )
+
+
+def build_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+
+
+def build_components(cfg: ToyModelConfig = DEFAULT) -> dict:
+    """Freshly initialised components, keyed as :class:`~diffusers.StableDiffusionXLPipeline` expects."""
+    from detailpp.resources import load_clip_tokenizer
+
+    te1, te2 = build_text_encoders(cfg)
+    return {
+        "vae": build_vae(cfg),
+        "text_encoder": te1,
+        "text_encoder_2": te2,
+        "tokenizer": load_clip_tokenizer(),
+        "tokenizer_2": load_clip_tokenizer(second=True),
+        "unet": build_unet(cfg),
+        "scheduler": build_scheduler(),
+    }
+
+
+def build_pipeline(components: dict):
+    """A :class:`~diffusers.StableDiffusionXLPipeline` of toy components (no watermarker, zeros for empty prompts)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,511 @@
+"""Training of the toy model: the VAE first, then the UNet and both text encoders, on scenes rendered on the fly.
+
+Run through ``benchmarks/train_toy.py`` (same arguments). Each step samples captions on the CPU (a background
+thread), renders the scenes on the training device, encodes them with the frozen VAE and takes one epsilon-prediction
+step (SDXL's scaled-linear schedule, min-SNR-5 weighting, bf16 autocast on CUDA, optional ``torch.compile``). 10% of
+captions are dropped for classifier-free guidance: half replaced by zero embeddings (what
+``StableDiffusionXLPipeline`` uses for an empty negative prompt, ``force_zeros_for_empty_prompt``), half by the
+empty caption. An exponential moving average of the weights is what gets saved.
+
+Outputs, in ``--output``: ``pipeline/`` (a diffusers folder: model_index.json, fp16 safetensors, loadable by
+``StableDiffusionXLPipeline.from_pretrained``), ``checkpoint.pt.gz`` (fp32 raw weights and the step, to resume;
+``--split-mb`` cuts it into parts), ``summary.json``, ``log.jsonl``, and with ``--eval-prompts`` a judged sample
+(``samples.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import logging
+import math
+import queue
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from detailpp.toy import model as toy_model
+from detailpp.toy.scenes import CaptionTokenizer, render, render_tensors, sample_scenes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (the command line maps onto these fields)."""
+
+    output: str = "outputs/toy-train"  # folder for the pipeline, checkpoint, logs
+    resume: str | None = None  # checkpoint to resume from (a checkpoint.pt.gz, or its first part .part0)
+    resume_ema: str | None = None  # pipeline folder whose weights are the EMA to resume (default: fresh EMA)
+    model: str = "default"  # "default" or "tiny" (tests)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    seed: int = 0
+    vae_steps: int = 1500  # VAE training steps (skipped when resuming a checkpoint that has a trained VAE)
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    steps: int = 20000  # planned UNet steps: the learning-rate schedule's length
+    max_steps: int | None = None  # stop after this many steps in this run
+    max_minutes: float | None = None  # stop the UNet phase after this many minutes in this run
+    batch_size: int = 256
+    lr: float = 5e-4
+    warmup: int = 300
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # half zero embeddings, half the empty caption
+    attribute_drop: float = 0.15  # drop an object's colour / texture word from its caption
+    min_snr_gamma: float = 5.0
+    compile: str = "none"  # "none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"
+    log_every: int = 100
+    eval_prompts: int = 0  # held-out and seen prompts to sample and judge at the end (each)
+    eval_steps: int = 30
+    eval_guidance: float = 5.0
+    split_mb: float = 0.0  # cut the checkpoint into parts of this many MB (0: one file)
+
+
+def _lr_at(step: int, cfg: TrainConfig, warmup_from: int = 0) -> float:
+    w = min(1.0, (step - warmup_from + 1) / max(cfg.warmup, 1))
+    progress = min(1.0, step / max(cfg.steps, 1))
+    return cfg.lr * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class SceneStream:
+    """Caption/scene batches sampled on the CPU by a background thread (seeded; deterministic order)."""
+
+    def __init__(self, batch_size: int, seed: int, attribute_drop: float, depth: int = 6) -> None:
+        self.tok = CaptionTokenizer()
+        self.rng = np.random.default_rng(seed)
+        self.batch_size = batch_size
+        self.attribute_drop = attribute_drop
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while not self.stop.is_set():
+            batch = sample_scenes(self.batch_size, self.rng, split="train", attribute_drop=self.attribute_drop)
+            ids1 = self.tok(batch.captions)
+            ids2 = self.tok(batch.captions, pad_id=0)
+            while not self.stop.is_set():
+                try:
+                    self.q.put((batch, ids1, ids2), timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def next(self):
+        return self.q.get()
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def encode_text(te1, te2, ids1: torch.Tensor, ids2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning: penultimate hidden states of both encoders, concatenated; pooled projection of the 2nd."""
+    o1 = te1(ids1, output_hidden_states=True)
+    o2 = te2(ids2, output_hidden_states=True)
+    return torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1), o2.text_embeds
+
+
+def _zero_unused_embeddings(te, used: list[int]) -> None:
+    emb = te.get_input_embeddings().weight
+    keep = torch.zeros(emb.shape[0], dtype=torch.bool)
+    keep[used] = True
+    with torch.no_grad():
+        emb[~keep] = 0
+
+
+def _save_checkpoint(path: Path, parts: dict, split_mb: float) -> list[Path]:
+    buf = io.BytesIO()
+    torch.save(parts, buf)
+    data = gzip.compress(buf.getvalue(), compresslevel=1)
+    for old in path.parent.glob(path.name + "*"):
+        old.unlink()
+    if split_mb <= 0 or len(data) <= split_mb * 2**20:
+        path.write_bytes(data)
+        return [path]
+    n = int(split_mb * 2**20)
+    out = []
+    for i in range(0, len(data), n):
+        p = path.with_name(f"{path.name}.part{i // n}")
+        p.write_bytes(data[i : i + n])
+        out.append(p)
+    return out
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`train` (whole, or the ``.part0`` of a split one, parts alongside)."""
+    path = Path(path)
+    if path.name.endswith(".part0"):
+        base = path.name[: -len(".part0")]
+        parts = sorted(path.parent.glob(base + ".part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+        data = b"".join(p.read_bytes() for p in parts)
+    else:
+        data = path.read_bytes()
+    return torch.load(io.BytesIO(gzip.decompress(data)), map_location="cpu", weights_only=False)
+
+
+def _train_vae(vae, cfg: TrainConfig, mcfg, device, log) -> float:
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed + 1)
+    amp = device.type == "cuda"
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        batch = sample_scenes(cfg.vae_batch, rng, split="any")
+        x, _ = render(batch, device, image_size=mcfg.image_size)
+        x = x * 2 - 1
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * (1 - step / max(cfg.vae_steps, 1)))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+            rec = vae.decode(z).sample
+        rec = rec.float()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
+            log({"phase": "vae", "step": step, "loss": float(loss.detach()), "elapsed": time.time() - t0})
+    vae.eval()
+    # scaling factor: unit variance latents
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        zs = []
+        for _ in range(4):
+            x, _ = render(sample_scenes(max(cfg.vae_batch, 8), rng, split="any"), device, image_size=mcfg.image_size)
+            zs.append(vae.encode(x * 2 - 1).latent_dist.sample().float())
+        z = torch.cat(zs)
+        x, _ = render(sample_scenes(max(cfg.vae_batch, 8), rng, split="any"), device, image_size=mcfg.image_size)
+        rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample.float()
+    psnr = float(-10 * torch.log10(F.mse_loss((rec.clamp(-1, 1) + 1) / 2, x)))
+    sf = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=sf)
+    log({"phase": "vae", "done": True, "scaling_factor": sf, "psnr": psnr, "latent_mean": float(z.mean())})
+    return sf
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) the toy model; returns the run's summary (also written to ``summary.json``)."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    amp = device.type == "cuda"
+    if amp:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log_f = open(out / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed below
+
+    def log(rec: dict) -> None:
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
+        logger.info("%s", " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    mcfg = (
+        toy_model.ToyModelConfig.from_dict(ckpt["model_config"])
+        if ckpt
+        else (toy_model.TINY if cfg.model == "tiny" else toy_model.DEFAULT)
+    )
+    comps = toy_model.build_components(mcfg)
+    vae, te1, te2, unet = comps["vae"], comps["text_encoder"], comps["text_encoder_2"], comps["unet"]
+    tok = CaptionTokenizer(comps["tokenizer"])
+    used = sorted({tok.bos, tok.eos, 0} | {i for w in _vocabulary() for i in tok._word(w)})
+    start_step = 0
+    prior_seconds = 0.0
+    history: list[dict] = []
+    if ckpt:
+        vae.load_state_dict(ckpt["vae"])
+        vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
+        te1.load_state_dict(ckpt["text_encoder"])
+        te2.load_state_dict(ckpt["text_encoder_2"])
+        unet.load_state_dict(ckpt["unet"])
+        start_step = ckpt["step"]
+        prior_seconds = ckpt.get("seconds", 0.0)
+        history = ckpt.get("history", [])
+        log({"phase": "resume", "step": start_step, "from": str(cfg.resume)})
+    else:
+        _zero_unused_embeddings(te1, used)
+        _zero_unused_embeddings(te2, used)
+    for m in (vae, te1, te2, unet):
+        m.to(device)
+    run_t0 = time.time()
+    if not ckpt:
+        _train_vae(vae, cfg, mcfg, device, log)
+    vae.requires_grad_(False).eval()
+    sf = float(vae.config.scaling_factor)
+
+    params = [p for m in (unet, te1, te2) for p in m.parameters()]
+    decay = [p for p in params if p.ndim >= 2 and p.shape[0] != mcfg.vocab_size]
+    no_decay = [p for p in params if not (p.ndim >= 2 and p.shape[0] != mcfg.vocab_size)]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.99),
+        fused=fused,
+    )
+    ema = [p.detach().clone() for p in params]
+    if cfg.resume_ema:
+        ema_src = _load_pipeline_weights(cfg.resume_ema, mcfg)
+        ema = [t.to(device=device, dtype=torch.float32) for t in ema_src]
+        log({"phase": "resume", "ema_from": cfg.resume_ema})
+    if amp:
+        unet.to(memory_format=torch.channels_last)
+
+    def forward(zt, t, ids1, ids2, keep, time_ids, unet_call=unet):
+        b = zt.shape[0]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            ehs, pooled = encode_text(te1, te2, ids1, ids2)
+            ehs = ehs * keep.view(b, 1, 1)
+            pooled = pooled * keep.view(b, 1)
+            return unet_call(zt, t, ehs, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    fwd, render_fn = forward, None
+    if cfg.compile != "none":
+        mode = None if cfg.compile == "default" else cfg.compile
+        fwd = torch.compile(forward, mode=mode, dynamic=False)
+        render_fn = torch.compile(render_tensors, dynamic=False)
+
+    def fallback_forward():  # the UNet alone compiled: what worked when text encoders or rendering did not
+        unet_c = torch.compile(unet, mode=None if cfg.compile == "default" else cfg.compile, dynamic=False)
+        return lambda *a: forward(*a, unet_call=unet_c)
+
+    sched = toy_model.build_scheduler()
+    abar = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
+    snr = abar / (1 - abar)
+    weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+    time_ids = torch.tensor(
+        [[mcfg.image_size, mcfg.image_size, 0, 0, mcfg.image_size, mcfg.image_size]],
+        device=device,
+        dtype=torch.float32,
+    )
+    empty1 = torch.as_tensor(tok([""]), device=device)
+    empty2 = torch.as_tensor(tok([""], pad_id=0), device=device)
+    stream = SceneStream(cfg.batch_size, cfg.seed * 1000 + start_step, cfg.attribute_drop)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + start_step)
+    unet.train()
+    te1.train()
+    te2.train()
+    step = start_step
+    t0 = time.time()
+    losses: list[torch.Tensor] = []
+    last_loss = float("nan")
+    steps_this_run = 0
+    timing_from = None
+    try:
+        while step < cfg.steps:
+            if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
+                break
+            if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
+                break
+            batch, ids1, ids2 = stream.next()
+            b = len(batch)
+            ids1 = torch.as_tensor(ids1).to(device, non_blocking=True)
+            ids2 = torch.as_tensor(ids2).to(device, non_blocking=True)
+            u = torch.rand(b, device=device, generator=gen)
+            drop_empty = (u < cfg.caption_dropout / 2)[:, None]
+            keep = (u >= cfg.caption_dropout).float()
+            ids1 = torch.where(drop_empty, empty1, ids1)
+            ids2 = torch.where(drop_empty, empty2, ids2)
+            attempts = 2 if (steps_this_run == 0 and cfg.compile != "none") else 1
+            for attempt in range(attempts):
+                try:
+                    with torch.no_grad():
+                        x, _ = render(batch, device, image_size=mcfg.image_size, render_fn=render_fn)
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                            z0 = vae.encode(x * 2 - 1).latent_dist.sample(generator=gen).float() * sf
+                    t = torch.randint(0, abar.numel(), (b,), device=device, generator=gen)
+                    noise = torch.randn(z0.shape, device=device, generator=gen)
+                    a = abar[t].view(b, 1, 1, 1)
+                    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+                    if amp:
+                        zt = zt.contiguous(memory_format=torch.channels_last)
+                    lr = _lr_at(step, cfg, warmup_from=start_step if ckpt else 0)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    pred = fwd(zt, t, ids1, ids2, keep, time_ids.expand(b, -1))
+                    per = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+                    loss = (per * weight[t]).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    break
+                except Exception as e:  # a compiler failure on the first step: fall back, do not lose the run
+                    if attempt + 1 == attempts:
+                        raise
+                    log({"phase": "compile", "fallback": "unet only", "error": repr(e)[:400]})
+                    opt.zero_grad(set_to_none=True)
+                    fwd, render_fn = fallback_forward(), None
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+            losses.append(per.mean().detach())
+            step += 1
+            steps_this_run += 1
+            if steps_this_run == 20:
+                if amp:
+                    torch.cuda.synchronize()
+                timing_from = (time.time(), steps_this_run)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                last_loss = float(torch.stack(losses).mean())
+                losses.clear()
+                rec = {"phase": "unet", "step": step, "loss": last_loss, "lr": lr, "elapsed": time.time() - t0}
+                if timing_from:
+                    rec["it_s"] = (steps_this_run - timing_from[1]) / max(time.time() - timing_from[0], 1e-9)
+                log(rec)
+                history.append({"step": step, "loss": last_loss})
+    finally:
+        stream.close()
+    if losses:
+        last_loss = float(torch.stack(losses).mean())
+    if amp:
+        torch.cuda.synchronize()
+    train_seconds = time.time() - t0
+    its = None
+    if timing_from and steps_this_run > timing_from[1]:
+        its = (steps_this_run - timing_from[1]) / max(time.time() - timing_from[0], 1e-9)
+    # checkpoint (raw fp32 weights) and the EMA pipeline (fp16)
+    parts = {
+        "model_config": mcfg.to_dict(),
+        "train_config": asdict(cfg),
+        "step": step,
+        "seconds": prior_seconds + (time.time() - run_t0),
+        "scaling_factor": sf,
+        "history": history,
+        "vae": {k: v.cpu() for k, v in vae.state_dict().items()},
+        "text_encoder": {k: v.cpu() for k, v in te1.state_dict().items()},
+        "text_encoder_2": {k: v.cpu() for k, v in te2.state_dict().items()},
+        "unet": {k: v.cpu() for k, v in unet.state_dict().items()},
+    }
+    ckpt_files = _save_checkpoint(out / "checkpoint.pt.gz", parts, cfg.split_mb)
+    with torch.no_grad():
+        for p, e in zip(params, ema, strict=True):
+            p.copy_(e)
+    pipe = toy_model.build_pipeline({**comps, "vae": vae, "text_encoder": te1, "text_encoder_2": te2, "unet": unet})
+    pipe_dir = out / "pipeline"
+    if pipe_dir.exists():
+        shutil.rmtree(pipe_dir)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    pipe.to(torch.float32)
+    finalize_pipeline_folder(pipe_dir)
+    summary = {
+        "device": torch.cuda.get_device_name(device) if amp else "cpu",
+        "model_config": mcfg.to_dict(),
+        "parameters": {
+            k: toy_model.count_parameters(m)
+            for k, m in (("vae", vae), ("text_encoder", te1), ("text_encoder_2", te2), ("unet", unet))
+        },
+        "step": step,
+        "steps_this_run": steps_this_run,
+        "train_seconds_this_run": train_seconds,
+        "run_seconds_total": parts["seconds"],
+        "it_per_s": its,
+        "batch_size": cfg.batch_size,
+        "final_loss": last_loss,
+        "scaling_factor": sf,
+        "checkpoint": [p.name for p in ckpt_files],
+        "pipeline_mb": sum(f.stat().st_size for f in pipe_dir.rglob("*") if f.is_file()) / 2**20,
+    }
+    if cfg.eval_prompts:
+        from detailpp.toy.evaluate import evaluate_pipeline
+
+        pipe.to(device)
+        summary["eval"] = evaluate_pipeline(
+            pipe,
+            cfg.eval_prompts,
+            steps=cfg.eval_steps,
+            guidance_scale=cfg.eval_guidance,
+            grid_path=out / "samples.png",
+        )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    log({"phase": "done", "step": step, "final_loss": last_loss})
+    log_f.close()
+    return summary
+
+
+def finalize_pipeline_folder(folder: str | Path) -> None:
+    """Make a saved toy pipeline folder small and CPU-friendly.
+
+    The tokenizers become the packaged vocab.json + merges.txt (1.5 MB instead of a 3.6 MB tokenizer.json each),
+    and the text encoders' configs ask for float32 (transformers' default ``dtype="auto"`` would otherwise keep the
+    stored fp16 weights, while diffusers loads its models in float32 on its own: a mixed pipeline fails on the CPU).
+    ``torch_dtype=torch.float16`` at load time still gives an all-fp16 pipeline.
+    """
+    from detailpp.resources import CLIP_TOKENIZER_DIR
+
+    folder = Path(folder)
+    for name in ("tokenizer", "tokenizer_2"):
+        d = folder / name
+        for f in ("tokenizer.json", "special_tokens_map.json"):
+            (d / f).unlink(missing_ok=True)
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copyfile(CLIP_TOKENIZER_DIR / f, d / f)
+        cfg_path = d / "tokenizer_config.json"
+        tc = json.loads(cfg_path.read_text(encoding="utf-8"))
+        for k in ("backend", "is_local", "local_files_only"):
+            tc.pop(k, None)
+        cfg_path.write_text(json.dumps(tc, indent=2) + "\n", encoding="utf-8")
+    for name in ("text_encoder", "text_encoder_2"):
+        cfg_path = folder / name / "config.json"
+        c = json.loads(cfg_path.read_text(encoding="utf-8"))
+        c["dtype"] = "float32"
+        cfg_path.write_text(json.dumps(c, indent=2) + "\n", encoding="utf-8")
+
+
+def _vocabulary() -> list[str]:
+    from detailpp.toy.scenes import COLOUR_NAMES, SHAPES, TEMPLATES, TEXTURES
+
+    words = {"a", "an", ","} | set(COLOUR_NAMES) | set(SHAPES) | set(TEXTURES)
+    for ts in TEMPLATES.values():
+        for t in ts:
+            for w in t.replace(",", " ").split():
+                if not w.startswith("{"):
+                    words.add(w)
+    return sorted(words)
+
+
+def _load_pipeline_weights(folder: str, mcfg) -> list[torch.Tensor]:
+    """Parameters of a saved pipeline's unet, text_encoder, text_encoder_2, in training order."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    comps = toy_model.build_components(mcfg)
+    out = []
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        files = sorted((folder / name).glob("*.safetensors"))
+        sd = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        mod = comps[name]
+        mod.load_state_dict(sd, strict=False)
+        out.extend(p.detach().float() for p in mod.parameters())
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(description="Train the toy SDXL-architecture model on synthetic scenes.")
+    d = TrainConfig()
+    for f, v in asdict(d).items():
+        flag = "--" + f.replace("_", "-")
+        typ = type(v) if v is not None else (float if f == "max_minutes" else int if f == "max_steps" else str)
+        p.add_argument(flag, type=typ, default=v)
+    a = p.parse_args(argv)
+    return TrainConfig(**vars(a))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return train(parse_args(argv))

@@ -1,0 +1,229 @@
+"""The toy world: scene generator, judge, and the toy model's training script (tiny sizes, CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from detailpp.resources import DATA_DIR, load_clip_tokenizer
+from detailpp.toy.judge import judge, judge_accuracy, score_image
+from detailpp.toy.scenes import (
+    COLOUR_NAMES,
+    COLOURS,
+    HELD_OUT_PAIRS,
+    MARGIN,
+    SHAPES,
+    TEXTURE_SHADE,
+    TEXTURES,
+    CaptionTokenizer,
+    ObjectSpec,
+    held_out_prompts,
+    is_held_out_pair,
+    render,
+    sample_scenes,
+    seen_prompts,
+)
+
+
+def test_masks_match_render_and_never_overlap():
+    batch = sample_scenes(6, rng=3)
+    img, masks = render(batch, supersample=1)  # no anti-aliasing: every pixel is exactly one thing
+    img = img.numpy()
+    masks = masks.numpy()
+    for i in range(len(batch)):
+        n = batch.n_objects[i]
+        assert masks[i, n:].sum() == 0
+        assert (masks[i].sum(0) <= 1).all(), "objects overlap"
+        for k, obj in enumerate(batch.objects(i)):
+            m = masks[i, k]
+            assert m.sum() > 100
+            rgb = np.asarray(COLOURS[obj.colour])
+            px = img[i][:, m].T
+            plain = np.abs(px - rgb).max(1) < 1e-5
+            dark = np.abs(px - rgb * TEXTURE_SHADE).max(1) < 1e-5
+            assert (plain | dark).all()
+            if obj.texture == "plain":
+                assert plain.all()
+            else:
+                assert 0.1 < dark.mean() < 0.7
+        background = ~masks[i].any(0)
+        assert np.abs(img[i][:, background] - batch.background[i]).max() < 1e-5
+
+
+def test_layout_keeps_margins():
+    b = sample_scenes(500, rng=4)
+    for i in range(len(b)):
+        n = b.n_objects[i]
+        x, y, s = b.cx[i, :n], b.cy[i, :n], b.size[i, :n]
+        assert ((x - s >= MARGIN - 1e-9) & (x + s <= 128 - MARGIN + 1e-9)).all()
+        for j in range(n):
+            for k in range(j + 1, n):
+                gap = s[j] + s[k] + MARGIN
+                assert abs(x[j] - x[k]) > gap or abs(y[j] - y[k]) > gap
+
+
+def test_captions_name_the_scene():
+    b = sample_scenes(300, rng=5)
+    for i in range(len(b)):
+        spec = b.prompt_spec(i)
+        cap = b.captions[i]
+        assert sorted(spec.objects, key=repr) == sorted(b.objects(i), key=repr)
+        pos = 0
+        for obj in spec.objects:  # each object's full phrase, in caption order
+            phrase = obj.phrase()
+            found = cap.find(phrase, pos)
+            assert found >= 0, (cap, phrase)
+            pos = found + len(phrase)
+        words = re.findall(r"[a-z]+", cap)
+        assert sum(w in SHAPES for w in words) == b.n_objects[i]
+    # with attribute dropout, the caption says a subset of the attributes, never a wrong one
+    d = sample_scenes(300, rng=6, attribute_drop=0.5)
+    for i in range(len(d)):
+        words = re.findall(r"[a-z]+", d.captions[i])
+        said = {w for w in words if w in COLOUR_NAMES or w in TEXTURES}
+        truth = {o.colour for o in d.objects(i)} | {o.texture for o in d.objects(i)}
+        assert said <= truth
+    assert any(not d.say_colour[i, : d.n_objects[i]].all() for i in range(len(d)))
+
+
+def test_held_out_split():
+    b = sample_scenes(3000, rng=7, split="train")
+    multi_held, single_held = 0, 0
+    for i in range(len(b)):
+        held = [o.held_out for o in b.objects(i)]
+        if b.n_objects[i] > 1:
+            multi_held += any(held)
+        else:
+            single_held += any(held)
+    assert multi_held == 0
+    assert single_held > 0  # held-out pairs are drawn alone, so the model knows them
+    prompts = held_out_prompts(200, seed=0)
+    assert len({p.prompt for p in prompts}) == 200
+    assert all(p.held_out and len(p.objects) in (2, 3) for p in prompts)
+    assert [p.prompt for p in prompts[:5]] == [p.prompt for p in held_out_prompts(5, seed=0)][:5]
+    assert not any(p.held_out for p in seen_prompts(50))
+    assert is_held_out_pair(*HELD_OUT_PAIRS[0]) and not is_held_out_pair("red", "circle")
+
+
+def test_caption_tokenizer_matches_clip():
+    tok = CaptionTokenizer()
+    tok2 = load_clip_tokenizer(second=True)
+    caps = sample_scenes(40, rng=8, attribute_drop=0.3).captions + [""]
+    ids = tok(caps)
+    ids2 = tok(caps, pad_id=0)
+    for c, a, b in zip(caps, ids, ids2, strict=True):
+        assert a.tolist() == tok.tokenizer(c, padding="max_length", max_length=77, truncation=True).input_ids
+        assert b.tolist() == tok2(c, padding="max_length", max_length=77, truncation=True).input_ids
+
+
+def test_judge_reads_clean_and_perturbed_renders():
+    clean = judge_accuracy(n=16, seed=11)
+    assert clean["object_accuracy"] >= 0.98, clean["errors"]
+    assert clean["scene_accuracy"] >= 0.9
+    noisy = judge_accuracy(n=16, seed=12, perturbed=True)
+    assert noisy["object_accuracy"] >= 0.95, noisy["errors"]
+    assert noisy["mask_iou"] > 0.8
+
+
+def test_judge_corrects_a_tinted_background():
+    b = sample_scenes(2, rng=13, n_objects=2)
+    img, _ = render(b)
+    tinted = (img + torch.tensor([0.05, -0.03, 0.06]).view(1, 3, 1, 1)).clamp(0, 1)
+    for i in range(2):
+        assert sorted(map(repr, (o.spec for o in judge(tinted[i])))) == sorted(map(repr, b.objects(i)))
+
+
+def test_score_image_binding():
+    b = sample_scenes(1, rng=14, n_objects=2)
+    img, _ = render(b)
+    objs = b.objects(0)
+    good = score_image(img[0], objs)
+    assert good["image_correct"] and good["object_accuracy"] == 1.0
+    other = next(c for c in COLOUR_NAMES if c not in {o.colour for o in objs})
+    swapped = [ObjectSpec(objs[0].shape, other, objs[0].texture), objs[1]]
+    bad = score_image(img[0], swapped)
+    assert bad["found"] == [False, True] and not bad["image_correct"]
+
+
+def test_training_script_writes_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from detailpp.toy.train import main
+
+    out = tmp_path / "run"
+    args = [
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--vae-steps",
+        "2",
+        "--vae-batch",
+        "2",
+        "--steps",
+        "3",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--warmup",
+        "1",
+    ]
+    summary = main(args)
+    assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
+    folder = out / "pipeline"
+    assert (folder / "model_index.json").exists()
+    for f in folder.rglob("*.safetensors"):
+        assert f.stat().st_size < 16 * 2**20
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype} == {torch.float32}
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=1, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+    # resume from the checkpoint: the step count goes on
+    resumed = main(
+        [
+            *args[:4],
+            "--output",
+            str(tmp_path / "run2"),
+            "--resume",
+            str(out / "checkpoint.pt.gz"),
+            "--resume-ema",
+            str(folder),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--log-every",
+            "1",
+        ]
+    )
+    assert resumed["step"] == 3
+
+
+def test_packaged_toy_model_fits_the_budget():
+    folder = DATA_DIR / "toy-model"
+    if not (folder / "model_index.json").exists():
+        pytest.skip("toy model weights not packaged")
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    assert max(f.stat().st_size for f in files) <= 16 * 2**20
+    assert sum(f.stat().st_size for f in files) <= 40 * 2**20
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    assert unet["addition_embed_type"] == "text_time"
+    assert unet["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    # lowest-resolution attention (down_blocks.2 / mid_block / up_blocks.0) sees (sample_size / 4)^2 >= 16x16 tokens
+    assert unet["sample_size"] // 4 >= 16
+    assert (
+        unet["cross_attention_dim"]
+        == 2 * json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+    )
+    assert vae["scaling_factor"] > 0
