@@ -847,6 +847,7 @@ class _OnePromptTokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.is_fast = getattr(tokenizer, "is_fast", True)
         self.key: tuple[Any, ...] | None = None
         self.value: Any = None
 
