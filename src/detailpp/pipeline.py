@@ -26,7 +26,14 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
     rescale_noise_cfg,
     retrieve_timesteps,
 )
-from diffusers.utils.torch_utils import get_module_execution_device
+
+try:
+    from diffusers.utils.torch_utils import get_module_execution_device
+except ImportError:  # diffusers < 0.40: no offload-aware helper
+
+    def get_module_execution_device(module: torch.nn.Module) -> torch.device:
+        return module.device
+
 
 from detailpp.attention import AttentionState, CaptureSpec, HookError, detail_processors, find_mask_layers
 from detailpp.config import DetailConfig
@@ -86,6 +93,24 @@ class DetailInputError(ValueError):
 
 class _StopUNet(Exception):
     """Raised by a forward hook to end a nursing pass once every mask layer has run."""
+
+
+@contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Parameters of ``module`` stop requiring gradients for the block, then get their flags back.
+
+    Nursing needs the gradient of the latent only. Weights that require gradients (the default for a loaded model)
+    make autograd keep every linear and convolution's input alive for weight gradients that are never computed; frozen,
+    the pass keeps only what the latent's gradient needs. The gradient itself is the same.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
@@ -475,14 +500,15 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
                 if i < nursing_steps:
                     record = NursingRecord(step=i)
                     started = time.perf_counter()
-                    latents[0:1] = nurse_latent(
-                        latents[0:1],
-                        nursing_loss_of(t),
-                        iterations=max_iterations(config, float(t), self.scheduler.config.num_train_timesteps),
-                        threshold=config.threshold_at(i, n_detail, state.num_tokens),
-                        alpha=step_size(config, i, num_inference_steps),
-                        record=record,
-                    )
+                    with _frozen(self.unet):
+                        latents[0:1] = nurse_latent(
+                            latents[0:1],
+                            nursing_loss_of(t),
+                            iterations=max_iterations(config, float(t), self.scheduler.config.num_train_timesteps),
+                            threshold=config.threshold_at(i, n_detail, state.num_tokens),
+                            alpha=step_size(config, i, num_inference_steps),
+                            record=record,
+                        )
                     logger.debug("nursing at step %d took %.3f s", i, time.perf_counter() - started)
                     nursing_records.append(record)
 

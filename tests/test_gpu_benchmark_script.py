@@ -1,0 +1,54 @@
+"""The GPU benchmark script stays importable and runnable: its ``--tiny`` mode on the CPU (tiny random SDXL, 2 steps)
+walks every code path the GPU run takes, except CPU offload and torch.compile, which need a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sdxl_configs_are_full_size(bench):
+    torch = pytest.importorskip("torch")
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**bench.SDXL_UNET_CONFIG)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert bench.SDXL_VAE_CONFIG["force_upcast"] is True
+    assert [len(p.branches) + 2 for p in bench.benchmark_plans().values()] == [3, 4, 5]
+
+
+def test_tiny_run_writes_every_figure(bench, tmp_path):
+    argv = ["--tiny", "--quick", "--size", "64", "--floor-repeats", "1", "--out", str(tmp_path)]
+    bench.main(argv)
+    saved = json.loads((tmp_path / "gpu_benchmark.json").read_text())
+    assert saved["meta"]["mode"] == "tiny" and not saved["errors"], saved["errors"]
+    runs = saved["runs"]
+    expected = {name for name, *_ in bench.Benchmark(bench.parse_args(argv)).grid()} | {"plain_sdxl"}
+    assert len(expected) == 4 and expected <= set(runs)
+    on = runs["detail_2subj_nursing_on_pruned"]
+    assert on["branches"] == 4 and on["nursing_passes"] >= 1 and on["nursing_iteration_ms"] > 0
+    assert all(len(r["per_step_first_run"]) == 2 for r in runs.values())
+    assert runs["detail_2subj_nursing_off_unpruned"]["in_window_batches"] == [[8]]
+    assert {"unet_forward", "fwd_bwd_b1_full_frozen", "fwd_bwd_b1_truncated_frozen", "vae_decode_fp32"} <= set(
+        saved["floor"]
+    )
+    assert set(saved["profile"]) >= {"unet_forward_b8", "detail_armed_forward_b8", "nursing_pass_frozen"}
+    assert "nursing_iteration_vs_fwd_bwd_b1<=1.1" in saved["targets"]
+    report = bench.summary_text(saved, markdown=True)
+    assert "| Detail++ 2 subj, nursing on, pruned | 4 |" in report
