@@ -146,6 +146,7 @@ def token_indices_for_span(prompt: str, start: int, end: int, tokenizer: Any) ->
     if getattr(tokenizer, "is_fast", True):
         enc = tokenizer(prompt, return_offsets_mapping=True, truncation=False, add_special_tokens=True)
         return tuple(i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < end and e > start)
+
     # Slow (Python) tokenizers have no offsets. CLIP's BPE never merges across the words of its pre-tokenizer and a
     # span starts and ends on word boundaries, so counting the tokens of the text before and up to the span works.
     def count(text: str) -> int:
