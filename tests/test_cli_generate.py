@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -75,7 +77,6 @@ def test_generate_with_a_plan_file(tmp_path):
         ([PROMPT, "--tau", "1.5"], "--tau must lie in (0, 1)"),
         ([PROMPT, "--share-steps", "2"], "--share-steps must lie in [0, 1]"),
         ([], "Give a prompt"),
-        ([PROMPT, "--model", "no/such-model-here", "--device", "cpu"], "Cannot load the model 'no/such-model-here'"),
     ],
 )
 def test_generate_bad_input_is_one_clear_line(argv, message, tmp_path, capsys, monkeypatch):
@@ -84,6 +85,27 @@ def test_generate_bad_input_is_one_clear_line(argv, message, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_unloadable_model_is_one_clear_message(tmp_path):
+    """In a real process (library loggers bound to the real stderr): one message naming the model and the ways out."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "detailpp.cli",
+        "generate",
+        PROMPT,
+        "--model",
+        "no/such-model-here",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "Cannot load the model 'no/such-model-here'" in proc.stderr and "--model tiny-random" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("*.png"))
 
 
 def test_generate_plan_subject_not_in_prompt(tmp_path, capsys):

@@ -44,6 +44,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def dtype_kwarg(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` where diffusers takes it (newer releases deprecate ``torch_dtype``), else ``torch_dtype=``."""
+    try:
+        from diffusers.pipelines.pipeline_utils import _resolve_dtype  # noqa: F401 (exists where dtype= does)
+    except ImportError:
+        return {"torch_dtype": torch_dtype}
+    return {"dtype": torch_dtype}
+
+
 def toy_model_available() -> bool:
     return (TOY_MODEL_DIR / "model_index.json").is_file()
 
@@ -82,17 +91,17 @@ def load_pipeline(
     path = Path(source)
     try:
         if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
-            pipe = pipeline_class.from_single_file(str(path), torch_dtype=torch_dtype)
+            pipe = pipeline_class.from_single_file(str(path), **dtype_kwarg(torch_dtype))
         else:
             if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
                 raise FileNotFoundError(f"no folder {model!r} and it is no Hub id of the form 'owner/name'")
             variant = "fp16" if torch_dtype == torch.float16 and not path.exists() else None
             try:
-                pipe = pipeline_class.from_pretrained(str(source), torch_dtype=torch_dtype, variant=variant)
+                pipe = pipeline_class.from_pretrained(str(source), variant=variant, **dtype_kwarg(torch_dtype))
             except (OSError, ValueError):
                 if variant is None:
                     raise
-                pipe = pipeline_class.from_pretrained(str(source), torch_dtype=torch_dtype)
+                pipe = pipeline_class.from_pretrained(str(source), **dtype_kwarg(torch_dtype))
     except Exception as e:  # every loader failure gets the same clear way out
         raise ModelLoadError(
             f"Cannot load the model {model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
