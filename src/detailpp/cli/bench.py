@@ -6,6 +6,7 @@ examples:
   torchrun --nproc_per_node 2 --no-python detailpp bench generate --suite t2i-color --method sdxl --out runs/c-sdxl
   detailpp bench score runs/color-detailpp --metric blip-vqa
   detailpp bench report runs/color-sdxl runs/color-detailpp --out runs/report --paper
+  detailpp bench toy --prompts 200 --seeds 4 --workers 8 --device cuda --grid docs/img/toy-binding.png
 
 See docs/benchmarks.md for the protocols, the default models and every flag.
 """
@@ -106,6 +107,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--worst", type=int, default=8, help="prompts per gallery (8)")
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt in the gallery (4)")
     p.set_defaults(_bench=_report)
+
+    p = sub.add_parser("toy", help="binding accuracy on the toy model: plain sampling, Detail++ and its ablation")
+    p.add_argument("--prompts", type=int, default=200, help="held-out 2-/3-object prompts (200)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt and method (4)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (20, the authors' code)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (7.5)")
+    p.add_argument("--model", default="toy", help="toy (default) or tiny-random (plumbing only)")
+    p.add_argument("--height", type=int, help="default: the model's size (128 for toy)")
+    p.add_argument("--width", type=int, help="default: the model's size (128 for toy)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: the best available)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32", help="float32")
+    p.add_argument("--methods", default=",".join(_toy_methods()), help="comma-separated subset of the methods")
+    p.add_argument(
+        "--diagnostic-prompts", type=int, default=0, help="seed 0 of the first N prompts also runs the diagnostics"
+    )
+    p.add_argument("--no-diagnostic-settings", action="store_true", help="diagnostic items keep branch images only")
+    p.add_argument("--plans", default="parser", help="parser (spaCy), scene (read off the scene) or a plans JSON")
+    p.add_argument("--write-plans", type=Path, help="only write the plans of the prompts to this JSON file")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0: this process; 8 on one GPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (1)")
+    p.add_argument("--judge-scenes", type=int, default=400, help="perturbed renders to measure the judge on (400)")
+    p.add_argument("--max-minutes", type=float, help="start no item after this long; report the finished ones")
+    p.add_argument("--work-dir", type=Path, default=Path("outputs/toy-binding"), help="records and grid images")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/toy_binding.json"), help="results file")
+    p.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
+    p.add_argument("--grid", type=Path, help="write the picture grid (prompt, plain, Detail++, masks, p1) here")
+    p.add_argument("--grid-prompts", type=int, default=8, help="prompts in the grid (8; seed 0)")
+    p.set_defaults(_bench=_toy)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,4 +312,64 @@ def _report(args: argparse.Namespace) -> int:
         raise BenchError("--worst and --per-prompt must be at least 1.")
     paths = write_report(args.dirs, args.out, paper=args.paper, worst=args.worst, per_prompt=args.per_prompt)
     logger.info("report written: %s", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+# --- toy -------------------------------------------------------------------------------------------------------------
+def _toy_methods() -> tuple[str, ...]:
+    from detailpp.toy.binding import METHODS
+
+    return tuple(METHODS)
+
+
+def _toy(args: argparse.Namespace) -> int:
+    from detailpp.toy import binding
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in binding.METHODS]
+    if unknown or not methods:
+        raise BenchError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(binding.METHODS)}.")
+    for name in ("prompts", "seeds", "steps"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.write_plans is not None:
+        from detailpp.toy.scenes import held_out_prompts
+
+        specs = held_out_prompts(args.prompts)
+        plans = binding.make_plans(specs, args.plans, binding._tokenizer(args.model))
+        args.write_plans.parent.mkdir(parents=True, exist_ok=True)
+        args.write_plans.write_text(json.dumps(plans, indent=1) + "\n", encoding="utf-8")
+        logger.info("wrote %d plans to %s", len(plans), args.write_plans)
+        return 0
+    grid_prompts = args.grid_prompts if args.grid else 0
+    settings = binding.Settings(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        methods=methods,
+        diagnostics=() if args.no_diagnostic_settings else tuple(binding.DIAGNOSTICS),
+        diagnostic_prompts=max(args.diagnostic_prompts, grid_prompts),
+        grid_prompts=grid_prompts,
+        threads=args.threads,
+    )
+    res = binding.run_benchmark(
+        args.prompts,
+        args.seeds,
+        settings,
+        args.work_dir,
+        args.results,
+        plans_source=args.plans,
+        workers=args.workers,
+        judge_scenes=args.judge_scenes,
+        max_minutes=args.max_minutes,
+        grid_path=args.grid,
+        markdown_path=args.markdown,
+    )
+    import sys
+
+    sys.stdout.write(binding.markdown_table(res))
     return 0
