@@ -246,3 +246,19 @@ def test_nan_image_raises_with_the_fp16_vae_advice(pipe, monkeypatch):
     monkeypatch.setattr(pipe.vae, "decode", nan_decode)
     with pytest.raises(FloatingPointError, match="fp16-fix VAE"):
         run(pipe, steps=1, detail_config=DetailConfig(nursing=False))
+
+
+def test_share_layers_all_shares_every_self_attention_layer(pipe):
+    all_self = [n for n, _ in pipe.unet.named_modules() if n.endswith(".attn1")]
+    layers = find_mask_layers(pipe.unet, share="all")
+    assert sorted(layers.shared_self_attention) == sorted(all_self) and len(all_self) > len(layers.self_attention)
+    assert layers.expected_tokens(16, 16)["down_blocks.1.attentions.0.transformer_blocks.0.attn1"] == 8 * 8
+    before = processors_of(pipe)
+    config = DetailConfig(nursing=False, latent_modification=False, prune_branches=False)
+    lowest = run(pipe, detail_config=config, return_branch_images=True)
+    every = run(pipe, detail_config=config.replace(share_layers="all"), return_branch_images=True)
+    assert processors_of(pipe) == before
+    assert (lowest.branch_images[0] == every.branch_images[0]).all()  # branch 0 keeps its own attention
+    assert not (lowest.branch_images[1] == every.branch_images[1]).all()
+    with pytest.raises(ValueError, match="share_layers"):
+        DetailConfig(share_layers="some")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +43,29 @@ class MaskLayers:
     cross_attention: tuple[str, ...]
     level: int  # number of 2x downsamplings above the latent
     last_block: str  # e.g. "up_blocks.0": the nursing pass can stop after it
+    #: the self-attention layers that share branch 0's queries and keys (default: ``self_attention``), and the
+    #: resolution level of each
+    shared_self_attention: tuple[str, ...] = ()
+    levels: dict[str, int] = field(default_factory=dict)
 
-    def token_grid(self, latent_height: int, latent_width: int) -> tuple[int, int]:
+    def __post_init__(self) -> None:
+        if not self.shared_self_attention:
+            object.__setattr__(self, "shared_self_attention", self.self_attention)
+
+    def token_grid(self, latent_height: int, latent_width: int, level: int | None = None) -> tuple[int, int]:
+        """Token grid of the layers at ``level`` (default: the mask layers') for a latent of this size."""
         h, w = latent_height, latent_width
-        for _ in range(self.level):
+        for _ in range(self.level if level is None else level):
             h, w = (h + 1) // 2, (w + 1) // 2
         return h, w
+
+    def expected_tokens(self, latent_height: int, latent_width: int) -> dict[str, int]:
+        """Token count every Detail++ self-attention layer must meet in a call with this latent size."""
+        out = {}
+        for name in self.shared_self_attention:
+            h, w = self.token_grid(latent_height, latent_width, self.levels.get(name, self.level))
+            out[name] = h * w
+        return out
 
 
 def _block_levels(unet: torch.nn.Module) -> dict[str, int]:
@@ -71,8 +88,14 @@ def _block_of(module_name: str) -> str:
     return "mid_block" if module_name.startswith("mid_block") else ".".join(module_name.split(".")[:2])
 
 
-def find_mask_layers(unet: torch.nn.Module) -> MaskLayers:
-    """The attention layers at the UNet's lowest resolution (those with the fewest tokens), by module name."""
+def find_mask_layers(unet: torch.nn.Module, share: str = "lowest") -> MaskLayers:
+    """The attention layers at the UNet's lowest resolution (those with the fewest tokens), by module name.
+
+    ``share="lowest"`` shares self-attention in those layers only (the paper); ``"all"`` in every self-attention
+    layer of the down, mid and up blocks.
+    """
+    if share not in ("lowest", "all"):
+        raise ValueError(f"share must be 'lowest' or 'all', got {share!r}.")
     levels = _block_levels(unet)
     found: list[tuple[int, str, bool]] = []
     for name, module in unet.named_modules():
@@ -86,11 +109,15 @@ def find_mask_layers(unet: torch.nn.Module) -> MaskLayers:
     chosen = [(n, cross) for lv, n, cross in found if lv == level]
     order = list(levels)
     last_block = max({_block_of(n) for n, _ in chosen}, key=order.index)
+    self_names = tuple(n for n, cross in chosen if not cross)
+    shared = self_names if share == "lowest" else tuple(n for _, n, cross in found if not cross)
     return MaskLayers(
-        self_attention=tuple(n for n, cross in chosen if not cross),
+        self_attention=self_names,
         cross_attention=tuple(n for n, cross in chosen if cross),
         level=level,
         last_block=last_block,
+        shared_self_attention=shared,
+        levels={n: lv for lv, n, _ in found},
     )
 
 
@@ -111,10 +138,12 @@ class CaptureSpec:
 class AttentionState:
     """What the Detail++ processors should do in the current UNet call, and what they captured."""
 
-    def __init__(self, layers: MaskLayers, grid: tuple[int, int]):
+    def __init__(self, layers: MaskLayers, grid: tuple[int, int], expected_tokens: dict[str, int] | None = None):
         self.layers = layers
         self.grid = grid
         self.num_tokens = grid[0] * grid[1]
+        #: token count each shared self-attention layer must meet (mask-level layers: ``num_tokens``)
+        self.expected_tokens = expected_tokens or {}
         self.share: tuple[tuple[int, int], ...] = ()
         self.capture: CaptureSpec | None = None
         self._index_cache: tuple | None = None  # (spec, device, batch, row selector, subject rows, weights)
@@ -139,7 +168,7 @@ class AttentionState:
 
     def end(self, expect_self: bool = True, expect_cross: bool = True) -> None:
         """Disarm; raise :class:`HookError` when a layer that had work to do did not run."""
-        n_self, n_cross = len(self.layers.self_attention), len(self.layers.cross_attention)
+        n_self, n_cross = len(self.layers.shared_self_attention), len(self.layers.cross_attention)
         if expect_self and self.share and self.self_calls != n_self:
             raise HookError(
                 f"Shared self-attention ran in {self.self_calls} of {n_self} layers in this step; another "
@@ -270,8 +299,9 @@ class DetailAttnProcessor:
 
         state = self.state
         if state is not None and not is_cross:
-            if query.shape[1] != state.num_tokens:
-                raise HookError(f"{self.name} met {query.shape[1]} tokens, expected {state.num_tokens}.")
+            expected = state.expected_tokens.get(self.name, state.num_tokens)
+            if query.shape[1] != expected:
+                raise HookError(f"{self.name} met {query.shape[1]} tokens, expected {expected}.")
             state.self_calls += 1
             for start, end in state.share:
                 # Rows start+1..end-1 take row `start`'s (branch 0's) queries and keys: SDPA(Q0, K0, V_b).
@@ -315,7 +345,7 @@ def detail_processors(
 ) -> Iterator[dict[str, DetailAttnProcessor]]:
     """Install Detail++ processors on the mask layers (and, with ``reference``, plain reference processors on
     every other attention layer) for the duration of the block; restore exactly the replaced ones afterwards."""
-    mask_names = set(state.layers.self_attention) | set(state.layers.cross_attention)
+    mask_names = set(state.layers.shared_self_attention) | set(state.layers.cross_attention)
     modules = {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
     targets = [n for n in modules if n in mask_names or reference]
     saved = {n: modules[n].processor for n in targets}

@@ -27,6 +27,9 @@ class DetailConfig:
             modified (paper: S = 0.8 T). 0 disables both; after these steps every branch denoises on its own.
         share_attention: share branch 0's (the full prompt's) self-attention map with every branch in the
             lowest-resolution attention layers (paper, section 3.2).
+        share_layers: ``"lowest"`` shares in the lowest-resolution attention layers (the paper: 32x32 tokens in SDXL
+            at 1024x1024); ``"all"`` in every self-attention layer. A diagnostic for models whose layout is not set
+            at their lowest resolution alone (see ``docs/toy-binding.md``), not the paper's method.
         share_halves: ``"cond"`` shares in the conditional half of the CFG batch only (authors' code);
             ``"both"`` also shares the unconditional half's own branch-0 map.
         mask_threshold: tau of eq. 3; a subject mask keeps the latent pixels whose min-max normalised
@@ -64,6 +67,7 @@ class DetailConfig:
 
     share_steps: float = 0.8
     share_attention: bool = True
+    share_layers: Literal["lowest", "all"] = "lowest"
     share_halves: Literal["cond", "both"] = "cond"
     mask_threshold: float = 0.5
     mask_source: Literal["auto", "full", "previous"] = "auto"
@@ -99,6 +103,7 @@ class DetailConfig:
             raise ConfigError(f"mask_threshold (tau) must lie in (0, 1), got {self.mask_threshold}.")
         choices = {
             "share_halves": ("cond", "both"),
+            "share_layers": ("lowest", "all"),
             "mask_source": ("auto", "full", "previous"),
             "mask_average": ("running", "current"),
             "granularity": ("subject", "attribute"),

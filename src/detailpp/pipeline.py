@@ -425,9 +425,9 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
             return eps
 
         # 3. What each step does.
-        layers = find_mask_layers(self.unet)
+        layers = find_mask_layers(self.unet, share=config.share_layers if config.share_attention else "lowest")
         latent_hw = (latents.shape[-2], latents.shape[-1])
-        state = AttentionState(layers, layers.token_grid(*latent_hw))
+        state = AttentionState(layers, layers.token_grid(*latent_hw), layers.expected_tokens(*latent_hw))
         share_steps = config.num_share_steps(num_inference_steps)
         n_detail = n_branches - FIRST_DETAIL_BRANCH
         detail_branches = list(range(FIRST_DETAIL_BRANCH, n_branches))
