@@ -326,9 +326,10 @@ def _toy(args: argparse.Namespace) -> int:
     from detailpp.toy import binding
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in binding.METHODS]
+    known = {**binding.METHODS, **binding.DIAGNOSTICS}
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
-        raise BenchError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(binding.METHODS)}.")
+        raise BenchError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(known)}.")
     for name in ("prompts", "seeds", "steps"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name} must be at least 1, got {getattr(args, name)}.")

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the embedded toy model, else tiny-random)",
     )
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one image per seed (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 30 on the embedded models)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 20 on the embedded models)")
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=args.quiet)
-    steps = args.steps or (30 if model in ("toy", "tiny-random") else 50)
+    steps = args.steps or (20 if model in ("toy", "tiny-random") else 50)
     # Validate the plan (tokenizer, 77-token window) before any denoising, once for every seed.
     plan = pipe.prepare_plan(prompt, plan, config)
     if not plan.branches:

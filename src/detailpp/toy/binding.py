@@ -57,6 +57,8 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "detailpp_share_both": {"share_halves": "both"},
     "detailpp_share_all": {"share_steps": 1.0},
     "pdi_no_share": {"nursing": False, "share_attention": False},
+    "pdi_share_layers_all": {"nursing": False, "share_layers": "all"},
+    "detailpp_share_layers_all": {"share_layers": "all"},
 }
 #: Mask thresholds at which the masks' IoU is also reported (the method's own tau is the main number).
 IOU_TAUS: tuple[float, ...] = (0.3, 0.5, 0.7)
@@ -754,6 +756,8 @@ LABELS = {
     "detailpp_share_both": "Detail++, sharing in both CFG halves",
     "detailpp_share_all": "Detail++, sharing all steps (S = T)",
     "pdi_no_share": "PDI without shared self-attention",
+    "pdi_share_layers_all": "PDI, sharing in every self-attention layer",
+    "detailpp_share_layers_all": "Detail++, sharing in every self-attention layer",
 }
 
 
