@@ -288,16 +288,11 @@ def unet_inputs(unet, batch: int, latent_hw: tuple[int, int], device, dtype, see
     }
 
 
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module, freeze: bool = True) -> Iterator[None]:
-    params = [p for p in module.parameters() if p.requires_grad] if freeze else []
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+def frozen(module: torch.nn.Module, freeze: bool = True):
+    """The pipeline's own weight freezing (what nursing uses), or nothing."""
+    from detailpp.pipeline import frozen_parameters
+
+    return frozen_parameters(module) if freeze else contextlib.nullcontext()
 
 
 def forward_backward(unet, inputs: dict[str, Any], stop_after: str | None = None) -> torch.Tensor:

@@ -96,7 +96,7 @@ class _StopUNet(Exception):
 
 
 @contextmanager
-def _frozen(module: torch.nn.Module) -> Iterator[None]:
+def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
     """Parameters of ``module`` stop requiring gradients for the block, then get their flags back.
 
     Nursing needs the gradient of the latent only. Weights that require gradients (the default for a loaded model)
@@ -500,7 +500,7 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
                 if i < nursing_steps:
                     record = NursingRecord(step=i)
                     started = time.perf_counter()
-                    with _frozen(self.unet):
+                    with frozen_parameters(self.unet):
                         latents[0:1] = nurse_latent(
                             latents[0:1],
                             nursing_loss_of(t),

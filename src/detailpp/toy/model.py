@@ -19,18 +19,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-SCHEDULER_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-}
-
 
 @dataclass(frozen=True)
 class ToyModelConfig:
@@ -171,7 +159,9 @@ def build_unet(cfg: ToyModelConfig):
 def build_scheduler():
     from diffusers import EulerDiscreteScheduler
 
-    return EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    from detailpp.tiny import SDXL_SCHEDULER_CONFIG
+
+    return EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
 
 
 def build_components(cfg: ToyModelConfig = DEFAULT) -> dict:
