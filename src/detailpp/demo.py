@@ -49,6 +49,12 @@ EXAMPLE_PROMPTS = [
     "a red dog with sunglasses and a blue cat with a necklace",
     "a man wearing a brown hat stands in front of a red sports car",
 ]
+#: the embedded toy model only knows coloured, textured shapes
+TOY_EXAMPLE_PROMPTS = [
+    "a red circle next to a striped blue square",
+    "a dotted yellow star and a green heart",
+    "a purple triangle, a white cross and an orange circle",
+]
 MAX_SIDE = 4096
 MAX_STEPS = 200
 #: one generation at a time in this process, whichever page, tab or Blocks asked for it.
@@ -409,7 +415,7 @@ def build_demo(
     pipe_or_loader: Any,
     *,
     model_name: str | None = None,
-    initial_prompt: str = EXAMPLE_PROMPTS[0],
+    initial_prompt: str | None = None,
     default_steps: int | None = None,
     default_size: int | None = None,
     max_queue_size: int = 16,
@@ -419,7 +425,8 @@ def build_demo(
     Args:
         pipe_or_loader: a :class:`~detailpp.DetailPlusPlusPipeline` or a callable returning one (loaded on first use).
         model_name: the model's name as shown in the page (``"tiny-random"``, a Hub id...).
-        initial_prompt: the prompt the page opens with; its plan fills the table when the pipeline is loaded.
+        initial_prompt: the prompt the page opens with (default: the first example prompt for the model); its plan
+            fills the table when the pipeline is loaded.
         default_steps, default_size: the page's initial steps and height/width (default: 30 steps on the embedded
             models and 50 otherwise; the model's native size).
         max_queue_size: requests waiting beyond this many are refused with a message.
@@ -432,6 +439,9 @@ def build_demo(
         raise ImportError("The demo needs Gradio: pip install 'detailpp[demo]'.") from e
 
     session = DemoSession(pipe_or_loader, model_name)
+    examples = TOY_EXAMPLE_PROMPTS if model_name == "toy" else EXAMPLE_PROMPTS
+    if initial_prompt is None:
+        initial_prompt = examples[0]
     steps0 = default_steps or session.default_steps()
     size0 = default_size or session.default_size()
     rows0: list[list[str]] = []
@@ -606,7 +616,7 @@ def build_demo(
                 )
                 with gr.Accordion("Plan as JSON (for `detailpp generate --plan`)", open=False):
                     plan_json = gr.Code(language="json", elem_id="detailpp-plan-json")
-        gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt], label="Example prompts")
+        gr.Examples(examples, inputs=[prompt], label="Example prompts")
 
         parse_outputs = [table, table_prompt, error, status]
         parse.click(on_parse, [prompt, granularity], parse_outputs, concurrency_limit=1)
