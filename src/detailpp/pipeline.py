@@ -403,19 +403,30 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
             """Batch rows of these branches: their unconditional rows, then their conditional rows."""
             return branches + [n_branches + b for b in branches] if cfg else list(branches)
 
+        conditioning_cache: dict[tuple[int, ...], dict[str, Any]] = {}
+
+        def conditioning(rows: list[int]) -> dict[str, Any]:
+            """The UNet's conditioning arguments for these batch rows, gathered once per row set (not per step)."""
+            key = tuple(rows)
+            if key not in conditioning_cache:
+                picked = {k: v[list(key)] for k, v in cond.items()}
+                conditioning_cache[key] = {
+                    "encoder_hidden_states": picked["encoder_hidden_states"],
+                    "timestep_cond": None if timestep_cond is None else timestep_cond.expand(len(key), -1),
+                    "added_cond_kwargs": {"text_embeds": picked["text_embeds"], "time_ids": picked["time_ids"]},
+                }
+            return conditioning_cache[key]
+
         def predict(branches: list[int], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             """Guided noise prediction of ``branches`` (latents ``x``, one row per branch)."""
-            rows = rows_of(branches)
             model_input = torch.cat([x, x]) if cfg else x
             model_input = self.scheduler.scale_model_input(model_input, t)
             eps = self.unet(
                 model_input,
                 t,
-                encoder_hidden_states=cond["encoder_hidden_states"][rows],
-                timestep_cond=None if timestep_cond is None else timestep_cond.expand(len(rows), -1),
                 cross_attention_kwargs=cross_attention_kwargs,
-                added_cond_kwargs={"text_embeds": cond["text_embeds"][rows], "time_ids": cond["time_ids"][rows]},
                 return_dict=False,
+                **conditioning(rows_of(branches)),
             )[0]
             if cfg:
                 eps_uncond, eps_text = eps.chunk(2)
@@ -471,14 +482,9 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
                         self.unet(
                             self.scheduler.scale_model_input(z0, t),
                             t,
-                            encoder_hidden_states=cond["encoder_hidden_states"][rows],
-                            timestep_cond=timestep_cond,
                             cross_attention_kwargs=cross_attention_kwargs,
-                            added_cond_kwargs={
-                                "text_embeds": cond["text_embeds"][rows],
-                                "time_ids": cond["time_ids"][rows],
-                            },
                             return_dict=False,
+                            **conditioning(rows),
                         )
                 except _StopUNet:
                     pass

@@ -32,6 +32,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -855,15 +856,7 @@ def save_binding_grid(grid_dir: Path, specs: Sequence[PromptSpec], path: Path, m
         draw.text((text_w + c * size + 4, 2), title, fill="black")
     for r, (p, spec) in enumerate(rows):
         y = head + r * size
-        words, line, lines = spec.prompt.split(), "", []
-        for w in words:
-            if len(line) + len(w) > 24:
-                lines.append(line)
-                line = w
-            else:
-                line = f"{line} {w}".strip()
-        lines.append(line)
-        draw.multiline_text((3, y + 4), "\n".join(lines), fill="black", spacing=2)
+        draw.multiline_text((3, y + 4), "\n".join(textwrap.wrap(spec.prompt, 24)), fill="black", spacing=2)
         plain = Image.open(grid_dir / f"p{p:04d}_sdxl.png").convert("RGB")
         dpp = Image.open(grid_dir / f"p{p:04d}_detailpp.png").convert("RGB")
         canvas.paste(plain, (text_w, y))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,13 +86,5 @@ def save_grid(rows, path: str | Path, caption_height: int = 40) -> None:
         for c, (cap, im) in enumerate(zip(caps, ims, strict=True)):
             x, y = c * w, r * (h + caption_height)
             canvas.paste(im, (x, y))
-            words, line, lines = cap.split(), "", []
-            for word in words:
-                if len(line) + len(word) > 22:
-                    lines.append(line)
-                    line = word
-                else:
-                    line = f"{line} {word}".strip()
-            lines.append(line)
-            draw.multiline_text((x + 2, y + h + 1), "\n".join(lines[:3]), fill="black", spacing=1)
+            draw.multiline_text((x + 2, y + h + 1), "\n".join(textwrap.wrap(cap, 22)[:3]), fill="black", spacing=1)
     canvas.save(path)
