@@ -15,6 +15,7 @@ from detailpp.toy.scenes import (
     COLOUR_NAMES,
     COLOURS,
     HELD_OUT_PAIRS,
+    LAYOUT_GRID,
     MARGIN,
     SHAPES,
     TEXTURE_SHADE,
@@ -23,6 +24,8 @@ from detailpp.toy.scenes import (
     ObjectSpec,
     held_out_prompts,
     is_held_out_pair,
+    layout_field_of,
+    noise_with_layout_field,
     render,
     sample_scenes,
     seen_prompts,
@@ -54,8 +57,10 @@ def test_masks_match_render_and_never_overlap():
         assert np.abs(img[i][:, background] - batch.background[i]).max() < 1e-5
 
 
-def test_layout_keeps_margins():
-    b = sample_scenes(500, rng=4)
+@pytest.mark.parametrize("noise_layout", [False, True])
+def test_layout_keeps_margins(noise_layout):
+    b = sample_scenes(500, rng=4, noise_layout=noise_layout)
+    assert (b.layout_field is not None) == noise_layout
     for i in range(len(b)):
         n = b.n_objects[i]
         x, y, s = b.cx[i, :n], b.cy[i, :n], b.size[i, :n]
@@ -64,6 +69,59 @@ def test_layout_keeps_margins():
             for k in range(j + 1, n):
                 gap = s[j] + s[k] + MARGIN
                 assert abs(x[j] - x[k]) > gap or abs(y[j] - y[k]) > gap
+
+
+def test_noise_with_layout_field_is_standard_normal_and_carries_the_field():
+    field = np.random.default_rng(0).standard_normal((64, LAYOUT_GRID, LAYOUT_GRID))
+    noise = noise_with_layout_field(field, (64, 4, 64, 64), torch.Generator().manual_seed(1))
+    assert torch.allclose(layout_field_of(noise), torch.as_tensor(field, dtype=torch.float32), atol=1e-4)
+    # still N(0, I): per-element moments, and the residual inside a cell keeps unit variance
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
+    cells = noise.reshape(64, 4, 8, 8, 8, 8).permute(0, 2, 4, 1, 3, 5).reshape(64, 64, 256)
+    residual = cells - cells.mean(-1, keepdim=True)
+    assert abs(residual.var(-1, unbiased=True).mean().item() - 1) < 0.01
+    # plain N(0, I) noise has a standard-normal field
+    f = layout_field_of(torch.randn(256, 4, 64, 64, generator=torch.Generator().manual_seed(2)))
+    assert abs(f.std().item() - 1) < 0.03
+    with pytest.raises(ValueError, match="multiple of the layout grid"):
+        layout_field_of(torch.zeros(1, 4, 20, 20))
+
+
+def test_noise_layout_puts_the_first_named_object_on_the_fields_peak():
+    n = 200
+    field = np.random.default_rng(3).standard_normal((n, LAYOUT_GRID, LAYOUT_GRID)) * 0.1
+    peak = np.random.default_rng(4).integers(2, LAYOUT_GRID - 2, size=(n, 2))  # (row, col), away from the border
+    field[np.arange(n), peak[:, 0], peak[:, 1]] = 5.0
+    cell = 128 / LAYOUT_GRID
+    for seed in (5, 6):
+        b = sample_scenes(n, rng=seed, n_objects=(0, 0.5, 0.5), layout_field=field)
+        first = b.order[:, 0]
+        x, y, s = (a[np.arange(n), first] for a in (b.cx, b.cy, b.size))
+        px, py = (peak[:, 1] + 0.5) * cell, (peak[:, 0] + 0.5) * cell
+        assert ((np.abs(x - px) <= s) & (np.abs(y - py) <= s)).all(), "the first object does not cover the peak"
+        # the peak cell is inside its box as far as its size allows (lattice of 4 px)
+        assert (np.abs(x - px) <= np.maximum(s - cell / 2, 0) + 4).all()
+        assert (np.abs(y - py) <= np.maximum(s - cell / 2, 0) + 4).all()
+    # the others avoid it: the peak lies in no other object's box
+    for k in range(1, 3):
+        slot = b.order[:, k]
+        has = slot >= 0
+        x, y, s = (a[np.arange(n), np.maximum(slot, 0)] for a in (b.cx, b.cy, b.size))
+        assert not ((np.abs(x - px) < s) & (np.abs(y - py) < s) & has).any()
+
+
+def test_scene_stream_order_is_deterministic_with_several_workers():
+    from detailpp.toy.train import SceneStream
+
+    runs = []
+    for _ in range(2):
+        stream = SceneStream(8, seed=11, attribute_drop=0.15, noise_layout=True, workers=3)
+        runs.append([stream.next()[0] for _ in range(5)])
+        stream.close()
+    for a, b in zip(*runs, strict=True):
+        assert a.captions == b.captions
+        assert np.array_equal(a.cx, b.cx) and np.array_equal(a.layout_field, b.layout_field)
+    assert runs[0][0].captions != runs[0][1].captions
 
 
 def test_captions_name_the_scene():

@@ -1,4 +1,5 @@
-"""Plain-sampling binding accuracy of a toy pipeline on held-out and seen prompts, judged by :mod:`~.judge`."""
+"""Plain-sampling binding accuracy of a toy pipeline on held-out and seen prompts, judged by :mod:`~.judge`, and
+whether its layout follows the noise (the same seed with and without the prompts' colour and texture words)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from detailpp.toy.judge import score_image
-from detailpp.toy.scenes import PromptSpec, held_out_prompts, seen_prompts
+from detailpp.toy.scenes import PromptSpec, compose_caption, held_out_prompts, seen_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,29 @@ def score_prompts(images: Sequence[Image.Image], specs: Sequence[PromptSpec]) ->
     }
 
 
+def base_prompt(spec: PromptSpec) -> str:
+    """The prompt with every colour and texture word left out, in the same template ("a circle and a square")."""
+    for template in range(4):
+        full = compose_caption(spec.objects, template)
+        if full == spec.prompt:
+            return compose_caption(spec.objects, template, [False] * len(spec.objects), [False] * len(spec.objects))
+    raise ValueError(f"not a toy-world caption: {spec.prompt!r}")
+
+
+def layout_agreement(images_a: Sequence[Image.Image], images_b: Sequence[Image.Image]) -> dict:
+    """Foreground IoU of the judged objects of paired images, and how often both show the same number of objects."""
+    from detailpp.toy.binding import foreground, iou
+    from detailpp.toy.judge import judge
+
+    ious, same_count = [], []
+    for a, b in zip(images_a, images_b, strict=True):
+        sa, sb = judge(a), judge(b)
+        hw = (a.height, a.width)
+        ious.append(iou(foreground(sa, hw), foreground(sb, hw)))
+        same_count.append(len(sa) == len(sb))
+    return {"foreground_iou": float(np.mean(ious)), "same_count": float(np.mean(same_count))}
+
+
 def evaluate_pipeline(
     pipe,
     n_prompts: int,
@@ -70,6 +94,16 @@ def evaluate_pipeline(
         result[name] = score_prompts(images, specs)
         logger.info("%s: %s", name, result[name])
         grid_rows.append((prompts[:8], images[:8]))
+        if name == "held_out":  # does the layout follow the noise? the base prompts from the same seeds
+            bases = [base_prompt(s) for s in specs]
+            base_images = sample_images(pipe, bases, list(range(len(bases))), steps, guidance_scale)
+            shuffled = base_images[1:] + base_images[:1]  # other seeds: what unrelated layouts give
+            result["layout_vs_base_prompt"] = layout_agreement(images, base_images)
+            result["layout_vs_other_seed"] = layout_agreement(images, shuffled)
+            logger.info(
+                "layout: same seed %s, other seed %s", result["layout_vs_base_prompt"], result["layout_vs_other_seed"]
+            )
+            grid_rows.append((bases[:8], base_images[:8]))
     if grid_path is not None:
         save_grid(grid_rows, grid_path)
     return result

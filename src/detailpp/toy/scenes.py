@@ -18,6 +18,15 @@ Rules of the world:
   :func:`held_out_prompts` lists multi-object prompts that contain at least one held-out pair.
 * Training captions drop an object's colour or texture word with probability ``attribute_drop`` (default 0.15), so
   partial prompts such as "a circle and a blue square" (Detail++'s base and sub-prompts) are in distribution.
+* Layout from the noise (``noise_layout=True``, what training uses): where the objects go is decided by the
+  diffusion noise that the scene is trained with. The noise's mean over each cell of a :data:`LAYOUT_GRID` x
+  :data:`LAYOUT_GRID` grid (all latent channels), standardised, is the scene's *layout field*; the objects are
+  placed greedily in caption order, each where the mean field under its box is highest among the free places (sizes
+  stay random). :func:`noise_with_layout_field` then draws the
+  training noise with exactly that field, and the noise is still exactly N(0, I). A model trained so reads its
+  layout off the initial noise, as SDXL largely does, so prompts that differ only in their modifiers (Detail++'s
+  branches) share one layout when they share the noise; without it a small model's layout follows the text alone
+  and the branches of one image disagree (measured in docs/toy-binding.md).
 """
 
 from __future__ import annotations
@@ -69,6 +78,8 @@ TEXTURE_SHADE = 0.5  # brightness of the stripes / dots relative to the object's
 STRIPE_PERIOD = 8.0  # pixels at IMAGE_SIZE (half dark, half light)
 DOT_SPACING = 9.0
 DOT_RADIUS = 2.4
+LAYOUT_GRID = 8  # cells per side of the noise's layout field (8 x 8 latent pixels = 16 x 16 image pixels each)
+LAYOUT_STEP = 4.0  # pixels between the lattice points an object's centre may take when placed on the field
 N_OBJECTS_P = (0.2, 0.45, 0.35)  # probabilities of 1, 2 and 3 objects in training scenes
 TEXTURE_P = (0.5, 0.25, 0.25)
 
@@ -144,6 +155,7 @@ class SceneBatch:
         order: (B, 3) object slot named first, second and third by the caption (-1 if absent).
         say_colour, say_texture: (B, 3) whether the caption names the slot's colour / texture.
         captions: the captions.
+        layout_field: (B, G, G) the standardised noise cell means the layout was chosen from, or None.
     """
 
     n_objects: np.ndarray
@@ -159,6 +171,7 @@ class SceneBatch:
     say_colour: np.ndarray
     say_texture: np.ndarray
     captions: list[str] = field(default_factory=list)
+    layout_field: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.n_objects)
@@ -211,12 +224,125 @@ def _place(rng: np.random.Generator, n_objects: np.ndarray, tries: int = 48):
     return cx, cy, size
 
 
+def _box_means(field: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Mean of each scene's layout field (B, G, G) over square boxes (B, N) given in pixels at :data:`IMAGE_SIZE`.
+
+    The field is constant on each cell, so a box's integral is its overlap with each cell column times its overlap
+    with each cell row, weighted by the cell values: two small batched products.
+    """
+    g = field.shape[-1]
+    edges = np.arange(g + 1) * (IMAGE_SIZE / g)
+    cx, cy, size = np.broadcast_arrays(cx, cy, size)
+
+    def overlap(c: np.ndarray) -> np.ndarray:  # (B, N) -> (B, N, G) lengths inside each cell
+        lo, hi = (c - size)[..., None], (c + size)[..., None]
+        return np.clip(np.minimum(hi, edges[1:]) - np.maximum(lo, edges[:-1]), 0, None)
+
+    ox, oy = overlap(cx), overlap(cy)
+    total = (np.matmul(oy, field) * ox).sum(-1)  # sum_j oy[j] sum_i field[j, i] ox[i]
+    return total / np.maximum(ox.sum(-1) * oy.sum(-1), 1e-9)
+
+
+def _place_on_field(
+    rng: np.random.Generator, n_objects: np.ndarray, order: np.ndarray, layout_field: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Place the objects greedily in caption order, each where the field under its box is highest.
+
+    Sizes are drawn at random; centres lie on a :data:`LAYOUT_STEP`-pixel lattice. Each object takes the lattice
+    point whose box (inside the image, clear of the objects already placed) has the highest mean field. A scene
+    whose next object finds no free place is drawn again with new sizes (rare; the smallest size always fits).
+    """
+    b = len(n_objects)
+    cx = np.zeros((b, MAX_OBJECTS))
+    cy = np.zeros((b, MAX_OBJECTS))
+    size = np.zeros((b, MAX_OBJECTS))
+    reach = SIZE_RANGE[0] + MARGIN  # no centre closer to the border fits
+    lattice = np.arange(reach, IMAGE_SIZE - reach + 1e-9, LAYOUT_STEP)
+    gx, gy = (a.ravel() for a in np.meshgrid(lattice, lattice))
+    todo = np.arange(b)
+    for attempt in range(8):
+        m = len(todo)
+        s = rng.uniform(*SIZE_RANGE, size=(m, MAX_OBJECTS))
+        if attempt == 7:
+            s[:] = SIZE_RANGE[0]
+        px = np.zeros((m, MAX_OBJECTS))
+        py = np.zeros((m, MAX_OBJECTS))
+        failed = np.zeros(m, dtype=bool)
+        for k in range(MAX_OBJECTS):
+            slot = order[todo, k]
+            rows = np.flatnonzero(slot >= 0)
+            if not len(rows):
+                break
+            sk = s[rows, slot[rows]][:, None]
+            ok = (gx[None] >= sk + MARGIN) & (gx[None] <= IMAGE_SIZE - sk - MARGIN)
+            ok &= (gy[None] >= sk + MARGIN) & (gy[None] <= IMAGE_SIZE - sk - MARGIN)
+            for j in range(k):  # clear of the objects placed before
+                prev = order[todo[rows], j]
+                sj = s[rows, prev][:, None]
+                gap = sk + sj + MARGIN
+                ok &= (np.abs(gx[None] - px[rows, prev][:, None]) > gap) | (
+                    np.abs(gy[None] - py[rows, prev][:, None]) > gap
+                )
+            score = _box_means(layout_field[todo[rows]], gx[None], gy[None], sk)
+            score = np.where(ok, score, -np.inf)
+            pick = score.argmax(axis=1)
+            failed[rows] |= ~ok[np.arange(len(rows)), pick]
+            px[rows, slot[rows]] = gx[pick]
+            py[rows, slot[rows]] = gy[pick]
+        done = ~failed
+        cx[todo[done]], cy[todo[done]], size[todo[done]] = px[done], py[done], s[done]
+        todo = todo[failed]
+        if not len(todo):
+            break
+    if len(todo):
+        raise RuntimeError(f"{len(todo)} scenes found no free place for their objects")
+    present = np.arange(MAX_OBJECTS)[None, :] < n_objects[:, None]
+    cx[~present] = 0
+    cy[~present] = 0
+    size[~present] = 0
+    return cx, cy, size
+
+
+def layout_field_of(noise: torch.Tensor, grid: int = LAYOUT_GRID) -> torch.Tensor:
+    """The standardised mean of latent noise (B, C, H, W) over each cell of a ``grid`` x ``grid`` grid: (B, G, G).
+
+    For N(0, I) noise every cell mean is N(0, 1 / cell size); standardised, the field is N(0, I) too.
+    """
+    b, c, h, w = noise.shape
+    if h % grid or w % grid:
+        raise ValueError(f"latent size {h}x{w} is not a multiple of the layout grid {grid}")
+    cell = c * (h // grid) * (w // grid)
+    return F.avg_pool2d(noise.float().mean(1, keepdim=True), (h // grid, w // grid))[:, 0] * math.sqrt(cell)
+
+
+def noise_with_layout_field(
+    layout_field: torch.Tensor | np.ndarray,
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """N(0, I) noise of ``shape`` (B, C, H, W) whose :func:`layout_field_of` equals ``layout_field`` (B, G, G).
+
+    Gaussian noise is its cell means plus residuals independent of them, so replacing the cell means by the given
+    (standard normal) field leaves the noise exactly N(0, I) while fixing the field the scene's layout came from.
+    """
+    field = torch.as_tensor(layout_field, dtype=torch.float32, device=device)
+    b, c, h, w = shape
+    grid = field.shape[-1]
+    noise = torch.randn(tuple(shape), generator=generator, device=device)
+    cell = c * (h // grid) * (w // grid)
+    delta = field[:, None] / math.sqrt(cell) - F.avg_pool2d(noise.mean(1, keepdim=True), (h // grid, w // grid))
+    return noise + F.interpolate(delta, scale_factor=(h // grid, w // grid), mode="nearest")
+
+
 def sample_scenes(
     n: int,
     rng: np.random.Generator | int | None = None,
     split: str = "train",
     n_objects: int | Sequence[float] | None = None,
     attribute_drop: float = 0.0,
+    noise_layout: bool = False,
+    layout_field: np.ndarray | None = None,
 ) -> SceneBatch:
     """Sample ``n`` scenes.
 
@@ -229,6 +355,10 @@ def sample_scenes(
             ``"held_out"`` 2 or 3 objects, equally likely).
         attribute_drop: probability of leaving an object's colour word (and, independently, its texture word) out of
             the caption.
+        noise_layout: choose the layout from a layout field (drawn from ``rng``, standard normal, unless
+            ``layout_field`` is given) instead of uniformly; see the module's docstring. The field is kept in
+            :attr:`SceneBatch.layout_field` for :func:`noise_with_layout_field`.
+        layout_field: (n, G, G) the field to place the objects on (implies ``noise_layout``).
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     if split not in ("train", "held_out", "any"):
@@ -259,16 +389,26 @@ def sample_scenes(
     shape[~present] = -1
     colour[~present] = -1
     texture[~present] = -1
-    cx, cy, size = _place(rng, counts)
+    noise_layout = noise_layout or layout_field is not None
+    if not noise_layout:  # the uniform layout draws here, before the rest (keeps earlier prompt lists unchanged)
+        cx, cy, size = _place(rng, counts)
     phase = rng.uniform(0, STRIPE_PERIOD, size=(n, MAX_OBJECTS))
     background = rng.uniform(*BACKGROUND_RANGE, size=n)
     keys = np.where(present, rng.random((n, MAX_OBJECTS)), 2.0)
     order = np.argsort(keys, axis=1)
     order[~present] = -1
+    if noise_layout:
+        if layout_field is None:
+            layout_field = rng.standard_normal((n, LAYOUT_GRID, LAYOUT_GRID))
+        layout_field = np.asarray(layout_field, dtype=np.float64)
+        if layout_field.shape[0] != n or layout_field.ndim != 3 or IMAGE_SIZE % layout_field.shape[-1]:
+            raise ValueError(f"layout_field must have shape ({n}, G, G) with G dividing {IMAGE_SIZE}")
+        cx, cy, size = _place_on_field(rng, counts, order, layout_field)
     say_colour = rng.random((n, MAX_OBJECTS)) >= attribute_drop
     say_texture = rng.random((n, MAX_OBJECTS)) >= attribute_drop
     template = rng.integers(0, 1 << 30, size=n)
     batch = SceneBatch(counts, shape, colour, texture, cx, cy, size, phase, background, order, say_colour, say_texture)
+    batch.layout_field = layout_field.astype(np.float32) if noise_layout else None
     captions = []
     for i in range(n):
         objs = batch.objects(i)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from detailpp.toy import model as toy_model
-from detailpp.toy.scenes import CaptionTokenizer, render, render_tensors, sample_scenes
+from detailpp.toy.scenes import CaptionTokenizer, noise_with_layout_field, render, render_tensors, sample_scenes
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # half zero embeddings, half the empty caption
     attribute_drop: float = 0.15  # drop an object's colour / texture word from its caption
+    noise_layout: bool = True  # place objects where the training noise's layout field is high (scenes.py)
+    data_workers: int = 4  # CPU threads sampling scenes
     min_snr_gamma: float = 5.0
     compile: str = "none"  # "none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"
     log_every: int = 100
@@ -78,32 +80,52 @@ def _lr_at(step: int, cfg: TrainConfig, warmup_from: int = 0) -> float:
 
 
 class SceneStream:
-    """Caption/scene batches sampled on the CPU by a background thread (seeded; deterministic order)."""
+    """Caption/scene batches sampled on the CPU by background threads (seeded; deterministic order).
 
-    def __init__(self, batch_size: int, seed: int, attribute_drop: float, depth: int = 6) -> None:
+    Worker ``k`` of ``workers`` has its own generator and queue; batches are taken round-robin, so the stream is
+    the same for a seed whatever the threads' timing.
+    """
+
+    def __init__(
+        self, batch_size: int, seed: int, attribute_drop: float, noise_layout: bool = False, workers: int = 1
+    ) -> None:
         self.tok = CaptionTokenizer()
-        self.rng = np.random.default_rng(seed)
         self.batch_size = batch_size
         self.attribute_drop = attribute_drop
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.noise_layout = noise_layout
+        self.queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _ in range(workers)]
+        self.turn = 0
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._work, daemon=True)
-        self.thread.start()
+        rngs = (
+            [np.random.default_rng(seed)]
+            if workers == 1
+            else [np.random.default_rng([seed, k]) for k in range(workers)]
+        )
+        self.threads = [
+            threading.Thread(target=self._work, args=(rng, q), daemon=True)
+            for rng, q in zip(rngs, self.queues, strict=True)
+        ]
+        for t in self.threads:
+            t.start()
 
-    def _work(self) -> None:
+    def _work(self, rng: np.random.Generator, q: queue.Queue) -> None:
         while not self.stop.is_set():
-            batch = sample_scenes(self.batch_size, self.rng, split="train", attribute_drop=self.attribute_drop)
+            batch = sample_scenes(
+                self.batch_size, rng, split="train", attribute_drop=self.attribute_drop, noise_layout=self.noise_layout
+            )
             ids1 = self.tok(batch.captions)
             ids2 = self.tok(batch.captions, pad_id=0)
             while not self.stop.is_set():
                 try:
-                    self.q.put((batch, ids1, ids2), timeout=0.5)
+                    q.put((batch, ids1, ids2), timeout=0.5)
                     break
                 except queue.Full:
                     continue
 
     def next(self):
-        return self.q.get()
+        q = self.queues[self.turn]
+        self.turn = (self.turn + 1) % len(self.queues)
+        return q.get()
 
     def close(self) -> None:
         self.stop.set()
@@ -293,7 +315,9 @@ def train(cfg: TrainConfig) -> dict:
     )
     empty1 = torch.as_tensor(tok([""]), device=device)
     empty2 = torch.as_tensor(tok([""], pad_id=0), device=device)
-    stream = SceneStream(cfg.batch_size, cfg.seed * 1000 + start_step, cfg.attribute_drop)
+    stream = SceneStream(
+        cfg.batch_size, cfg.seed * 1000 + start_step, cfg.attribute_drop, cfg.noise_layout, cfg.data_workers
+    )
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + start_step)
     unet.train()
     te1.train()
@@ -327,7 +351,10 @@ def train(cfg: TrainConfig) -> dict:
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                             z0 = vae.encode(x * 2 - 1).latent_dist.sample(generator=gen).float() * sf
                     t = torch.randint(0, abar.numel(), (b,), device=device, generator=gen)
-                    noise = torch.randn(z0.shape, device=device, generator=gen)
+                    if batch.layout_field is not None:  # the layout was chosen from this noise's cell means
+                        noise = noise_with_layout_field(batch.layout_field, z0.shape, gen, device)
+                    else:
+                        noise = torch.randn(z0.shape, device=device, generator=gen)
                     a = abar[t].view(b, 1, 1, 1)
                     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
                     if amp:
@@ -500,6 +527,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     d = TrainConfig()
     for f, v in asdict(d).items():
         flag = "--" + f.replace("_", "-")
+        if isinstance(v, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
+            continue
         typ = type(v) if v is not None else (float if f == "max_minutes" else int if f == "max_steps" else str)
         p.add_argument(flag, type=typ, default=v)
     a = p.parse_args(argv)
