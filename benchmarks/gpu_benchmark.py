@@ -16,9 +16,9 @@ Measured on one card in one run, CUDA-event timing after warm-up (medians):
 - per run: total seconds, ms per denoising step (in the sharing window and after it) against the floor at the same
   batch, nursing iterations and ms per iteration, VAE decode ms, peak memory (``torch.cuda.max_memory_allocated``,
   reset before each run);
-- ``enable_model_cpu_offload()`` peak; a ``torch.profiler`` breakdown; ``torch.compile`` trials (diffusers' regional
-  compilation of the repeated transformer blocks, and a processor-safe variant that compiles only resnets and
-  feed-forwards).
+- ``enable_model_cpu_offload()`` peak; a ``torch.profiler`` breakdown; ``torch.compile`` trials (regional
+  compilation of the repeated transformer blocks as ``pipe.compile_detail()`` does it, Detail++'s processors inside
+  them, and a processor-safe variant that compiles only resnets and feed-forwards), with dynamo's graph counts.
 
 ``--tiny`` runs every code path on the tiny random SDXL on the CPU (2 steps) in seconds: the test keeps this script
 from rotting. Results go to ``--out`` (default ``$OUT`` or ``benchmarks/results/``) as JSON; a short table is
@@ -49,131 +49,8 @@ from typing import Any
 
 import torch
 
-# --------------------------------------------------------------------------- SDXL base 1.0's public configs
-
-#: unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 (2,567,463,684 parameters).
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
-
-#: vae/config.json (83,653,863 parameters; fp16 decoding overflows, hence force_upcast).
-SDXL_VAE_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-
-#: text_encoder/config.json: CLIP ViT-L/14's text tower (123,060,480 parameters).
-SDXL_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05,
-    "projection_dim": 768,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
-
-#: text_encoder_2/config.json: OpenCLIP ViT-bigG/14's text tower with projection (694,659,840 parameters).
-SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-05,
-    "projection_dim": 1280,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
-
-
-def sdxl_components(device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
-    """SDXL base at full size with random weights, initialised directly on ``device`` (PyTorch's default init keeps
-    fp16 activations finite; :func:`check_finite` verifies it), cast to ``dtype``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from detailpp.resources import load_clip_tokenizer
-    from detailpp.tiny import SDXL_SCHEDULER_CONFIG
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))
-    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    for m in modules.values():
-        m.to(device=device, dtype=dtype).eval()
-    return {
-        **modules,
-        "tokenizer": load_clip_tokenizer(),
-        "tokenizer_2": load_clip_tokenizer(second=True),
-        "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
-    }
-
+# SDXL base 1.0's public configs and the random-weight builder live in the package (`--model sdxl-random`).
+from detailpp.sdxl_random import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, sdxl_components  # noqa: F401 (tests read them)
 
 # --------------------------------------------------------------------------- plans (hand-written: no spaCy needed)
 
@@ -806,14 +683,15 @@ class Benchmark:
                 unet(**b2, return_dict=False)
 
         def armed():
-            state.begin(share=[(n, 2 * n)], capture=CaptureSpec(rows=[n + 1, n + 2], tokens=tokens))
+            capture = CaptureSpec(rows=[n + 1, n + 2], tokens=tokens)
+            state.begin(share=[(n, 2 * n)], capture=capture, device=self.device)
             with torch.no_grad():
                 unet(**b2, return_dict=False)
             state.end()
 
         def nursing_pass():
             z = b1["sample"].detach().requires_grad_(True)
-            state.begin(capture=CaptureSpec(rows=[0], tokens=[], full=True))
+            state.begin(capture=CaptureSpec(rows=[0], tokens=[], full=True), device=self.device)
             with torch.enable_grad(), self.detail._stop_after(layers.last_block):
                 try:
                     unet(**{**b1, "sample": z}, return_dict=False)
@@ -879,20 +757,24 @@ class Benchmark:
         unet = self.detail.unet
         import torch._dynamo
 
+        recompile_limit = torch._dynamo.config.recompile_limit
         trials = {}
         eager = {
             k: self.results["runs"].get(k, {}).get("total_s")
             for k in ("plain_sdxl", "detail_2subj_nursing_off_pruned")
         }
         off = DetailConfig(nursing=False)
-        variants = [("diffusers_regional", compile_diffusers_regional), ("processor_safe", compile_processor_safe)]
+        variants = [("regional", compile_regional), ("processor_safe", compile_processor_safe)]
+        if a.tiny:  # the smoke test: the variant the pipeline offers
+            variants = variants[:1]
+        c = torch._dynamo.utils.counters
         for variant, compile_fn in variants:
             if self.time_left() < a.compile_min_s:
                 trials[variant] = "skipped (time budget)"
                 continue
             torch._dynamo.reset()
-            torch._dynamo.utils.counters.clear()
-            compiled = compile_fn(unet)
+            c.clear()
+            compiled = compile_fn(unet, backend=a.compile_backend)
             res: dict[str, Any] = {"compiled_modules": len(compiled)}
             try:
                 for label, pipe, make, cfg, eager_key in [
@@ -905,14 +787,14 @@ class Benchmark:
                         "detail_2subj_nursing_off_pruned",
                     ),
                 ]:
-                    # Detail++ under diffusers' regional compile recompiles until dynamo's limit: allow for it.
-                    needs = a.compile_min_s / 2 if cfg is None or variant != "diffusers_regional" else 150.0
-                    if self.time_left() < needs:
+                    if self.time_left() < a.compile_min_s / 2:
                         res[label] = "skipped (time budget)"
                         continue
+                    graphs_before = c["stats"]["unique_graphs"]
                     t = time.perf_counter()
                     first, _ = run_once(pipe, self.clock, make())
                     first_s = time.perf_counter() - t
+                    graphs_first = c["stats"]["unique_graphs"]
                     runs = [run_once(pipe, self.clock, make())[0] for _ in range(a.compile_repeats)]
                     steady = median([r["total_ms"] for r in runs]) / 1e3
                     r = {
@@ -924,6 +806,9 @@ class Benchmark:
                         "steady_in_window_step_ms": summarise(
                             runs, self.results["floor"], cfg.num_share_steps(a.steps) if cfg else None
                         ).get("in_window_step_ms"),
+                        # graphs made by the first call, and by the later calls (0: no recompile)
+                        "graphs_first_call": graphs_first - graphs_before,
+                        "graphs_later_calls": c["stats"]["unique_graphs"] - graphs_first,
                     }
                     res[label] = r
                     self.log(
@@ -931,7 +816,6 @@ class Benchmark:
                         f"(eager {eager[eager_key]}), speed-up {r['speedup']}"
                     )
                     self.save()
-                c = torch._dynamo.utils.counters
                 res["dynamo"] = {
                     "unique_graphs": c["stats"].get("unique_graphs"),
                     "graph_breaks": sum(c["graph_break"].values()),
@@ -946,6 +830,7 @@ class Benchmark:
                 for m in compiled:
                     m._compiled_call_impl = None
                 torch._dynamo.reset()
+                torch._dynamo.config.recompile_limit = recompile_limit
             trials[variant] = res
             self.results["compile"] = trials
             self.save()
@@ -981,7 +866,7 @@ class Benchmark:
         if self.clock.cuda:
             self.section("cpu_offload", 40, self.offload)
         self.section("profile", 20 if not a.tiny else 0, self.profile)
-        if self.clock.cuda and not a.no_compile:
+        if not a.no_compile:
             self.section("compile", a.compile_min_s, self.compile_trial)
         self.results["targets"] = targets(self.results)
         self.save()
@@ -1003,19 +888,22 @@ def sdpa_backends() -> dict[str, bool] | None:
 # --------------------------------------------------------------------------- compile variants
 
 
-def compile_diffusers_regional(unet) -> list[torch.nn.Module]:
-    """diffusers' regional compilation: every ``BasicTransformerBlock`` (the attention processors inside it too)."""
-    unet.compile_repeated_blocks()
-    return [m for m in unet.modules() if m.__class__.__name__ in unet._repeated_blocks]
+def compile_regional(unet, **compile_kwargs) -> list[torch.nn.Module]:
+    """Regional compilation as ``DetailPlusPlusPipeline.compile_detail()`` does it: every ``BasicTransformerBlock``
+    (the attention processors inside it too), as diffusers' ``unet.compile_repeated_blocks()``, with dynamo's
+    recompile limit raised so that plain SDXL's and each Detail++ configuration's graphs all stay compiled."""
+    from detailpp.compile import compile_detail
+
+    return [unet.get_submodule(name) for name in compile_detail(unet, **compile_kwargs)]
 
 
-def compile_processor_safe(unet) -> list[torch.nn.Module]:
+def compile_processor_safe(unet, **compile_kwargs) -> list[torch.nn.Module]:
     """Compile only the modules that hold no attention processor (resnets, feed-forwards): Detail++'s processors
     (Python state, per-call objects) stay eager, so nothing recompiles when they change."""
     names = ("ResnetBlock2D", "FeedForward")
     mods = [m for m in unet.modules() if m.__class__.__name__ in names]
     for m in mods:
-        m.compile()
+        m.compile(**compile_kwargs)
     return mods
 
 
@@ -1188,8 +1076,12 @@ def summary_text(results: dict[str, Any], markdown: bool = False) -> str:
             if isinstance(r, dict):
                 parts.append(
                     f"compile {variant} {label}: compile ~{r['compile_s_estimate']:.0f} s, "
-                    f"{r['steady_total_s']:.2f} s vs eager {r['eager_total_s']}, speed-up {r['speedup']}"
+                    f"{r['steady_total_s']:.2f} s vs eager {r['eager_total_s']}, speed-up {r['speedup']}, "
+                    f"graphs {r.get('graphs_first_call')} (+{r.get('graphs_later_calls')} after the first call)"
                 )
+        dyn = res.get("dynamo") or {}
+        if dyn:
+            parts.append(f"compile {variant}: {dyn.get('unique_graphs')} graphs, {dyn.get('graph_breaks')} breaks")
         if res.get("error"):
             parts.append(f"compile {variant}: {res['error']}")
     if results.get("errors"):
@@ -1215,6 +1107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-repeats", type=int, default=2)
     p.add_argument("--compile-min-s", type=float, default=None, help="skip a compile variant with less time left")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-backend", default=None, help="default inductor (eager with --tiny)")
     p.add_argument("--quick", action="store_true", help="three Detail++ configurations, no warm-up (the CPU test)")
     p.add_argument("--budget-s", type=float, default=None, help="skip optional sections past this (default 540)")
     p.add_argument("--output-type", default="pil", choices=["pil", "np", "pt", "latent"])
@@ -1229,6 +1122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.grid_repeats = a.grid_repeats or 1
     a.floor_repeats = a.floor_repeats or (2 if tiny else 8)
     a.compile_min_s = a.compile_min_s if a.compile_min_s is not None else 90.0
+    a.compile_backend = a.compile_backend or ("eager" if tiny else "inductor")
     a.budget_s = a.budget_s or (1e9 if tiny else 540.0)
     return a
 

@@ -1,5 +1,6 @@
 """The GPU benchmark script stays importable and runnable: its ``--tiny`` mode on the CPU (tiny random SDXL, 2 steps)
-walks every code path the GPU run takes, except CPU offload and torch.compile, which need a GPU."""
+walks every code path the GPU run takes, except CPU offload (it needs a GPU); its torch.compile trial runs dynamo with
+the "eager" backend."""
 
 from __future__ import annotations
 
@@ -50,5 +51,9 @@ def test_tiny_run_writes_every_figure(bench, tmp_path):
     )
     assert set(saved["profile"]) >= {"unet_forward_b8", "detail_armed_forward_b8", "nursing_pass_frozen"}
     assert "nursing_iteration_vs_fwd_bwd_b1<=1.1" in saved["targets"]
+    regional = saved["compile"]["regional"]
+    assert regional["dynamo"]["graph_breaks"] == 0, regional["dynamo"]
+    for label in ("plain_sdxl", "detail_2subj_nursing_off_pruned"):
+        assert regional[label]["graphs_first_call"] > 0 and regional[label]["graphs_later_calls"] == 0, label
     report = bench.summary_text(saved, markdown=True)
     assert "| Detail++ 2 subj, nursing on, pruned | 4 |" in report

@@ -4,7 +4,9 @@ Only the lowest-resolution attention layers get a Detail++ processor (32x32 toke
 ``down_blocks.2``, ``mid_block``, ``up_blocks.0``); they are found from the UNet's structure and the latent size of
 the call, and every processor checks at run time that it meets the token count it was chosen for. Every other
 layer keeps the processor it had (LoRA, IP-Adapter, ...), and :func:`detail_processors` restores the replaced ones
-on exit, also after an exception.
+on exit, also after an exception. The layers of a resolution level share one processor instance, which keeps no
+per-layer state and reads only tensors and per-call values from :class:`AttentionState`: compiled transformer blocks
+(:mod:`detailpp.compile`) then need no per-layer graph, no recompile between calls and no graph break.
 
 Sharing. Branch b's shared self-attention is ``softmax(Q0 K0^T / sqrt(d)) V_b`` (branch 0's map, its own values).
 That is exactly ``SDPA(Q0, K0, V_b)``: we copy branch 0's queries and keys into the other rows of the shared CFG
@@ -136,7 +138,14 @@ class CaptureSpec:
 
 
 class AttentionState:
-    """What the Detail++ processors should do in the current UNet call, and what they captured."""
+    """What the Detail++ processors should do in the current UNet call, and what they captured.
+
+    Everything a processor reads from here is either a tensor or a plain value fixed for the whole UNet call and the
+    same in every layer (the share ranges, which captures are armed, each resolution level's token count), so that a
+    compiled transformer block (:func:`detailpp.compile.compile_detail`) needs no per-layer graph and no recompile
+    from one call to the next. :meth:`begin` prepares the capture's row selection and token weights as tensors on
+    the UNet's device before the call; the processors count their calls in a tensor that :meth:`end` reads once.
+    """
 
     def __init__(self, layers: MaskLayers, grid: tuple[int, int], expected_tokens: dict[str, int] | None = None):
         self.layers = layers
@@ -144,104 +153,169 @@ class AttentionState:
         self.num_tokens = grid[0] * grid[1]
         #: token count each shared self-attention layer must meet (mask-level layers: ``num_tokens``)
         self.expected_tokens = expected_tokens or {}
+        #: the same per resolution level: what the processor of a level checks
+        self.level_tokens = {layers.levels.get(n, layers.level): t for n, t in self.expected_tokens.items()}
+        #: attention module -> its name, read for error messages only
+        self.layer_names: dict[torch.nn.Module, str] = {}
         self.share: tuple[tuple[int, int], ...] = ()
         self.capture: CaptureSpec | None = None
-        self._index_cache: tuple | None = None  # (spec, device, batch, row selector, subject rows, weights)
-        self._reset()
+        self._prepared: tuple | None = None  # (spec, device, keys, rows, subject rows, weights), see _prepare
+        self._rows: tuple[int, int] | torch.Tensor | None = None  # capture rows: a (start, stop) range or an index
+        self._subject_rows: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
+        self._counts = torch.zeros(2, dtype=torch.int64)  # calls of [shared self-attention, capture] layers
+        self._device = torch.device("cpu")  # where the capture's tensors are
+        self._num_keys = 77
+        self.maps: torch.Tensor | None = None  # (subjects, tokens) summed over layers, fp32
+        self.full_probs: torch.Tensor | None = None  # (tokens, keys) summed over layers, fp32
 
-    def _reset(self) -> None:
-        self.self_calls = 0
-        self.cross_calls = 0
-        self.maps: torch.Tensor | None = None  # (subjects, tokens) summed over layers
-        self.full_probs: torch.Tensor | None = None  # (tokens, 77) summed over layers, fp32
+    def begin(
+        self,
+        share: Sequence[tuple[int, int]] = (),
+        capture: CaptureSpec | None = None,
+        device: torch.device | str | None = None,
+        num_keys: int = 77,
+    ) -> None:
+        """Arm the processors for one UNet call.
 
-    def begin(self, share: Sequence[tuple[int, int]] = (), capture: CaptureSpec | None = None) -> None:
-        """Arm the processors for one UNet call. ``share``: ``(start, end)`` row ranges whose first row's Q/K are
-        used by every row of the range."""
-        self.share = tuple(share)
+        Args:
+            share: ``(start, end)`` row ranges whose first row's Q/K are used by every row of the range.
+            capture: the cross-attention maps to collect.
+            device: the device the UNet runs on (default: the CPU). Give it for a UNet on another device: the
+                capture's tensors are then made there once, not moved inside the UNet call.
+            num_keys: the text encoder's sequence length (keys of cross-attention).
+        """
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the form tensors report, so that they compare equal
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.share = tuple((int(start), int(end)) for start, end in share)
         self.capture = capture
-        if capture is not None and capture.rows:
-            unique = sorted(set(capture.rows))
-            self._row_pos = torch.tensor([unique.index(r) for r in capture.rows])
-            self._unique_rows = unique
-        self._reset()
+        if self._counts.device != device:
+            self._counts = torch.zeros(2, dtype=torch.int64, device=device)
+        else:
+            self._counts.zero_()
+        self.maps = self.full_probs = None
+        self._device, self._num_keys = device, num_keys
+        if capture is not None:
+            if not capture.rows:
+                raise ValueError("A capture needs at least one batch row.")
+            self._rows, self._subject_rows, self._weights = self._prepare(capture, device, num_keys)
+            if capture.tokens:
+                self.maps = torch.zeros(len(capture.tokens), self.num_tokens, device=device)
+            if capture.full:
+                self.full_probs = torch.zeros(self.num_tokens, num_keys, device=device)
 
-    def end(self, expect_self: bool = True, expect_cross: bool = True) -> None:
-        """Disarm; raise :class:`HookError` when a layer that had work to do did not run."""
-        n_self, n_cross = len(self.layers.shared_self_attention), len(self.layers.cross_attention)
-        if expect_self and self.share and self.self_calls != n_self:
-            raise HookError(
-                f"Shared self-attention ran in {self.self_calls} of {n_self} layers in this step; another "
-                "processor or a compiled UNet bypassed Detail++'s hooks."
-            )
-        if expect_cross and self.capture is not None and self.cross_calls != n_cross:
-            raise HookError(
-                f"Cross-attention capture ran in {self.cross_calls} of {n_cross} layers in this step; another "
-                "processor or a compiled UNet bypassed Detail++'s hooks."
-            )
-        self.share = ()
-        self.capture = None
-
-    def mean_maps(self) -> torch.Tensor:
-        """Subject maps of this call, averaged over layers: (subjects, tokens), fp32."""
-        if self.maps is None or self.cross_calls == 0:
-            raise HookError("No cross-attention map was captured in this step.")
-        return self.maps / self.cross_calls
-
-    def mean_full_probs(self) -> torch.Tensor:
-        if self.full_probs is None or self.cross_calls == 0:
-            raise HookError("No cross-attention distribution was captured for nursing.")
-        return self.full_probs / self.cross_calls
-
-    def _indices(self, device: torch.device, batch: int, keys: int) -> tuple:
-        """Row selector, subject-to-row index and token weights of the armed capture, made once per capture spec.
+    def _prepare(self, spec: CaptureSpec, device: torch.device, keys: int) -> tuple:
+        """Row selection, subject-to-row index and token weights of a capture, made once per spec and device.
 
         Built per layer they cost a host-to-device copy each (row lists, token lists, the weights), and the UNet call
         that runs them is bound by the CPU launching its kernels: 60 layers x 5 copies showed as 17% of a Detail++
         step on an H200. Contiguous rows (every capture the pipeline arms) are a slice: a view, no gather.
         """
-        spec = self.capture
-        cache = self._index_cache
-        if cache is not None and cache[0] is spec and cache[1] == device and cache[2] == (batch, keys):
+        cache = self._prepared
+        if cache is not None and cache[0] is spec and cache[1] == device and cache[2] == keys:
             return cache[3:]
-        rows = self._unique_rows
-        if rows == list(range(rows[0], rows[-1] + 1)):
-            select: slice | torch.Tensor = slice(rows[0], rows[-1] + 1)
+        unique = sorted(set(spec.rows))
+        rows: tuple[int, int] | torch.Tensor
+        if unique == list(range(unique[0], unique[-1] + 1)):
+            rows = (unique[0], unique[-1] + 1)
         else:
-            select = torch.tensor(rows, device=device)
-        subject_rows = None
+            rows = torch.tensor(unique, device=device)
+        position = [unique.index(r) for r in spec.rows]
+        subject_rows = None if position == list(range(len(unique))) else torch.tensor(position, device=device)
         weights = None
         if spec.tokens:
-            if self._row_pos.tolist() != list(range(len(rows))):
-                subject_rows = self._row_pos.to(device)
             weights = torch.zeros(len(spec.tokens), keys, dtype=torch.float32)
             for s, toks in enumerate(spec.tokens):
                 weights[s, list(toks)] = 1.0 / len(toks)
             weights = weights.to(device)
-        self._index_cache = (spec, device, (batch, keys), select, subject_rows, weights)
-        return select, subject_rows, weights
+        self._prepared = (spec, device, keys, rows, subject_rows, weights)
+        return rows, subject_rows, weights
 
-    def record(self, name: str, query: torch.Tensor, key: torch.Tensor, probs: torch.Tensor | None) -> None:
-        """Accumulate the subject maps of one cross-attention layer (query/key: batch x heads x n x d)."""
-        spec = self.capture
-        if spec is None:
+    @property
+    def self_calls(self) -> int:
+        """Shared self-attention layers run since :meth:`begin` (reads the counter: a device sync)."""
+        return int(self._counts[0])
+
+    @property
+    def cross_calls(self) -> int:
+        """Capturing cross-attention layers run since :meth:`begin` (reads the counter: a device sync)."""
+        return int(self._counts[1])
+
+    def end(self, expect_self: bool = True, expect_cross: bool = True) -> None:
+        """Disarm; raise :class:`HookError` when a layer that had work to do did not run.
+
+        Reads the call counter once (one small device-to-host copy) when something was armed.
+        """
+        n_self, n_cross = len(self.layers.shared_self_attention), len(self.layers.cross_attention)
+        check_self = expect_self and bool(self.share)
+        check_cross = expect_cross and self.capture is not None
+        self.share = ()
+        self.capture = None
+        if not (check_self or check_cross):
             return
-        self.cross_calls += 1
-        if query.shape[2] != self.num_tokens:
-            raise HookError(f"{name} met {query.shape[2]} tokens, expected {self.num_tokens} ({self.grid}).")
-        select, subject_rows, weights = self._indices(query.device, query.shape[0], key.shape[2])
+        self_calls, cross_calls = self._counts.tolist()
+        if check_self and self_calls != n_self:
+            raise HookError(
+                f"Shared self-attention ran in {self_calls} of {n_self} layers in this step; another "
+                "processor or a compiled UNet bypassed Detail++'s hooks."
+            )
+        if check_cross and cross_calls != n_cross:
+            raise HookError(
+                f"Cross-attention capture ran in {cross_calls} of {n_cross} layers in this step; another "
+                "processor or a compiled UNet bypassed Detail++'s hooks."
+            )
+
+    def mean_maps(self) -> torch.Tensor:
+        """Subject maps of this call, averaged over layers: (subjects, tokens), fp32."""
+        calls = self.cross_calls if self.maps is not None else 0
+        if calls == 0:
+            raise HookError("No cross-attention map was captured in this step.")
+        return self.maps / calls
+
+    def mean_full_probs(self) -> torch.Tensor:
+        calls = self.cross_calls if self.full_probs is not None else 0
+        if calls == 0:
+            raise HookError("No cross-attention distribution was captured for nursing.")
+        return self.full_probs / calls
+
+    def layer_name(self, attn: torch.nn.Module, default: str) -> str:
+        return self.layer_names.get(attn, default)
+
+    def count(self, cross: bool) -> None:
+        """One more shared self-attention (``cross=False``) or capturing cross-attention layer ran: a tensor
+        increment, so that a compiled block neither guards on nor specialises for the count."""
+        i = int(cross)
+        self._counts[i : i + 1].add_(1)
+
+    def record(self, query: torch.Tensor, key: torch.Tensor, probs: torch.Tensor | None) -> None:
+        """Accumulate the subject maps of one cross-attention layer (query/key: batch x heads x n x d).
+
+        Reads only tensors and values fixed for the call: no ``.item()``/``.tolist()``, no per-layer state.
+        """
+        if self.capture is None:
+            return
+        self.count(cross=True)
+        if query.device != self._device:  # armed without the UNet's device: move once, in the first layer
+            self._device = query.device
+            self._rows, self._subject_rows, self._weights = self._prepare(self.capture, query.device, self._num_keys)
+            self.maps = None if self.maps is None else self.maps.to(query.device)
+            self.full_probs = None if self.full_probs is None else self.full_probs.to(query.device)
+        rows = self._rows
+        select = slice(*rows) if isinstance(rows, tuple) else rows
         if probs is None:
             logits = query[select].float() @ key[select].float().transpose(-1, -2) * query.shape[-1] ** -0.5
             probs = logits.softmax(dim=-1)
         else:
             probs = probs[select].float()
-        probs = probs.mean(dim=1)  # heads -> (unique rows, n, 77)
-        if spec.full:
-            self.full_probs = probs[0] if self.full_probs is None else self.full_probs + probs[0]
-        if spec.tokens:
+        probs = probs.mean(dim=1)  # heads -> (unique rows, n, keys)
+        if self.full_probs is not None:
+            self.full_probs = self.full_probs + probs[0]
+        if self.maps is not None:
+            subject_rows = self._subject_rows
             per_subject = probs if subject_rows is None else probs[subject_rows]  # (subjects, n, 77)
-            maps = torch.einsum("snt,st->sn", per_subject, weights)
-            self.maps = maps if self.maps is None else self.maps + maps
+            maps = torch.einsum("snt,st->sn", per_subject, self._weights)
+            self.maps = self.maps + maps
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,16 +327,27 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
 
 
 class DetailAttnProcessor:
-    """Attention processor of a Detail++ mask layer (``state`` given) or a plain reference layer (``state=None``).
+    """Attention processor of Detail++'s layers (``state`` given) or a plain reference layer (``state=None``).
 
-    Self-attention layers apply the state's sharing, cross-attention layers its capture; ``reference=True`` computes
-    attention through the materialised map instead of ``F.scaled_dot_product_attention``.
+    One instance serves every Detail++ layer of a resolution level (``level``; default the mask layers'): it shares
+    self-attention as the state says in self-attention layers and captures in cross-attention layers (the role comes
+    from the call: ``encoder_hidden_states`` or not). It keeps no per-layer state and reads only tensors and values
+    fixed for the call, so regional compilation traces it once for all its layers (``name`` labels errors only).
+    ``reference=True`` computes attention through the materialised map instead of
+    ``F.scaled_dot_product_attention``.
     """
 
-    def __init__(self, name: str, state: AttentionState | None = None, reference: bool = False):
+    def __init__(
+        self,
+        name: str = "Detail++ attention layer",
+        state: AttentionState | None = None,
+        reference: bool = False,
+        level: int | None = None,
+    ):
         self.name = name
         self.state = state
         self.reference = reference
+        self.level = level
 
     def __call__(
         self,
@@ -299,14 +384,20 @@ class DetailAttnProcessor:
 
         state = self.state
         if state is not None and not is_cross:
-            expected = state.expected_tokens.get(self.name, state.num_tokens)
+            level = state.layers.level if self.level is None else self.level
+            expected = state.level_tokens.get(level, state.num_tokens)
             if query.shape[1] != expected:
-                raise HookError(f"{self.name} met {query.shape[1]} tokens, expected {expected}.")
-            state.self_calls += 1
-            for start, end in state.share:
-                # Rows start+1..end-1 take row `start`'s (branch 0's) queries and keys: SDPA(Q0, K0, V_b).
-                query[start + 1 : end] = query[start]
-                key[start + 1 : end] = key[start]
+                name = state.layer_name(attn, self.name)
+                raise HookError(f"{name} met {query.shape[1]} tokens, expected {expected}.")
+            if state.share:
+                state.count(cross=False)
+                for start, end in state.share:
+                    # Rows start+1..end-1 take row `start`'s (branch 0's) queries and keys: SDPA(Q0, K0, V_b).
+                    query[start + 1 : end] = query[start]
+                    key[start + 1 : end] = key[start]
+        if state is not None and is_cross and state.capture is not None and query.shape[1] != state.num_tokens:
+            name = state.layer_name(attn, self.name)
+            raise HookError(f"{name} met {query.shape[1]} tokens, expected {state.num_tokens} ({state.grid}).")
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -326,7 +417,7 @@ class DetailAttnProcessor:
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
         if state is not None and is_cross:
-            state.record(self.name, query, key, probs)
+            state.record(query, key, probs)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -344,12 +435,31 @@ def detail_processors(
     unet: torch.nn.Module, state: AttentionState, reference: bool = False
 ) -> Iterator[dict[str, DetailAttnProcessor]]:
     """Install Detail++ processors on the mask layers (and, with ``reference``, plain reference processors on
-    every other attention layer) for the duration of the block; restore exactly the replaced ones afterwards."""
-    mask_names = set(state.layers.shared_self_attention) | set(state.layers.cross_attention)
+    every other attention layer) for the duration of the block; restore exactly the replaced ones afterwards.
+
+    The layers of one resolution level share one processor instance (one instance for all mask layers at
+    ``share="lowest"``), and the other layers one reference instance: a compiled transformer block then finds the
+    same processor state in every layer and in every call.
+    """
+    layers = state.layers
+    mask_names = set(layers.shared_self_attention) | set(layers.cross_attention)
     modules = {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
     targets = [n for n in modules if n in mask_names or reference]
     saved = {n: modules[n].processor for n in targets}
-    installed = {n: DetailAttnProcessor(n, state if n in mask_names else None, reference=reference) for n in targets}
+    per_level: dict[int, DetailAttnProcessor] = {}
+    plain = DetailAttnProcessor("reference attention layer", None, reference=True) if reference else None
+    installed: dict[str, DetailAttnProcessor] = {}
+    for n in targets:
+        if n in mask_names:
+            level = layers.levels.get(n, layers.level)
+            if level not in per_level:
+                per_level[level] = DetailAttnProcessor(
+                    f"a level-{level} Detail++ layer", state, reference=reference, level=level
+                )
+            installed[n] = per_level[level]
+        else:
+            installed[n] = plain
+    state.layer_names = {modules[n]: n for n in targets if n in mask_names}
     try:
         for n, proc in installed.items():
             modules[n].set_processor(proc)
@@ -357,3 +467,4 @@ def detail_processors(
     finally:
         for n, proc in saved.items():
             modules[n].set_processor(proc)
+        state.layer_names = {}

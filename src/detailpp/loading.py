@@ -1,6 +1,6 @@
 """Loading a Detail++ pipeline from a name: a Hub id, a local diffusers folder, a single-file checkpoint, or one of
-the embedded models (``tiny-random``: random weights for tests; ``toy``: the small model trained on synthetic scenes,
-when it is installed)."""
+the built-in models (``tiny-random``: random weights for tests; ``sdxl-random``: full-size SDXL with random weights, a
+speed/memory stand-in; ``toy``: the small model trained on synthetic scenes, when it is installed)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ def load_pipeline(
     """A ready-to-call :class:`~detailpp.DetailPlusPlusPipeline` (or ``pipeline_class``) on ``device``.
 
     Args:
-        model: ``"tiny-random"``, ``"toy"``, a local diffusers folder, a ``.safetensors``/``.ckpt`` single-file
-            SDXL checkpoint, or a Hub id (``stabilityai/stable-diffusion-xl-base-1.0`` or any SDXL fine-tune).
+        model: ``"tiny-random"``, ``"sdxl-random"`` (full size, random weights: :mod:`detailpp.sdxl_random`),
+            ``"toy"``, a local diffusers folder, a ``.safetensors``/``.ckpt`` single-file SDXL checkpoint, or a Hub id
+            (``stabilityai/stable-diffusion-xl-base-1.0`` or any SDXL fine-tune).
         device: ``"cuda"``, ``"cpu"``, ``"mps"``...; the best available when ``None``.
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``; float16 on CUDA and float32 elsewhere when ``None``.
     """
@@ -80,6 +81,14 @@ def load_pipeline(
 
         pipe = build_tiny_pipeline(pipeline_class=pipeline_class, dtype=torch_dtype)
         return pipe.to(device)
+    if model == "sdxl-random":
+        from detailpp.sdxl_random import build_sdxl_random_pipeline
+
+        logger.warning(
+            "--model sdxl-random: full-size SDXL with RANDOM weights, a speed/memory stand-in; its images are noise "
+            "and say nothing about quality."
+        )
+        return build_sdxl_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
     source: str | Path = model
     if model == "toy":
         if not toy_model_available():

@@ -160,6 +160,25 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
 
+    def compile_detail(self, recompile_limit: int | None = 32, **compile_kwargs: Any) -> list[str]:
+        """Regional ``torch.compile`` of the UNet's transformer blocks, Detail++'s processors included.
+
+        Like diffusers' ``unet.compile_repeated_blocks()``, and it also raises dynamo's recompile limit so that the
+        variants of plain SDXL and Detail++ (a few graphs per plan shape) all stay compiled
+        (:func:`detailpp.compile.compile_detail`). The first call compiles; later calls with the same plan shape and
+        configuration reuse the graphs. Outputs equal eager ones up to the backend's numerics.
+
+        Args:
+            recompile_limit: lowest ``torch._dynamo.config.recompile_limit`` to set (process-wide); ``None``: keep.
+            compile_kwargs: passed to ``torch.compile`` (``mode=``, ``backend=``, ``fullgraph=``, ...).
+
+        Returns:
+            The names of the compiled modules.
+        """
+        from detailpp.compile import compile_detail
+
+        return compile_detail(self.unet, recompile_limit=recompile_limit, **compile_kwargs)
+
     # ------------------------------------------------------------------ helpers used by __call__
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -439,6 +458,7 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         layers = find_mask_layers(self.unet, share=config.share_layers if config.share_attention else "lowest")
         latent_hw = (latents.shape[-2], latents.shape[-1])
         state = AttentionState(layers, layers.token_grid(*latent_hw), layers.expected_tokens(*latent_hw))
+        num_keys = cond["encoder_hidden_states"].shape[1]
         share_steps = config.num_share_steps(num_inference_steps)
         n_detail = n_branches - FIRST_DETAIL_BRANCH
         detail_branches = list(range(FIRST_DETAIL_BRANCH, n_branches))
@@ -476,7 +496,7 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
             rows = rows_of([0])[-1:]
 
             def loss_of(z0: torch.Tensor) -> torch.Tensor:
-                state.begin(capture=CaptureSpec(rows=[0], tokens=[], full=True))
+                state.begin(capture=CaptureSpec(rows=[0], tokens=[], full=True), device=device, num_keys=num_keys)
                 try:
                     with self._stop_after(layers.last_block):
                         self.unet(
@@ -519,7 +539,7 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
                     nursing_records.append(record)
 
                 if in_window:
-                    state.begin(share=share, capture=capture)
+                    state.begin(share=share, capture=capture, device=device, num_keys=num_keys)
                     eps = predict(list(range(n_branches)), latents, t)
                     state.end()
                     if capture is not None:

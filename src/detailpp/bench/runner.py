@@ -83,9 +83,14 @@ def run_identity(
     base_seed: int = BASE_SEED,
     detail_config: dict | None = None,
     label: str | None = None,
+    plans: str | None = None,
 ) -> dict:
-    """What ``run.json`` records: everything an image depends on (not the device, not the number of processes)."""
-    return {
+    """What ``run.json`` records: everything an image depends on (not the device, not the number of processes).
+
+    ``plans``: where Detail++'s plans come from when not from the spaCy parser (``"file"``: ``--plans``; the plans
+    themselves are kept in the folder's ``plans.jsonl``); absent from ``run.json`` otherwise.
+    """
+    identity = {
         "format": FORMAT_VERSION,
         "suite": suite.name,
         "suite_source": suite.source,
@@ -100,6 +105,9 @@ def run_identity(
         "settings": settings,
         "detail_config": detail_config,
     }
+    if plans is not None:
+        identity["plans"] = plans
+    return identity
 
 
 def _worker(shard: Shard) -> dict:
@@ -301,11 +309,15 @@ def run_generation(
     max_prompts: int | None = None,
     shard: Shard | None = None,
     progress: bool = True,
+    prepare: Callable[[], Any] | None = None,
 ) -> Summary:
     """Generate the suite's images into ``out_dir`` (the shard's share), resuming whatever is already done.
 
     ``generate_fn(prompt, seed)`` returns a PIL image; ``identity`` comes from :func:`run_identity` and is checked
-    against the folder's ``run.json`` (a folder holds one method with one set of settings).
+    against the folder's ``run.json`` (a folder holds one method with one set of settings). ``prepare()`` (loading
+    the model) runs once before this process's first image, and not at all when nothing is left to do; its time is
+    kept apart (``summary.extra["load_s"]`` and ``timings.load_s`` of this process's first record), so
+    ``summary.seconds`` and every ``generate_s`` count generation only.
     """
     shard = shard or Shard()
     out = Path(out_dir)
@@ -348,9 +360,15 @@ def run_generation(
         _other_parts(out, "manifest", shard),
         f"{identity.get('label')} {suite.name}",
     )
-    start = time.perf_counter()
     worker = _worker(shard)
+    load: dict[str, float] = {}
     try:
+        if todo and prepare is not None:
+            t0 = time.perf_counter()
+            prepare()
+            load["load_s"] = round(time.perf_counter() - t0, 4)
+            summary.extra.update(load)
+        start = time.perf_counter()
         for it in todo:
             t0 = time.perf_counter()
             image = generate_fn(it.prompt, it.seed)
@@ -373,15 +391,16 @@ def run_generation(
                     "sha256": hashlib.sha256(data).hexdigest(),
                     "width": image.width,
                     "height": image.height,
-                    "timings": {"generate_s": round(t1 - t0, 4), "write_s": round(t2 - t1, 4)},
+                    "timings": {"generate_s": round(t1 - t0, 4), "write_s": round(t2 - t1, 4), **load},
                     "worker": worker,
                 }
             )
+            load = {}
             summary.made += 1
             bar.step()
+        summary.seconds = time.perf_counter() - start
     finally:
         bar.close()
-    summary.seconds = time.perf_counter() - start
     shard.wait()
     _finish(out, "manifest", items, shard, summary)
     return summary

@@ -54,6 +54,17 @@ class Shard:
             self.barrier()
 
 
+def _same_device(asked: str, assigned: str) -> bool:
+    """``cuda`` (no index) is satisfied by ``cuda:1``; ``cpu`` by ``cpu:0``."""
+    import torch
+
+    try:
+        a, b = torch.device(asked), torch.device(assigned)
+    except (RuntimeError, TypeError):
+        return asked == assigned
+    return a.type == b.type and (a.index is None or a.index == b.index)
+
+
 def resolve_shard(shard_index: int | None = None, num_shards: int | None = None, device: str | None = None) -> Shard:
     """The shard of this process (see the module's docstring); ``device`` is kept unless a launcher assigns one."""
     if shard_index is not None or num_shards is not None:
@@ -81,7 +92,7 @@ def resolve_shard(shard_index: int | None = None, num_shards: int | None = None,
                 "launch with torchrun or accelerate launch, or use --shard-index/--num-shards."
             )
         assigned = str(state.device)
-        if device is not None and device != assigned:
+        if device is not None and not _same_device(device, assigned):
             logger.warning(
                 "--device %s ignored: the launcher gave rank %d the device %s.", device, state.process_index, assigned
             )

@@ -3,6 +3,7 @@
 examples:
   detailpp bench prompts --suite scb
   detailpp bench generate --suite t2i-color --method detailpp --out runs/color-detailpp
+  detailpp bench plans --suite t2i-color --out color-plans.jsonl      # then: generate ... --plans color-plans.jsonl
   torchrun --nproc_per_node 2 --no-python detailpp bench generate --suite t2i-color --method sdxl --out runs/c-sdxl
   detailpp bench score runs/color-detailpp --metric blip-vqa
   detailpp bench report runs/color-sdxl runs/color-detailpp --out runs/report --paper
@@ -28,6 +29,7 @@ from detailpp.bench.metrics import METRIC_NAMES, make_metric
 from detailpp.bench.models import default_device
 from detailpp.bench.sharding import resolve_shard
 from detailpp.bench.suites import BASE_SEED, DEFAULT_IMAGES_PER_PROMPT, SUITE_NAMES, load_suite
+from detailpp.plan import GRANULARITIES
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("generate", help="generate a suite's images (resumable; sharded under torchrun/accelerate)")
     _suite_args(p)
     p.add_argument("--method", choices=METHODS, default="detailpp", help="plain SDXL or Detail++ (default)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id, local folder or tiny-random ({DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub id, local folder, tiny-random, or sdxl-random (full size, random weights: timing only) "
+        f"({DEFAULT_MODEL})",
+    )
     p.add_argument("--out", type=Path, required=True, help="the run's folder (one method and setting per folder)")
     p.add_argument("--images-per-prompt", type=int, default=DEFAULT_IMAGES_PER_PROMPT, help="default: 10")
     p.add_argument("--base-seed", type=int, default=BASE_SEED, help="image k of each prompt uses base + k (42)")
@@ -71,9 +78,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: the launcher's or the best available)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default: the loader's choice")
     p.add_argument("--detail-config", help="DetailConfig fields as JSON or a JSON file (method detailpp)")
+    p.add_argument(
+        "--plans", type=Path, help="precomputed plans (from `bench plans`): no spaCy needed (method detailpp)"
+    )
     p.add_argument("--label", help="the method's name in reports (default: --method)")
     _shard_args(p)
     p.set_defaults(_bench=_generate)
+
+    p = sub.add_parser("plans", help="write the Detail++ plans of a suite's prompts (spaCy), for `generate --plans`")
+    _suite_args(p)
+    p.add_argument("--max-prompts", type=int, help="only the first N prompts")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="subject", help="as DetailConfig (subject)")
+    p.add_argument("--out", type=Path, required=True, help="the plans file to write (JSON Lines, one plan a line)")
+    p.set_defaults(_bench=_plans)
 
     p = sub.add_parser("score", help="score a run's images (resumable; sharded like generate)")
     p.add_argument("dir", type=Path, help="a folder made by `detailpp bench generate`")
@@ -197,44 +214,75 @@ def make_detail_config(fields: dict) -> tuple[Any, dict]:
     return config, asdict(config)
 
 
-def make_generate_fn(
-    method: str, model: str, device: str | None, dtype: str | None, settings: dict, detail_config: Any = None
-):
-    """``generate_fn(prompt, seed) -> PIL image`` on the Detail++ pipeline (``sdxl``: plain SDXL, same components)."""
-    import torch
+class PipelineGenerator:
+    """``generator(prompt, seed) -> PIL image`` on the Detail++ pipeline (``sdxl``: plain SDXL, same components).
 
-    try:
-        from detailpp.loading import load_pipeline
-    except ImportError as e:
-        raise BenchError(f"The Detail++ pipeline is not available in this installation ({e}).") from e
-    state: dict[str, Any] = {}
+    The pipeline is loaded by :meth:`load`, or by the first call, so resuming a finished run never loads the weights.
+    ``plans`` (prompt -> :class:`~detailpp.DecompositionPlan`) replaces the spaCy parser.
+    """
 
-    def generate(prompt: str, seed: int):
-        # the pipeline is loaded on the first image, so resuming a finished run does not load the weights
-        if "pipe" not in state:
-            pipe = load_pipeline(model, device=device, dtype=dtype)
-            if hasattr(pipe, "set_progress_bar_config"):
-                pipe.set_progress_bar_config(disable=True)
-            state["pipe"], state["device"] = pipe, str(getattr(pipe, "device", None) or device or "cpu")
-        pipe = state["pipe"]
+    def __init__(
+        self,
+        method: str,
+        model: str,
+        device: str | None,
+        dtype: str | None,
+        settings: dict,
+        detail_config: Any = None,
+        plans: dict | None = None,
+    ):
+        self.method, self.model, self.device, self.dtype = method, model, device, dtype
+        self.settings, self.detail_config, self.plans = settings, detail_config, plans
+        self.pipe: Any = None
+
+    def load(self) -> None:
+        if self.pipe is not None:
+            return
+        try:
+            from detailpp.loading import load_pipeline
+        except ImportError as e:
+            raise BenchError(f"The Detail++ pipeline is not available in this installation ({e}).") from e
+        pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        self.device = str(getattr(pipe, "device", None) or self.device or "cpu")
+        self.pipe = pipe
+
+    def __call__(self, prompt: str, seed: int):
+        import torch
+
+        self.load()
+        s = self.settings
         kwargs = dict(
             prompt=prompt,
-            num_inference_steps=settings["steps"],
-            guidance_scale=settings["guidance_scale"],
-            height=settings["height"],
-            width=settings["width"],
-            generator=torch.Generator(state["device"]).manual_seed(seed),
+            num_inference_steps=s["steps"],
+            guidance_scale=s["guidance_scale"],
+            height=s["height"],
+            width=s["width"],
+            generator=torch.Generator(self.device).manual_seed(seed),
             output_type="pil",
         )
-        if method == "sdxl":
+        if self.method == "sdxl":
             from diffusers import StableDiffusionXLPipeline
 
-            out = StableDiffusionXLPipeline.__call__(pipe, **kwargs)  # plain SDXL on the same components
+            out = StableDiffusionXLPipeline.__call__(self.pipe, **kwargs)  # plain SDXL on the same components
         else:
-            out = pipe(**kwargs, detail_config=detail_config)
+            plan = None if self.plans is None else self.plans[prompt]
+            out = self.pipe(**kwargs, detail_config=self.detail_config, plan=plan)
         return out.images[0]
 
-    return generate
+
+def make_generate_fn(
+    method: str,
+    model: str,
+    device: str | None,
+    dtype: str | None,
+    settings: dict,
+    detail_config: Any = None,
+    plans: dict | None = None,
+) -> PipelineGenerator:
+    """``generate_fn(prompt, seed) -> PIL image`` (a :class:`PipelineGenerator`)."""
+    return PipelineGenerator(method, model, device, dtype, settings, detail_config, plans)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -250,6 +298,14 @@ def _generate(args: argparse.Namespace) -> int:
     if args.method == "sdxl" and fields:
         raise BenchError("--detail-config applies to --method detailpp only.")
     detail_config, detail_dict = make_detail_config(fields) if args.method == "detailpp" else (None, None)
+    plans = None
+    if args.plans is not None:
+        from detailpp.bench.plans import plans_for, read_plans
+
+        if args.method != "detailpp":
+            raise BenchError("--plans applies to --method detailpp only.")
+        prompts = suite.prompts[: args.max_prompts] if args.max_prompts else suite.prompts
+        plans = plans_for(prompts, read_plans(args.plans), str(args.plans))
     settings = {
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
@@ -258,21 +314,67 @@ def _generate(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
     }
     identity = run_identity(
-        suite, args.method, args.model, settings, args.images_per_prompt, args.base_seed, detail_dict, args.label
+        suite,
+        args.method,
+        args.model,
+        settings,
+        args.images_per_prompt,
+        args.base_seed,
+        detail_dict,
+        args.label,
+        plans=None if plans is None else "file",
     )
     shard = resolve_shard(args.shard_index, args.num_shards, args.device)
-    generate_fn = make_generate_fn(args.method, args.model, shard.device, args.dtype, settings, detail_config)
+    if plans is not None:
+        from detailpp.bench.manifest import RUN_FILE, check_or_write_json
+        from detailpp.bench.plans import record_run_plans
+
+        # the folder's settings are checked (as run_generation does) before its plans.jsonl is touched
+        args.out.mkdir(parents=True, exist_ok=True)
+        hint = "Use another --out folder, or the same settings to resume the run."
+        check_or_write_json(args.out / RUN_FILE, identity, "images", hint)
+        record_run_plans(args.out, plans, write=shard.is_main or shard.launcher == "manual")
+    generate_fn = make_generate_fn(args.method, args.model, shard.device, args.dtype, settings, detail_config, plans)
     summary = run_generation(
-        args.out, suite, identity, generate_fn, max_prompts=args.max_prompts, shard=shard, progress=args.progress
+        args.out,
+        suite,
+        identity,
+        generate_fn,
+        max_prompts=args.max_prompts,
+        shard=shard,
+        progress=args.progress,
+        prepare=generate_fn.load,
     )
     if summary.made:
         logger.info(
-            "shard %d: %d image(s) in %.1f s (%.2f images/min)",
+            "shard %d: %d image(s) in %.1f s of generation (%.2f images/min), model load %.1f s",
             shard.index,
             summary.made,
             summary.seconds,
             60 * summary.made / max(summary.seconds, 1e-9),
+            summary.extra.get("load_s", 0.0),
         )
+    return 0
+
+
+# --- plans -----------------------------------------------------------------------------------------------------------
+def _plans(args: argparse.Namespace) -> int:
+    from detailpp.bench.plans import write_plans
+    from detailpp.decompose import decompose_many
+
+    suite = load_suite(args.suite, args.prompt_file)
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise BenchError(f"--max-prompts must be at least 1, got {args.max_prompts}.")
+    prompts = suite.prompts[: args.max_prompts] if args.max_prompts else suite.prompts
+    plans = decompose_many(prompts, args.granularity)
+    write_plans(args.out, plans)
+    logger.info(
+        "wrote %d plan(s) (%s granularity, %d with detail branches) to %s",
+        len(plans),
+        args.granularity,
+        sum(1 for p in plans if p.branches),
+        args.out,
+    )
     return 0
 
 
