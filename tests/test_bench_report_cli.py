@@ -153,3 +153,22 @@ def test_generate_on_the_tiny_random_pipeline(tmp_path):
     before = (tmp_path / "sdxl" / "manifest.jsonl").read_bytes()
     assert main(["bench", "generate", "--method", "sdxl", "--out", str(tmp_path / "sdxl"), *common]) == 0
     assert (tmp_path / "sdxl" / "manifest.jsonl").read_bytes() == before
+
+
+def test_generate_compile_flag_reaches_compile_detail(tmp_path, monkeypatch, capsys):
+    """`bench generate --compile` calls `pipe.compile_detail()` once per process, after loading; not without it."""
+    from detailpp.cli import main
+    from detailpp.pipeline import DetailPlusPlusPipeline
+
+    calls = []
+    monkeypatch.setattr(DetailPlusPlusPipeline, "compile_detail", lambda self, *a, **k: calls.append((a, k)) or [])
+    common = ["--suite", "t2i-color", "--max-prompts", "1", "--images-per-prompt", "1", "--model", "tiny-random"]
+    common += ["--steps", "1", "--height", "64", "--width", "64", "--device", "cpu", "--no-progress"]
+    common += ["--method", "sdxl"]
+    assert main(["bench", "generate", "--out", str(tmp_path / "eager"), *common]) == 0 and calls == []
+    assert main(["bench", "generate", "--out", str(tmp_path / "compiled"), *common, "--compile"]) == 0
+    assert calls == [((), {})]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["bench", "generate", "--help"])
+    assert "--compile" in capsys.readouterr().out

@@ -121,3 +121,22 @@ def test_unwritable_output_dir_is_a_file(tmp_path, capsys):
     blocker.write_text("")
     assert main(["generate", PROMPT, *FAST, "--output-dir", str(blocker / "sub")]) == 2
     assert "Cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_compile_flag_calls_compile_detail(tmp_path, capsys, monkeypatch):
+    """`--compile` reaches `pipe.compile_detail()` once, after loading (recorded, not run: no inductor here)."""
+    from detailpp.pipeline import DetailPlusPlusPipeline
+
+    calls = []
+    monkeypatch.setattr(DetailPlusPlusPipeline, "compile_detail", lambda self, *a, **k: calls.append((a, k)) or [])
+    argv = ["generate", PROMPT, *FAST, "--no-nursing", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0 and calls == []
+    assert main([*argv, "--seed", "1", "--compile"]) == 0
+    assert calls == [((), {})]
+    for seed, compiled in ((0, False), (1, True)):
+        sidecar = json.loads((tmp_path / f"a-red-teddy-bear-wearing-a-green-tracksuit-{seed}.json").read_text())
+        assert sidecar["compiled"] is compiled
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "--compile" in capsys.readouterr().out

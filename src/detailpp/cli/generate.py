@@ -54,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
     p.add_argument("--device", default=None, help="cuda, cpu, mps... (default: the best available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16 on CUDA)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): about 10 s of compilation in the "
+        "first image, then about 1.1x faster on a GPU (H200, full-size SDXL); not useful on CPU",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -113,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=args.quiet)
+    if args.compile:
+        if pipe.device.type == "cpu":
+            logger.warning("--compile is meant for GPUs; on the CPU it adds compilation time.")
+        pipe.compile_detail()
+        logger.info("The first image compiles the UNet's blocks (about 10 s on a GPU); the later ones reuse them.")
     steps = args.steps or (20 if model in ("toy", "tiny-random") else 50)
     # Validate the plan (tokenizer, 77-token window) before any denoising, once for every seed.
     plan = pipe.prepare_plan(prompt, plan, config)
@@ -148,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             "height": image.height,
             "scheduler": type(pipe.scheduler).__name__,
             "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+            "compiled": args.compile,
             "detail_config": config.to_dict(),
             "plan": plan.to_dict(),
         }
