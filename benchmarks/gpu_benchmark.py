@@ -1,9 +1,9 @@
 """Speed and memory of Detail++ on one GPU: plain SDXL, our pipeline, the materialised-map mode, and the floor.
 
-Builds SDXL at full size with *random* weights from its public configs (written below; nothing is downloaded): same
-shapes, FLOPs and memory as the trained model, so every timing and memory figure holds for it. What does not hold is
-what depends on the weights' values: with random weights the nursing loss never falls under its early-stop
-thresholds, so nursing runs every capped iteration (6 + 6 + 6 + 6 + 6 + 3 at 50 steps): a worst case.
+Builds SDXL at full size with *random* weights from its public configs (:mod:`detailpp.sdxl_random`; nothing is
+downloaded): same shapes, FLOPs and memory as the trained model, so every timing and memory figure holds for it. What
+does not hold is what depends on the weights' values: with random weights the nursing loss never falls under its
+early-stop thresholds, so nursing runs every capped iteration (6 + 6 + 6 + 6 + 6 + 3 at 50 steps): a worst case.
 
 Measured on one card in one run, CUDA-event timing after warm-up (medians):
 
@@ -49,8 +49,7 @@ from typing import Any
 
 import torch
 
-# SDXL base 1.0's public configs and the random-weight builder live in the package (`--model sdxl-random`).
-from detailpp.sdxl_random import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, sdxl_components  # noqa: F401 (tests read them)
+from detailpp.sdxl_random import sdxl_components
 
 # --------------------------------------------------------------------------- plans (hand-written: no spaCy needed)
 
@@ -682,8 +681,10 @@ class Benchmark:
             with torch.no_grad():
                 unet(**b2, return_dict=False)
 
+        capture = CaptureSpec(rows=[n + 1, n + 2], tokens=tokens)  # made once, as the pipeline does per image
+        nursing_capture = CaptureSpec(rows=[0], tokens=[], full=True)
+
         def armed():
-            capture = CaptureSpec(rows=[n + 1, n + 2], tokens=tokens)
             state.begin(share=[(n, 2 * n)], capture=capture, device=self.device)
             with torch.no_grad():
                 unet(**b2, return_dict=False)
@@ -691,7 +692,7 @@ class Benchmark:
 
         def nursing_pass():
             z = b1["sample"].detach().requires_grad_(True)
-            state.begin(capture=CaptureSpec(rows=[0], tokens=[], full=True), device=self.device)
+            state.begin(capture=nursing_capture, device=self.device)
             with torch.enable_grad(), self.detail._stop_after(layers.last_block):
                 try:
                     unet(**{**b1, "sample": z}, return_dict=False)
@@ -751,6 +752,7 @@ class Benchmark:
     # ---- torch.compile
 
     def compile_trial(self) -> None:
+        from detailpp.compile import uncompile
         from detailpp.config import DetailConfig
 
         a = self.args
@@ -827,8 +829,7 @@ class Benchmark:
                 self.results["errors"][f"compile_{variant}"] = traceback.format_exc()
                 self.log(f"compile {variant}: ERROR {res['error']}")
             finally:
-                for m in compiled:
-                    m._compiled_call_impl = None
+                uncompile(unet)
                 torch._dynamo.reset()
                 torch._dynamo.config.recompile_limit = recompile_limit
             trials[variant] = res

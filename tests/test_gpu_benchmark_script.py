@@ -23,14 +23,8 @@ def bench():
     return module
 
 
-def test_sdxl_configs_are_full_size(bench):
-    torch = pytest.importorskip("torch")
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**bench.SDXL_UNET_CONFIG)
-    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
-    assert bench.SDXL_VAE_CONFIG["force_upcast"] is True
+def test_benchmark_plans_have_one_to_three_subjects(bench):
+    # the full-size SDXL the script builds (detailpp.sdxl_random) is checked in tests/test_bench_plans.py
     assert [len(p.branches) + 2 for p in bench.benchmark_plans().values()] == [3, 4, 5]
 
 

@@ -151,10 +151,9 @@ class AttentionState:
         self.layers = layers
         self.grid = grid
         self.num_tokens = grid[0] * grid[1]
-        #: token count each shared self-attention layer must meet (mask-level layers: ``num_tokens``)
-        self.expected_tokens = expected_tokens or {}
-        #: the same per resolution level: what the processor of a level checks
-        self.level_tokens = {layers.levels.get(n, layers.level): t for n, t in self.expected_tokens.items()}
+        #: token count the shared self-attention layers of each resolution level must meet (from ``expected_tokens``,
+        #: per layer name; a level not in it: ``num_tokens``)
+        self.level_tokens = {layers.levels.get(n, layers.level): t for n, t in (expected_tokens or {}).items()}
         #: attention module -> its name, read for error messages only
         self.layer_names: dict[torch.nn.Module, str] = {}
         self.share: tuple[tuple[int, int], ...] = ()
@@ -164,6 +163,7 @@ class AttentionState:
         self._subject_rows: torch.Tensor | None = None
         self._weights: torch.Tensor | None = None
         self._counts = torch.zeros(2, dtype=torch.int64)  # calls of [shared self-attention, capture] layers
+        self._read: tuple[int, int] | None = None  # ``_counts`` as :meth:`end` read it (fixed until :meth:`begin`)
         self._device = torch.device("cpu")  # where the capture's tensors are
         self._num_keys = 77
         self.maps: torch.Tensor | None = None  # (subjects, tokens) summed over layers, fp32
@@ -194,6 +194,7 @@ class AttentionState:
             self._counts = torch.zeros(2, dtype=torch.int64, device=device)
         else:
             self._counts.zero_()
+        self._read = None
         self.maps = self.full_probs = None
         self._device, self._num_keys = device, num_keys
         if capture is not None:
@@ -232,20 +233,29 @@ class AttentionState:
         self._prepared = (spec, device, keys, rows, subject_rows, weights)
         return rows, subject_rows, weights
 
+    def _calls(self) -> tuple[int, int]:
+        """The call counter on the host: as :meth:`end` read it (no layer counts once disarmed), else read now (a
+        device sync)."""
+        if self._read is not None:
+            return self._read
+        self_calls, cross_calls = self._counts.tolist()
+        return self_calls, cross_calls
+
     @property
     def self_calls(self) -> int:
-        """Shared self-attention layers run since :meth:`begin` (reads the counter: a device sync)."""
-        return int(self._counts[0])
+        """Shared self-attention layers run since :meth:`begin`."""
+        return self._calls()[0]
 
     @property
     def cross_calls(self) -> int:
-        """Capturing cross-attention layers run since :meth:`begin` (reads the counter: a device sync)."""
-        return int(self._counts[1])
+        """Capturing cross-attention layers run since :meth:`begin`."""
+        return self._calls()[1]
 
     def end(self, expect_self: bool = True, expect_cross: bool = True) -> None:
         """Disarm; raise :class:`HookError` when a layer that had work to do did not run.
 
-        Reads the call counter once (one small device-to-host copy) when something was armed.
+        Reads the call counter once (one small device-to-host copy) when something was armed, and keeps it for
+        :attr:`cross_calls` and the ``mean_*`` methods.
         """
         n_self, n_cross = len(self.layers.shared_self_attention), len(self.layers.cross_attention)
         check_self = expect_self and bool(self.share)
@@ -254,7 +264,8 @@ class AttentionState:
         self.capture = None
         if not (check_self or check_cross):
             return
-        self_calls, cross_calls = self._counts.tolist()
+        self._read = self._calls()
+        self_calls, cross_calls = self._read
         if check_self and self_calls != n_self:
             raise HookError(
                 f"Shared self-attention ran in {self_calls} of {n_self} layers in this step; another "

@@ -42,7 +42,7 @@ def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **co
         compile_kwargs: passed to ``torch.compile`` (``mode``, ``backend``, ``fullgraph``, ``dynamic``...).
 
     Returns:
-        The names of the compiled modules. ``module._compiled_call_impl = None`` on each undoes it.
+        The names of the compiled modules. :func:`uncompile` undoes it.
     """
     import torch._dynamo
 

@@ -179,6 +179,8 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         """
         from detailpp.compile import compile_detail
 
+        if self.device.type == "cpu":
+            logger.warning("compile_detail() is meant for GPUs; on the CPU it adds compilation time.")
         return compile_detail(self.unet, recompile_limit=recompile_limit, **compile_kwargs)
 
     # ------------------------------------------------------------------ helpers used by __call__
@@ -494,11 +496,13 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         keep_all = return_branch_images or not config.prune_branches
         last = n_branches - 1
 
+        nursing_capture = CaptureSpec(rows=[0], tokens=[], full=True)
+
         def nursing_loss_of(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
             rows = rows_of([0])[-1:]
 
             def loss_of(z0: torch.Tensor) -> torch.Tensor:
-                state.begin(capture=CaptureSpec(rows=[0], tokens=[], full=True), device=device, num_keys=num_keys)
+                state.begin(capture=nursing_capture, device=device, num_keys=num_keys)
                 try:
                     with self._stop_after(layers.last_block):
                         self.unet(

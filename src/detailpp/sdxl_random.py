@@ -20,9 +20,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: the name :func:`detailpp.loading.load_pipeline` knows this model by.
-SDXL_RANDOM = "sdxl-random"
-
 #: unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 (2,567,463,684 parameters).
 SDXL_UNET_CONFIG: dict[str, Any] = {
     "act_fn": "silu",

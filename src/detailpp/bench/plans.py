@@ -81,15 +81,11 @@ def plans_for(prompts: Sequence[str], plans: Mapping[str, DecompositionPlan], so
     return {p: plans[p] for p in prompts}
 
 
-def dumps_plans(plans: Iterable[DecompositionPlan]) -> str:
-    return "".join(plan.to_json(ensure_ascii=False) + "\n" for plan in plans)
-
-
 def write_plans(path: str | Path, plans: Iterable[DecompositionPlan]) -> None:
     """Write ``plans`` as JSON Lines, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, dumps_plans(plans))
+    atomic_write_text(path, "".join(plan.to_json(ensure_ascii=False) + "\n" for plan in plans))
 
 
 def record_run_plans(out: Path, plans: Mapping[str, DecompositionPlan], write: bool = True) -> None:

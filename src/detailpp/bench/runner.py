@@ -300,6 +300,15 @@ class Summary:
     extra: dict = field(default_factory=dict)
 
 
+def check_run_identity(out_dir: str | Path, identity: dict) -> None:
+    """Write ``identity`` to the run folder's ``run.json``, or check it against the one there (creates the folder)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_or_write_json(
+        out / RUN_FILE, identity, "images", "Use another --out folder, or the same settings to resume the run."
+    )
+
+
 def run_generation(
     out_dir: str | Path,
     suite: Suite,
@@ -322,9 +331,7 @@ def run_generation(
     shard = shard or Shard()
     out = Path(out_dir)
     (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
-    check_or_write_json(
-        out / RUN_FILE, identity, "images", "Use another --out folder, or the same settings to resume the run."
-    )
+    check_run_identity(out, identity)
     prompts = suite.prompts[:max_prompts] if max_prompts else suite.prompts
     items = plan_items(prompts, identity["images_per_prompt"], identity["base_seed"])
     by_index = {it.index: it for it in items}

@@ -28,7 +28,7 @@ from detailpp.bench import scb as _scb
 from detailpp.bench.metrics import METRIC_NAMES, make_metric
 from detailpp.bench.models import default_device
 from detailpp.bench.sharding import resolve_shard
-from detailpp.bench.suites import BASE_SEED, DEFAULT_IMAGES_PER_PROMPT, SUITE_NAMES, load_suite
+from detailpp.bench.suites import BASE_SEED, DEFAULT_IMAGES_PER_PROMPT, SUITE_NAMES, Suite, load_suite
 from detailpp.plan import GRANULARITIES
 
 logger = logging.getLogger(__name__)
@@ -257,8 +257,6 @@ class PipelineGenerator:
             pipe.set_progress_bar_config(disable=True)
         self.device = str(getattr(pipe, "device", None) or self.device or "cpu")
         if self.compile_unet:
-            if self.device.startswith("cpu"):
-                logger.warning("--compile is meant for GPUs; on the CPU it adds compilation time.")
             pipe.compile_detail()  # plain SDXL (--method sdxl) runs through the same compiled blocks
         self.pipe = pipe
 
@@ -286,26 +284,18 @@ class PipelineGenerator:
         return out.images[0]
 
 
-def make_generate_fn(
-    method: str,
-    model: str,
-    device: str | None,
-    dtype: str | None,
-    settings: dict,
-    detail_config: Any = None,
-    plans: dict | None = None,
-    compile_unet: bool = False,
-) -> PipelineGenerator:
-    """``generate_fn(prompt, seed) -> PIL image`` (a :class:`PipelineGenerator`)."""
-    return PipelineGenerator(method, model, device, dtype, settings, detail_config, plans, compile_unet)
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from detailpp.bench.runner import run_generation, run_identity
-
+def _suite_prompts(args: argparse.Namespace) -> tuple[Suite, list[str]]:
+    """The suite of ``--suite``/``--prompt-file`` and its first ``--max-prompts`` prompts."""
     suite = load_suite(args.suite, args.prompt_file)
     if args.max_prompts is not None and args.max_prompts < 1:
         raise BenchError(f"--max-prompts must be at least 1, got {args.max_prompts}.")
+    return suite, list(suite.prompts[: args.max_prompts] if args.max_prompts else suite.prompts)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from detailpp.bench.runner import check_run_identity, run_generation, run_identity
+
+    suite, prompts = _suite_prompts(args)
     for name in ("steps", "height", "width"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name} must be positive, got {getattr(args, name)}.")
@@ -319,7 +309,6 @@ def _generate(args: argparse.Namespace) -> int:
 
         if args.method != "detailpp":
             raise BenchError("--plans applies to --method detailpp only.")
-        prompts = suite.prompts[: args.max_prompts] if args.max_prompts else suite.prompts
         plans = plans_for(prompts, read_plans(args.plans), str(args.plans))
     settings = {
         "steps": args.steps,
@@ -341,15 +330,11 @@ def _generate(args: argparse.Namespace) -> int:
     )
     shard = resolve_shard(args.shard_index, args.num_shards, args.device)
     if plans is not None:
-        from detailpp.bench.manifest import RUN_FILE, check_or_write_json
         from detailpp.bench.plans import record_run_plans
 
-        # the folder's settings are checked (as run_generation does) before its plans.jsonl is touched
-        args.out.mkdir(parents=True, exist_ok=True)
-        hint = "Use another --out folder, or the same settings to resume the run."
-        check_or_write_json(args.out / RUN_FILE, identity, "images", hint)
+        check_run_identity(args.out, identity)  # the folder's settings first, then its plans.jsonl
         record_run_plans(args.out, plans, write=shard.is_main or shard.launcher == "manual")
-    generate_fn = make_generate_fn(
+    generate_fn = PipelineGenerator(
         args.method, args.model, shard.device, args.dtype, settings, detail_config, plans, args.compile
     )
     summary = run_generation(
@@ -379,10 +364,7 @@ def _plans(args: argparse.Namespace) -> int:
     from detailpp.bench.plans import write_plans
     from detailpp.decompose import decompose_many
 
-    suite = load_suite(args.suite, args.prompt_file)
-    if args.max_prompts is not None and args.max_prompts < 1:
-        raise BenchError(f"--max-prompts must be at least 1, got {args.max_prompts}.")
-    prompts = suite.prompts[: args.max_prompts] if args.max_prompts else suite.prompts
+    _, prompts = _suite_prompts(args)
     plans = decompose_many(prompts, args.granularity)
     write_plans(args.out, plans)
     logger.info(

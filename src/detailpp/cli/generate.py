@@ -120,8 +120,6 @@ def run(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.compile:
-        if pipe.device.type == "cpu":
-            logger.warning("--compile is meant for GPUs; on the CPU it adds compilation time.")
         pipe.compile_detail()
         logger.info("The first image compiles the UNet's blocks (about 10 s on a GPU); the later ones reuse them.")
     steps = args.steps or (20 if model in ("toy", "tiny-random") else 50)
