@@ -285,3 +285,25 @@ def test_packaged_toy_model_fits_the_budget():
         == 2 * json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
     )
     assert vae["scaling_factor"] > 0
+
+
+def test_base_prompt_and_layout_agreement():
+    from PIL import Image
+
+    from detailpp.toy.evaluate import base_prompt, layout_agreement
+    from detailpp.toy.scenes import PromptSpec, to_uint8
+
+    spec = PromptSpec(
+        "a striped red circle next to an orange star",
+        (ObjectSpec("circle", "red", "striped"), ObjectSpec("star", "orange")),
+    )
+    assert base_prompt(spec) == "a circle next to a star"
+    with pytest.raises(ValueError, match="not a toy-world caption"):
+        base_prompt(PromptSpec("two red circles", spec.objects))
+    batch = sample_scenes(4, rng=8, n_objects=2)
+    images = [Image.fromarray(a) for a in to_uint8(render(batch)[0])]
+    same = layout_agreement(images, images)
+    assert same == {"foreground_iou": 1.0, "same_count": 1.0}
+    moved = sample_scenes(4, rng=9, n_objects=2)  # other places: overlap well below 1
+    other = [Image.fromarray(a) for a in to_uint8(render(moved)[0])]
+    assert layout_agreement(images, other)["foreground_iou"] < 0.5
