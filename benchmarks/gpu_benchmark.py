@@ -752,14 +752,15 @@ class Benchmark:
     # ---- torch.compile
 
     def compile_trial(self) -> None:
-        from detailpp.compile import uncompile
+        from detailpp.compile import recompile_limit_key, uncompile
         from detailpp.config import DetailConfig
 
         a = self.args
         unet = self.detail.unet
         import torch._dynamo
 
-        recompile_limit = torch._dynamo.config.recompile_limit
+        limit_key = recompile_limit_key()
+        recompile_limit = getattr(torch._dynamo.config, limit_key)
         trials = {}
         eager = {
             k: self.results["runs"].get(k, {}).get("total_s")
@@ -831,7 +832,7 @@ class Benchmark:
             finally:
                 uncompile(unet)
                 torch._dynamo.reset()
-                torch._dynamo.config.recompile_limit = recompile_limit
+                setattr(torch._dynamo.config, limit_key, recompile_limit)
             trials[variant] = res
             self.results["compile"] = trials
             self.save()

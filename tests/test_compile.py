@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from detailpp import Branch, DecompositionPlan, DetailConfig
 from detailpp.attention import AttentionState, detail_processors, find_mask_layers
-from detailpp.compile import uncompile
+from detailpp.compile import recompile_limit_key, uncompile
 from detailpp.tiny import build_tiny_pipeline
 
 PLAN = DecompositionPlan(
@@ -76,11 +76,12 @@ def test_compiled_detail_equals_eager_without_recompiles_or_graph_breaks():
     torch._dynamo.reset()
     counters.clear()
     try:
-        with torch._dynamo.config.patch(recompile_limit=8):
+        key = recompile_limit_key()
+        with torch._dynamo.config.patch(**{key: 8}):
             # fullgraph: a graph break inside a block would raise instead of splitting the graph
             compiled = pipe.compile_detail(backend="eager", fullgraph=True)
             blocks = [n for n, m in pipe.unet.named_modules() if type(m).__name__ == "BasicTransformerBlock"]
-            assert compiled == blocks and torch._dynamo.config.recompile_limit == 32
+            assert compiled == blocks and getattr(torch._dynamo.config, key) == 32
             first = run(pipe)
             after_first = compiled_so_far()
             second = run(pipe, OTHER, seed=1)

@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_REPEATED_BLOCKS = ("BasicTransformerBlock",)
 
 
+def recompile_limit_key() -> str:
+    """The name of dynamo's per-function graph limit: ``recompile_limit`` (recent torch), else ``cache_size_limit``."""
+    import torch._dynamo
+
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **compile_kwargs: Any) -> list[str]:
     """Compile each repeated transformer block of ``unet`` in place (``module.compile(**compile_kwargs)``).
 
@@ -51,7 +58,7 @@ def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **co
     if not names:
         raise ValueError(f"The UNet has no {' or '.join(classes)} module to compile.")
     if recompile_limit is not None:
-        key = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        key = recompile_limit_key()
         if getattr(torch._dynamo.config, key) < recompile_limit:
             logger.info("torch._dynamo.config.%s raised to %d for Detail++'s block variants.", key, recompile_limit)
             setattr(torch._dynamo.config, key, recompile_limit)
