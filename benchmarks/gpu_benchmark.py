@@ -499,12 +499,13 @@ class Benchmark:
 
     # ---- runs
 
-    def call_sdxl(self, steps: int | None = None) -> Callable[[Callable], Any]:
+    def _caller(self, pipe, steps: int | None, **inputs: Any) -> Callable[[Callable], Any]:
+        """A call of ``pipe`` with the run's size, steps, output type and a fresh seed-0 generator per call."""
         a = self.args
 
         def call(callback):
-            return self.sdxl(
-                prompt=self.plans[2].prompt,
+            return pipe(
+                **inputs,
                 num_inference_steps=steps or a.steps,
                 height=a.size,
                 width=a.size,
@@ -514,23 +515,12 @@ class Benchmark:
             )
 
         return call
+
+    def call_sdxl(self, steps: int | None = None) -> Callable[[Callable], Any]:
+        return self._caller(self.sdxl, steps, prompt=self.plans[2].prompt)
 
     def call_detail(self, subjects: int, config, steps: int | None = None) -> Callable[[Callable], Any]:
-        a = self.args
-
-        def call(callback):
-            return self.detail(
-                plan=self.plans[subjects],
-                detail_config=config,
-                num_inference_steps=steps or a.steps,
-                height=a.size,
-                width=a.size,
-                generator=torch.Generator(self.device).manual_seed(0),
-                output_type=a.output_type,
-                callback_on_step_end=callback,
-            )
-
-        return call
+        return self._caller(self.detail, steps, plan=self.plans[subjects], detail_config=config)
 
     def measure(self, name: str, pipe, call, repeats: int, config=None, extra: dict | None = None) -> dict[str, Any]:
         from detailpp.config import DetailConfig

@@ -594,26 +594,16 @@ def build_demo(
                 with gr.Row():
                     image = gr.Image(label="Detail++", **shown, elem_id="detailpp-image")
                     plain = gr.Image(label="plain SDXL, same seed", **shown, elem_id="detailpp-plain")
-                branches = gr.Gallery(
-                    label="Branches p0, p1, p2..pn",
-                    columns=4,
-                    height="auto",
-                    buttons=["download", "download_all", "fullscreen"],
-                    fit_columns=False,
-                    object_fit="contain",
-                    format="png",
-                    elem_id="detailpp-branches",
-                )
-                masks = gr.Gallery(
-                    label="Each subject's mask over the image",
-                    columns=4,
-                    height="auto",
-                    buttons=["download", "download_all", "fullscreen"],
-                    fit_columns=False,
-                    object_fit="contain",
-                    format="png",
-                    elem_id="detailpp-masks",
-                )
+                gallery = {
+                    "columns": 4,
+                    "height": "auto",
+                    "fit_columns": False,
+                    "object_fit": "contain",
+                    "format": "png",
+                }
+                gallery["buttons"] = ["download", "download_all", "fullscreen"]
+                branches = gr.Gallery(label="Branches p0, p1, p2..pn", **gallery, elem_id="detailpp-branches")
+                masks = gr.Gallery(label="Each subject's mask over the image", **gallery, elem_id="detailpp-masks")
                 with gr.Accordion("Plan as JSON (for `detailpp generate --plan`)", open=False):
                     plan_json = gr.Code(language="json", elem_id="detailpp-plan-json")
         gr.Examples(examples, inputs=[prompt], label="Example prompts")
