@@ -140,3 +140,19 @@ def test_compile_flag_calls_compile_detail(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "--compile" in capsys.readouterr().out
+
+
+def test_generate_takes_the_model_folders_detail_defaults_under_its_flags(tmp_path):
+    from detailpp.tiny import build_tiny_pipeline
+
+    folder = tmp_path / "model"
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_detail_defaults({"nursing_step_size": 12.5, "mask_threshold": 0.3})
+    pipe.save_pretrained(folder)
+    out = tmp_path / "out"
+    argv = ["generate", PROMPT, "--model", str(folder), "--steps", "1", "--height", "128", "--width", "128"]
+    assert main([*argv, "--quiet", "--tau", "0.6", "--output-dir", str(out)]) == 0
+    (sidecar,) = out.glob("*.json")
+    config = json.loads(sidecar.read_text())["detail_config"]
+    assert config["nursing_step_size"] == 12.5  # the model's recommendation ...
+    assert config["mask_threshold"] == 0.6  # ... under the command line's flags

@@ -188,6 +188,9 @@ class FakePipe:
     def prepare_plan(self, prompt, plan, config):
         return plan
 
+    def make_detail_config(self, **fields):
+        return DetailConfig(**fields)
+
     def __call__(self, **kwargs):
         import PIL.Image
         import torch

@@ -261,3 +261,26 @@ def test_share_layers_all_shares_every_self_attention_layer(pipe):
     assert not (lowest.branch_images[1] == every.branch_images[1]).all()
     with pytest.raises(ValueError, match="share_layers"):
         DetailConfig(share_layers="some")
+
+
+def test_model_folder_detail_defaults_round_trip_and_apply(pipe, tmp_path):
+    from detailpp.pipeline import DetailPlusPlusPipeline
+
+    folder = tmp_path / "model"
+    pipe.set_detail_defaults({"nursing": False, "mask_threshold": 0.3})
+    try:
+        pipe.save_pretrained(folder)
+    finally:
+        pipe.detail_defaults = DetailPlusPlusPipeline.detail_defaults
+    loaded = DetailPlusPlusPipeline.from_pretrained(str(folder))
+    loaded.set_progress_bar_config(disable=True)
+    assert dict(loaded.detail_defaults) == {"nursing": False, "mask_threshold": 0.3}
+    # a call without detail_config uses them; explicit fields win over them
+    assert loaded.make_detail_config(mask_threshold=0.7) == DetailConfig(nursing=False, mask_threshold=0.7)
+    implicit = run(loaded).images
+    explicit = run(loaded, detail_config=DetailConfig(nursing=False, mask_threshold=0.3)).images
+    paper = run(loaded, detail_config=DetailConfig()).images
+    assert (implicit == explicit).all() and not (implicit == paper).all()
+    (folder / "detail_config.json").write_text('{"tau": 0.3}', encoding="utf-8")
+    with pytest.raises(DetailInputError, match=r"detail_config\.json.*tau"):
+        DetailPlusPlusPipeline.from_pretrained(str(folder))

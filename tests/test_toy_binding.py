@@ -182,3 +182,68 @@ def test_benchmark_end_to_end_on_two_prompts(tmp_path):
         seeds[(r["prompt_index"], r["seed"])].add(r["image_seed"])
     assert all(len(v) == 1 for v in seeds.values())
     assert held_out_prompts(2)[0].prompt  # the prompts are the held-out list's prefix
+
+
+def test_validation_prompts_are_disjoint_from_the_test_prompts_and_deterministic():
+    val = binding.validation_prompts(60)
+    test = {s.prompt for s in held_out_prompts(binding.TEST_POOL, 0)}
+    assert len(val) == 60 and len({s.prompt for s in val}) == 60
+    assert not test & {s.prompt for s in val}
+    assert [s.prompt for s in binding.validation_prompts(60)] == [s.prompt for s in val]
+    assert [s.prompt for s in binding.validation_prompts(7)] == [s.prompt for s in val[:7]]  # a prefix
+    assert binding.split_prompts(3, "test") == held_out_prompts(3, 0)
+    assert binding.split_prompts(3, "validation") == val[:3]
+    with pytest.raises(ValueError, match="split"):
+        binding.split_prompts(3, "train")
+
+
+def test_detail_config_overlay_is_checked_for_every_method():
+    from detailpp.bench import BenchError
+
+    assert binding.method_fields("pdi", {"nursing": True, "mask_threshold": 0.3}) == {
+        "nursing": False,
+        "mask_threshold": 0.3,
+    }
+    assert binding.method_fields("sdxl", {"mask_threshold": 0.3}) is None
+    with pytest.raises(BenchError, match="'tau'"):
+        binding.check_detail_config({"tau": 0.3}, ["detailpp"])
+    binding.check_detail_config({"nursing_thresholds": []}, ["sdxl", "pdi"])  # pdi does not nurse
+    with pytest.raises(BenchError, match="'detailpp'.*nursing_thresholds"):
+        binding.check_detail_config({"nursing_thresholds": []}, ["pdi", "detailpp"])
+
+
+def _toy_cli(tmp_path, *argv):
+    from detailpp.cli import main
+
+    common = ["--model", "tiny-random", "--device", "cpu", "--seeds", "1", "--steps", "2", "--height", "128"]
+    common += ["--width", "128", "--judge-scenes", "0", "--work-dir", str(tmp_path / "work")]
+    return main(["bench", "toy", *common, "--results", str(tmp_path / "results.json"), *argv])
+
+
+def test_toy_cli_validation_split_plans_file_and_detail_config(tmp_path, capsys):
+    plans = tmp_path / "plans.json"
+    assert (
+        _toy_cli(tmp_path, "--prompts", "2", "--split", "validation", "--plans", "scene", "--write-plans", str(plans))
+        == 0
+    )
+    assert list(json.loads(plans.read_text())) == [s.prompt for s in binding.validation_prompts(2)]
+    # a plans file of the validation split does not serve the test split: a clear error, before any image
+    assert _toy_cli(tmp_path, "--prompts", "1", "--plans", str(plans)) == 2
+    err = capsys.readouterr().err
+    assert str(plans) in err and "--write-plans" in err and "--split test" in err
+    assert not (tmp_path / "work").exists()
+    # an unknown DetailConfig field: a clear error naming it, before any image
+    assert _toy_cli(tmp_path, "--prompts", "1", "--plans", "scene", "--detail-config", '{"tau": 0.3}') == 2
+    assert "'tau'" in capsys.readouterr().err and not (tmp_path / "work").exists()
+
+    overlay = {"nursing": True, "nursing_max_iterations_early": 1, "nursing_max_iterations_late": 1}
+    argv = ["--prompts", "1", "--split", "validation", "--plans", str(plans), "--methods", "pdi,detailpp"]
+    assert _toy_cli(tmp_path, *argv, "--detail-config", json.dumps(overlay)) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["complete"] and data["n_prompts"] == 1
+    settings = data["settings"]
+    assert settings["split"] == "validation" and settings["detail_config"] == overlay
+    assert settings["prompt_seed"] == 1 and settings["plans"] == "file"
+    recs = {r["method"]: r for r in binding.read_records(tmp_path / "work")}
+    assert recs["pdi"]["nursing"] == []  # the method's own nursing=False wins over the overlay
+    assert recs["detailpp"]["nursing"] and all(n["updates"] <= 1 for n in recs["detailpp"]["nursing"])

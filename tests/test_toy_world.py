@@ -18,6 +18,9 @@ from detailpp.toy.scenes import (
     LAYOUT_GRID,
     MARGIN,
     SHAPES,
+    SLOT_CENTRES,
+    SLOT_REACH,
+    SLOT_SIZE_RANGE,
     TEXTURE_SHADE,
     TEXTURES,
     CaptionTokenizer,
@@ -29,6 +32,7 @@ from detailpp.toy.scenes import (
     render,
     sample_scenes,
     seen_prompts,
+    slot_scores,
 )
 
 
@@ -57,10 +61,10 @@ def test_masks_match_render_and_never_overlap():
         assert np.abs(img[i][:, background] - batch.background[i]).max() < 1e-5
 
 
-@pytest.mark.parametrize("noise_layout", [False, True])
-def test_layout_keeps_margins(noise_layout):
-    b = sample_scenes(500, rng=4, noise_layout=noise_layout)
-    assert (b.layout_field is not None) == noise_layout
+@pytest.mark.parametrize("layout", ["uniform", "field", "slots"])
+def test_layout_keeps_margins(layout):
+    b = sample_scenes(500, rng=4, layout=layout)
+    assert (b.layout_field is not None) == (layout != "uniform")
     for i in range(len(b)):
         n = b.n_objects[i]
         x, y, s = b.cx[i, :n], b.cy[i, :n], b.size[i, :n]
@@ -110,12 +114,40 @@ def test_noise_layout_puts_the_first_named_object_on_the_fields_peak():
         assert not ((np.abs(x - px) < s) & (np.abs(y - py) < s) & has).any()
 
 
+def test_slots_layout_puts_the_kth_named_object_on_the_kth_best_place():
+    n = 300
+    field = np.random.default_rng(7).standard_normal((n, LAYOUT_GRID, LAYOUT_GRID))
+    b = sample_scenes(n, rng=8, layout="slots", layout_field=field)
+    scores = slot_scores(field)
+    # an independent reading of the places: the score of the 32 x 32 pixels around each centre, by brute force
+    px = np.repeat(np.repeat(field, 128 // LAYOUT_GRID, axis=1), 128 // LAYOUT_GRID, axis=2)  # (n, 128, 128)
+    for i in range(n):
+        for j, (cy, cx) in enumerate((y, x) for y in SLOT_CENTRES for x in SLOT_CENTRES):
+            r = int(SLOT_REACH)
+            assert abs(scores[i, j] - px[i, int(cy) - r : int(cy) + r, int(cx) - r : int(cx) + r].mean()) < 1e-9
+        best = np.argsort(-scores[i])
+        for k in range(b.n_objects[i]):
+            slot = b.order[i, k]
+            assert (b.cx[i, slot], b.cy[i, slot]) == (SLOT_CENTRES[best[k] % 3], SLOT_CENTRES[best[k] // 3])
+            assert SLOT_SIZE_RANGE[0] <= b.size[i, slot] <= SLOT_SIZE_RANGE[1]
+    # the layout depends on the field only: other attributes, same field, same places
+    c = sample_scenes(n, rng=9, layout="slots", layout_field=field)
+    same = b.n_objects == c.n_objects
+    for i in np.flatnonzero(same):
+        for k in range(b.n_objects[i]):
+            assert (
+                b.cx[i, b.order[i, k]] == c.cx[i, c.order[i, k]] and b.cy[i, b.order[i, k]] == c.cy[i, c.order[i, k]]
+            )
+    with pytest.raises(ValueError, match="layout must be one of"):
+        sample_scenes(2, rng=0, layout="grid")
+
+
 def test_scene_stream_order_is_deterministic_with_several_workers():
     from detailpp.toy.train import SceneStream
 
     runs = []
     for _ in range(2):
-        stream = SceneStream(8, seed=11, attribute_drop=0.15, noise_layout=True, workers=3)
+        stream = SceneStream(8, seed=11, attribute_drop=0.15, layout="slots", workers=3)
         runs.append([stream.next()[0] for _ in range(5)])
         stream.close()
     for a, b in zip(*runs, strict=True):
@@ -265,6 +297,55 @@ def test_training_script_writes_loadable_pipeline(tmp_path):
         ]
     )
     assert resumed["step"] == 3
+    # going on from a saved pipeline (its EMA weights) when the raw checkpoint is gone
+    from detailpp.toy.train import checkpoint_from_pipeline
+
+    ckpt = checkpoint_from_pipeline(folder, step=2)
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(ckpt["unet"][k], v.float().cpu())
+    again = main(
+        [
+            *args[:4],
+            "--output",
+            str(tmp_path / "run3"),
+            "--resume",
+            str(folder),
+            "--resume-step",
+            "2",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--high-noise-fraction",
+            "0.5",
+        ]
+    )
+    assert again["step"] == 3
+
+
+def test_grow_unet_keeps_the_function_and_the_new_blocks_learn():
+    from dataclasses import replace
+
+    from detailpp.toy.model import TINY, build_unet
+    from detailpp.toy.train import grow_unet
+
+    torch.manual_seed(0)
+    small = build_unet(TINY)
+    big = build_unet(replace(TINY, transformer_layers=(1, 2, 3)))
+    assert grow_unet(big, small.state_dict()) > 0
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ehs = torch.randn(2, 77, 2 * TINY.text_hidden, generator=g)
+    added = {"text_embeds": torch.randn(2, TINY.projection_dim, generator=g), "time_ids": torch.rand(2, 6) * 32}
+    t = torch.tensor([10, 700])
+    torch.testing.assert_close(
+        big(x, t, ehs, added_cond_kwargs=added).sample, small(x, t, ehs, added_cond_kwargs=added).sample
+    )
+    big(x, t, ehs, added_cond_kwargs=added).sample.square().mean().backward()
+    new_out = big.mid_block.attentions[0].transformer_blocks[2].ff.net[-1].weight
+    assert new_out.abs().max() == 0 and new_out.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="lacks"):
+        grow_unet(small, big.state_dict())
 
 
 def test_packaged_toy_model_fits_the_budget():
@@ -307,3 +388,65 @@ def test_base_prompt_and_layout_agreement():
     moved = sample_scenes(4, rng=9, n_objects=2)  # other places: overlap well below 1
     other = [Image.fromarray(a) for a in to_uint8(render(moved)[0])]
     assert layout_agreement(images, other)["foreground_iou"] < 0.5
+
+
+class _RulePipe:
+    """A stand-in pipeline that renders each prompt's objects where the slots rule puts them (or, ``follow=False``,
+    on fixed places whatever the noise)."""
+
+    def __init__(self, specs, follow: bool = True):
+        from types import SimpleNamespace
+
+        from detailpp.toy.evaluate import base_prompt
+
+        self.by_prompt = {s.prompt: s for s in specs} | {base_prompt(s): s for s in specs}
+        self.follow = follow
+        self.device = "cpu"
+        self.unet = SimpleNamespace(config=SimpleNamespace(in_channels=4, sample_size=64), dtype=torch.float32)
+
+    def __call__(self, prompts, latents, num_inference_steps, guidance_scale):
+        from types import SimpleNamespace
+
+        from PIL import Image
+
+        from detailpp.toy.scenes import SceneBatch, _place_on_slots, to_uint8
+
+        field = layout_field_of(latents).numpy().astype(np.float64)
+        images = []
+        for prompt, f in zip(prompts, field, strict=True):
+            objs = self.by_prompt[prompt].objects
+            n = len(objs)
+            pad = [-1] * (3 - n)
+            order = np.array([[*range(n), *pad]])
+            counts = np.array([n])
+            f = f if self.follow else np.linspace(1, 0, f.size).reshape(f.shape)  # the same places every time
+            cx, cy, size = _place_on_slots(np.random.default_rng(0), counts, order, f[None])
+            batch = SceneBatch(
+                counts,
+                np.array([[SHAPES.index(o.shape) for o in objs] + pad]),
+                np.array([[COLOUR_NAMES.index(o.colour) for o in objs] + pad]),
+                np.array([[TEXTURES.index(o.texture) for o in objs] + pad]),
+                cx,
+                cy,
+                size,
+                np.zeros((1, 3)),
+                np.array([0.2]),
+                order,
+                np.ones((1, 3), bool),
+                np.ones((1, 3), bool),
+            )
+            images.append(Image.fromarray(to_uint8(render(batch)[0])[0]))
+        return SimpleNamespace(images=images)
+
+
+def test_slot_rule_reads_the_places_off_the_noise():
+    from detailpp.toy.evaluate import slot_rule
+
+    specs = held_out_prompts(12, seed=3)
+    follows = slot_rule(_RulePipe(specs), specs, seed=5)
+    assert follows["full"] == {"on_top_places": 1.0, "in_named_order": 1.0}
+    assert follows["base"] == follows["full"] and follows["same_places"] == 1.0
+    fixed = slot_rule(_RulePipe(specs, follow=False), specs, seed=5)
+    assert fixed["same_places"] == 1.0  # both kinds use the fixed places ...
+    assert fixed["full"]["on_top_places"] < 0.7 and fixed["full"]["in_named_order"] < 0.5  # ... not the noise's
+    assert 0.2 < follows["chance"]["on_top_places"] < 0.34

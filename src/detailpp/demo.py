@@ -231,6 +231,14 @@ def check_settings(
     return Settings(seed_value, steps_value, guidance, sizes["Height"], sizes["Width"], config)
 
 
+#: The DetailConfig fields the demo's controls set; the model's recommended settings fill in the rest.
+DEMO_FIELDS = ("mask_threshold", "share_steps", "nursing", "granularity")
+
+
+def _demo_fields(config: DetailConfig) -> dict:
+    return {name: getattr(config, name) for name in DEMO_FIELDS}
+
+
 # ---------------------------------------------------------------------------------------------------- the session
 
 
@@ -361,8 +369,10 @@ class DemoSession:
         )
         with GENERATION_LOCK:
             pipe = self.pipe
+            # the demo's fields over the model's recommended settings (the toy model's nursing step size)
+            config = pipe.make_detail_config(**_demo_fields(settings.config))
             try:
-                plan = pipe.prepare_plan(plan.prompt, plan, settings.config)
+                plan = pipe.prepare_plan(plan.prompt, plan, config)
             except (PlanError, ValueError) as e:
                 raise DemoInputError(str(e)) from e
             started = time.perf_counter()
@@ -371,7 +381,7 @@ class DemoSession:
             out = pipe(
                 prompt=plan.prompt,
                 plan=plan,
-                detail_config=settings.config,
+                detail_config=config,
                 generator=torch.Generator(device="cpu").manual_seed(settings.seed),
                 return_branch_images=True,
                 return_masks=True,
@@ -392,7 +402,7 @@ class DemoSession:
         branches = list(zip(out.branch_images, branch_captions(plan), strict=True))
         masks = []
         if out.masks is not None:
-            tau = settings.config.mask_threshold
+            tau = config.mask_threshold
             for branch, mask in zip(plan.branches, out.masks, strict=True):
                 masks.append((mask_overlay(image, mask > tau), f"{branch.subject} (mask > tau = {tau:g})"))
         notes = [f"seed {settings.seed}", f"{settings.width}x{settings.height}", f"{settings.steps} steps"]

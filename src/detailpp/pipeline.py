@@ -14,10 +14,13 @@ one UNet batch from the same initial noise:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -119,7 +122,49 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
     Load it like SDXL (``from_pretrained``, ``from_pipe``, ``from_single_file``) and call it like SDXL, plus
     ``detail_config=`` (:class:`detailpp.DetailConfig`) and ``plan=`` (:class:`detailpp.DecompositionPlan`, a dict or
     a JSON file; parsed from the prompt with spaCy when absent). A plan with no branch runs plain SDXL.
+
+    A model folder may recommend Detail++ settings for itself in ``detail_config.json`` (DetailConfig fields; the
+    embedded toy model's nursing step size): ``from_pretrained`` reads it into :attr:`detail_defaults`,
+    ``save_pretrained`` writes it back, and a call without ``detail_config=`` (or :meth:`make_detail_config`) uses
+    them, every other field keeping DetailConfig's default.
     """
+
+    #: The file of a model folder that holds the Detail++ settings the model recommends.
+    DETAIL_DEFAULTS_FILE = "detail_config.json"
+    #: DetailConfig fields recommended by the loaded model (empty: the paper's defaults).
+    detail_defaults: Mapping[str, Any] = MappingProxyType({})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):  # noqa: D102 - diffusers' documentation
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = Path(str(pretrained_model_name_or_path)) / cls.DETAIL_DEFAULTS_FILE
+        if path.is_file():
+            try:
+                fields = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise DetailInputError(f"Cannot read the model's Detail++ defaults {path}: {e}.") from e
+            pipe.set_detail_defaults(fields, source=str(path))
+        return pipe
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:  # noqa: D102 - diffusers' documentation
+        super().save_pretrained(save_directory, **kwargs)
+        if self.detail_defaults:
+            text = json.dumps(dict(self.detail_defaults), indent=1) + "\n"
+            (Path(save_directory) / self.DETAIL_DEFAULTS_FILE).write_text(text, encoding="utf-8")
+
+    def set_detail_defaults(self, fields: Mapping[str, Any], source: str = "detail_defaults") -> None:
+        """Recommend DetailConfig ``fields`` for this model (checked now: a wrong field fails here, not mid-call)."""
+        if not isinstance(fields, Mapping):
+            raise DetailInputError(f"{source} must hold a JSON object of DetailConfig fields.")
+        try:
+            DetailConfig(**fields)
+        except (TypeError, ValueError) as e:
+            raise DetailInputError(f"{source}: {e}. Fix or delete it.") from e
+        self.detail_defaults = MappingProxyType(dict(fields))
+
+    def make_detail_config(self, **fields: Any) -> DetailConfig:
+        """A DetailConfig of ``fields`` over the model's :attr:`detail_defaults` (over DetailConfig's defaults)."""
+        return DetailConfig(**{**self.detail_defaults, **fields})
 
     def decompose(self, prompt: str, granularity: str = "subject") -> DecompositionPlan:
         """The plan for ``prompt``, from the spaCy parser (:func:`detailpp.decompose.decompose`)."""
@@ -296,7 +341,7 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         Returns:
             :class:`DetailPlusPlusPipelineOutput` (or ``(images,)`` with ``return_dict=False``).
         """
-        config = detail_config if detail_config is not None else DetailConfig()
+        config = detail_config if detail_config is not None else self.make_detail_config()
         if not isinstance(config, DetailConfig):
             raise DetailInputError(f"`detail_config` must be a DetailConfig, got {type(config).__name__}.")
         height = self.default_sample_size * self.vae_scale_factor if height is None else height

@@ -134,21 +134,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("toy", help="binding accuracy on the toy model: plain sampling, Detail++ and its ablation")
     p.add_argument("--prompts", type=int, default=200, help="held-out 2-/3-object prompts (200)")
+    p.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="test (default): the prompts results report; validation: disjoint prompts to choose hyperparameters on",
+    )
     p.add_argument("--seeds", type=int, default=4, help="images per prompt and method (4)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (20, the authors' code)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (7.5)")
-    p.add_argument("--model", default="toy", help="toy (default) or tiny-random (plumbing only)")
+    p.add_argument(
+        "--model", default="toy", help="toy (default), a local diffusers folder, or tiny-random (plumbing only)"
+    )
     p.add_argument("--height", type=int, help="default: the model's size (128 for toy)")
     p.add_argument("--width", type=int, help="default: the model's size (128 for toy)")
     p.add_argument("--device", help="cuda, cpu, ... (default: the best available)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32", help="float32")
     p.add_argument("--methods", default=",".join(_toy_methods()), help="comma-separated subset of the methods")
     p.add_argument(
+        "--detail-config",
+        help="DetailConfig fields as JSON or a JSON file, under every Detail++ method and diagnostic setting "
+        "(each method's own fields win: pdi keeps nursing off)",
+    )
+    p.add_argument(
         "--diagnostic-prompts", type=int, default=0, help="seed 0 of the first N prompts also runs the diagnostics"
     )
     p.add_argument("--no-diagnostic-settings", action="store_true", help="diagnostic items keep branch images only")
     p.add_argument("--plans", default="parser", help="parser (spaCy), scene (read off the scene) or a plans JSON")
-    p.add_argument("--write-plans", type=Path, help="only write the plans of the prompts to this JSON file")
+    p.add_argument(
+        "--write-plans", type=Path, help="only write the plans of the --prompts of the --split to this JSON file"
+    )
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: this process; 8 on one GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (1)")
     p.add_argument("--judge-scenes", type=int, default=400, help="perturbed renders to measure the judge on (400)")
@@ -434,14 +449,13 @@ def _toy(args: argparse.Namespace) -> int:
     for name in ("prompts", "seeds", "steps"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    overlay = parse_detail_config(args.detail_config)
     if args.write_plans is not None:
-        from detailpp.toy.scenes import held_out_prompts
-
-        specs = held_out_prompts(args.prompts)
-        plans = binding.make_plans(specs, args.plans, binding._tokenizer(args.model))
+        specs = binding.split_prompts(args.prompts, args.split)
+        plans = binding.make_plans(specs, args.plans, binding._tokenizer(args.model), args.split)
         args.write_plans.parent.mkdir(parents=True, exist_ok=True)
         args.write_plans.write_text(json.dumps(plans, indent=1) + "\n", encoding="utf-8")
-        logger.info("wrote %d plans to %s", len(plans), args.write_plans)
+        logger.info("wrote %d plans (%s split) to %s", len(plans), args.split, args.write_plans)
         return 0
     grid_prompts = args.grid_prompts if args.grid else 0
     settings = binding.Settings(
@@ -457,6 +471,7 @@ def _toy(args: argparse.Namespace) -> int:
         diagnostic_prompts=max(args.diagnostic_prompts, grid_prompts),
         grid_prompts=grid_prompts,
         threads=args.threads,
+        detail_config=overlay,
     )
     res = binding.run_benchmark(
         args.prompts,
@@ -470,6 +485,7 @@ def _toy(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         grid_path=args.grid,
         markdown_path=args.markdown,
+        split=args.split,
     )
     import sys
 

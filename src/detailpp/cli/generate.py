@@ -68,6 +68,17 @@ def slug(text: str, limit: int = 48) -> str:
     return s[:limit].rstrip("-") or "image"
 
 
+def flag_fields(args: argparse.Namespace) -> dict:
+    """The DetailConfig fields set by the command line (the model's recommended settings fill in the rest)."""
+    return {
+        "mask_threshold": args.tau,
+        "share_steps": args.share_steps,
+        "nursing": args.nursing,
+        "centroid_alignment": args.centroid_alignment,
+        "granularity": args.granularity,
+    }
+
+
 def check_args(args: argparse.Namespace) -> DetailConfig:
     """Every argument checked before the model is loaded."""
     if args.prompt is None and args.plan is None:
@@ -81,13 +92,7 @@ def check_args(args: argparse.Namespace) -> DetailConfig:
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}.")
     try:
-        config = DetailConfig(
-            mask_threshold=args.tau,
-            share_steps=args.share_steps,
-            nursing=args.nursing,
-            centroid_alignment=args.centroid_alignment,
-            granularity=args.granularity,
-        )
+        config = DetailConfig(**flag_fields(args))
     except ValueError as e:
         raise UserError(str(e).replace("mask_threshold (tau)", "--tau").replace("share_steps", "--share-steps")) from e
     try:
@@ -119,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=args.quiet)
+    config = pipe.make_detail_config(**flag_fields(args))
     if args.compile:
         pipe.compile_detail()
         logger.info("The first image compiles the UNet's blocks (about 10 s on a GPU); the later ones reuse them.")

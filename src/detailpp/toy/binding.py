@@ -1,12 +1,17 @@
 """The binding benchmark on the toy model: plain sampling, Detail++ and the paper's ablation, judged by the toy judge.
 
-For every held-out 2-/3-object prompt of :func:`~detailpp.toy.scenes.held_out_prompts` and every seed, each method
-makes one image from the same initial noise (one CPU generator per image, seeded with :func:`image_seed`):
+For every held-out 2-/3-object prompt of the run's split (:func:`split_prompts`: ``"test"``, the prompts the results
+report, or ``"validation"``, disjoint from them, on which the toy's hyperparameters are chosen) and every seed, each
+method makes one image from the same initial noise (one CPU generator per image, seeded with :func:`image_seed`):
 
 - ``sdxl``: plain ``StableDiffusionXLPipeline.__call__`` on the same components;
 - ``pdi``: Progressive Detail Injection alone (``DetailConfig(nursing=False)``);
 - ``pdi_entropy``: PDI + attention nursing with the entropy loss only (``centroid_alignment=False``);
 - ``detailpp``: the full method (nursing with entropy and centroid alignment; the defaults).
+
+``Settings.detail_config`` (``--detail-config``) holds DetailConfig fields laid under every Detail++ method and
+diagnostic setting: a method runs ``DetailConfig(**{**overlay, **its own fields})``, so its own fields win (``pdi``
+keeps ``nursing=False``); plain ``sdxl`` ignores it.
 
 The judge reads every image (:func:`~detailpp.toy.judge.judge`): object-level accuracy (each prompted object found
 with its shape, colour and texture, one-to-one) and image-level accuracy (all found and nothing else in the image,
@@ -41,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from detailpp.bench import BenchError
 from detailpp.toy.scenes import ObjectSpec, PromptSpec, held_out_prompts
 
 logger = logging.getLogger(__name__)
@@ -64,11 +70,57 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
 #: Mask thresholds at which the masks' IoU is also reported (the method's own tau is the main number).
 IOU_TAUS: tuple[float, ...] = (0.3, 0.5, 0.7)
 RECORDS_GLOB = "records*.jsonl"
+#: The prompt splits: ``test`` = ``held_out_prompts(n, 0)``; ``validation`` = :func:`validation_prompts`.
+SPLITS: tuple[str, ...] = ("test", "validation")
+#: Validation prompts avoid every prompt among the first ``TEST_POOL`` test prompts.
+TEST_POOL = 1000
+TEST_SEED, VALIDATION_SEED = 0, 1
 
 
 def image_seed(prompt_index: int, seed: int) -> int:
     """The generator seed of image ``seed`` of prompt ``prompt_index`` (the same for every method)."""
     return 10_000 * seed + prompt_index
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def validation_prompts(n: int) -> list[PromptSpec]:
+    """``n`` held-out prompts for choosing the toy's hyperparameters, disjoint from the test prompts.
+
+    Hyperparameters of the toy benchmark (a nursing step size, a mask threshold, ...) are chosen on these prompts,
+    never on the test prompts whose results are reported: picking them on the test prompts would fit the reported
+    numbers to those very prompts. The list is :func:`~detailpp.toy.scenes.held_out_prompts` of seed
+    ``VALIDATION_SEED`` without every prompt among the first ``TEST_POOL`` test prompts (``held_out_prompts(TEST_POOL,
+    TEST_SEED)``), cut to ``n``. Deterministic, and a shorter list is a prefix of a longer one (both lists are).
+    """
+    if n <= 0:
+        return []
+    test = {s.prompt for s in held_out_prompts(TEST_POOL, TEST_SEED)}
+    # removing at most TEST_POOL prompts leaves at least n of n + TEST_POOL
+    return [s for s in held_out_prompts(n + TEST_POOL, VALIDATION_SEED) if s.prompt not in test][:n]
+
+
+def split_prompts(n: int, split: str = "test") -> list[PromptSpec]:
+    """The first ``n`` prompts of ``split``: ``"test"`` (``held_out_prompts(n, 0)``, what the results report) or
+    ``"validation"`` (:func:`validation_prompts`, for choosing hyperparameters)."""
+    if split == "test":
+        if n > TEST_POOL:
+            logger.warning("test prompts beyond the first %d may also be validation prompts", TEST_POOL)
+        return held_out_prompts(n, TEST_SEED)
+    if split == "validation":
+        return validation_prompts(n)
+    raise BenchError(f"unknown prompt split {split!r}; choose from {', '.join(SPLITS)}.")
+
+
+def _split_description(split: str) -> str:
+    if split == "test":
+        return f"held_out_prompts(n, {TEST_SEED})"
+    return (
+        f"validation_prompts(n): held_out_prompts(n + {TEST_POOL}, {VALIDATION_SEED}) without the prompts of "
+        f"held_out_prompts({TEST_POOL}, {TEST_SEED}), first n"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,19 +170,40 @@ def scene_plan(spec: PromptSpec, tokenizer) -> dict:
     return {"prompt": spec.prompt, "base": compose(None), "granularity": "subject", "branches": branches}
 
 
-def make_plans(specs: Sequence[PromptSpec], source: str, tokenizer) -> dict[str, dict]:
+def make_plans(specs: Sequence[PromptSpec], source: str, tokenizer, split: str = "test") -> dict[str, dict]:
     """``{prompt: plan dict}``: ``source`` is ``"parser"`` (spaCy, :func:`detailpp.decompose.decompose`),
-    ``"scene"`` (:func:`scene_plan`) or the path of a JSON file written by an earlier call."""
+    ``"scene"`` (:func:`scene_plan`) or the path of a JSON file written by an earlier call (``--write-plans``).
+
+    A plans file is keyed by prompt text: it serves a run only if it holds a plan for each of the run's prompts
+    (written for the same ``--split`` and at least as many ``--prompts``); otherwise :class:`BenchError` names the
+    file and how to write it (``split`` only goes into that message).
+    """
     if source == "scene":
         return {s.prompt: scene_plan(s, tokenizer) for s in specs}
     if source == "parser":
         from detailpp.decompose import decompose
 
         return {s.prompt: decompose(s.prompt, tokenizer=tokenizer).to_dict() for s in specs}
-    data = json.loads(Path(source).read_text(encoding="utf-8"))
+    rewrite = (
+        f"write it with `detailpp bench toy --write-plans {source} --prompts {len(specs)} --split {split}` "
+        "(the same --prompts and --split as this run)"
+    )
+    path = Path(source)
+    if not path.is_file():
+        raise BenchError(f"--plans {source!r} is neither 'parser', 'scene' nor a plans file; {rewrite}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchError(f"cannot read the plans file {source} ({e}); {rewrite}.") from e
+    if not isinstance(data, dict):
+        raise BenchError(f"the plans file {source} is not a JSON object of prompt -> plan; {rewrite}.")
     missing = [s.prompt for s in specs if s.prompt not in data]
     if missing:
-        raise ValueError(f"{source} has no plan for {len(missing)} prompt(s), e.g. {missing[0]!r}; write it anew.")
+        raise BenchError(
+            f"the plans file {source} has no plan for {len(missing)} of the {len(specs)} {split} prompt(s), e.g. "
+            f"{missing[0]!r} (plans are keyed by prompt text: was it written for another --split or fewer "
+            f"--prompts?); {rewrite}."
+        )
     return {s.prompt: data[s.prompt] for s in specs}
 
 
@@ -267,7 +340,38 @@ class Settings:
     grid_prompts: int = 0
     threads: int = 1
     deadline: float | None = None  # time.time() after which no new item starts
+    detail_config: dict = field(default_factory=dict)  # DetailConfig fields under every Detail++ method's own
     extra: dict = field(default_factory=dict)
+
+
+def method_fields(name: str, overlay: dict | None = None) -> dict[str, Any] | None:
+    """The DetailConfig fields of method or diagnostic setting ``name``: ``{**overlay, **its own}`` (its own win);
+    ``None`` for plain sampling."""
+    own = METHODS[name] if name in METHODS else DIAGNOSTICS[name]
+    return None if own is None else {**(overlay or {}), **own}
+
+
+def check_detail_config(overlay: dict, names: Sequence[str]) -> None:
+    """Raise :class:`BenchError` unless ``DetailConfig(**method_fields(name, overlay))`` works for every name."""
+    import dataclasses
+
+    from detailpp.config import DetailConfig
+
+    known = [f.name for f in dataclasses.fields(DetailConfig)]
+    unknown = [k for k in overlay if k not in known]
+    if unknown:
+        raise BenchError(
+            f"--detail-config: unknown DetailConfig field(s) {', '.join(map(repr, unknown))}; "
+            f"the fields are {', '.join(known)}."
+        )
+    for name in names:
+        fields = method_fields(name, overlay)
+        if fields is None:
+            continue
+        try:
+            DetailConfig(**fields)
+        except (TypeError, ValueError) as e:
+            raise BenchError(f"--detail-config {json.dumps(overlay)} does not work for {name!r}: {e}") from e
 
 
 def build_items(specs: Sequence[PromptSpec], n_seeds: int, settings: Settings) -> list[dict]:
@@ -298,8 +402,6 @@ def run_item(pipe, item: dict, plan: dict, settings: Settings, grid_dir: Path | 
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from detailpp.config import DetailConfig
-
     if judge_fn is None:
         from detailpp.toy.judge import judge as judge_fn
     spec = _spec(item)
@@ -315,14 +417,14 @@ def run_item(pipe, item: dict, plan: dict, settings: Settings, grid_dir: Path | 
     )
     b_obj = branch_objects(plan, spec)
     for name in names:
-        fields = METHODS.get(name, DIAGNOSTICS.get(name))
+        fields = method_fields(name, settings.detail_config)
         started = time.perf_counter()
         generator = torch.Generator("cpu").manual_seed(seed)
         out = None
         if fields is None:
             image = StableDiffusionXLPipeline.__call__(pipe, generator=generator, **common).images[0]
         else:
-            config = DetailConfig(**fields)
+            config = pipe.make_detail_config(**fields)  # over the model's recommended settings
             out = pipe(
                 **common,
                 plan=plan,
@@ -605,6 +707,7 @@ def aggregate(records: Sequence[dict], settings: Settings, planned: dict, judge:
             "methods": {m: METHODS.get(m) for m in main},
             "diagnostic_settings": {m: DIAGNOSTICS[m] for m in diag_names},
             "diagnostic_prompts": settings.diagnostic_prompts,
+            "detail_config": settings.detail_config,
             "mask_iou": "out.masks > tau (latent size, nearest-upsampled) vs the judge's region of the same object",
             **settings.extra,
         },
@@ -613,6 +716,15 @@ def aggregate(records: Sequence[dict], settings: Settings, planned: dict, judge:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run
+
+
+def model_detail_defaults(model: str) -> dict:
+    """The Detail++ settings a model folder recommends (its ``detail_config.json``; ``{}`` if none)."""
+    from detailpp.loading import TOY_MODEL_DIR
+    from detailpp.pipeline import DetailPlusPlusPipeline
+
+    path = (TOY_MODEL_DIR if model == "toy" else Path(model)) / DetailPlusPlusPipeline.DETAIL_DEFAULTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def run_benchmark(
@@ -628,27 +740,36 @@ def run_benchmark(
     grid_path: Path | None = None,
     markdown_path: Path | None = None,
     snapshot_every: float = 30.0,
-    prompt_seed: int = 0,
+    split: str = "test",
 ) -> dict:
     """Make, judge and summarise every item; write the results JSON (and a grid / Markdown table when asked).
 
+    ``split``: the prompts (:func:`split_prompts`): ``"test"`` for reported results, ``"validation"`` for choosing
+    hyperparameters. ``settings.detail_config`` is checked against every method that will run before anything starts.
     ``workers=0`` runs in this process; ``workers=N`` spawns N processes (each loads the pipeline; on one GPU they
     overlap the toy UNet's small kernels). ``max_minutes`` stops starting items after that long; the results then
     cover the finished items (seed-major order: every prompt's seed 0 first).
     """
+    t0 = time.time()
+    if split not in SPLITS:
+        raise BenchError(f"unknown prompt split {split!r}; choose from {', '.join(SPLITS)}.")
+    runs = list(settings.methods) + (list(settings.diagnostics) if settings.diagnostic_prompts > 0 else [])
+    check_detail_config(settings.detail_config, runs)
+    specs = split_prompts(n_prompts, split)
+    tokenizer = _tokenizer(settings.model)
+    plans = make_plans(specs, plans_source, tokenizer, split)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     for old in work_dir.glob(RECORDS_GLOB):
         old.unlink()
-    t0 = time.time()
-    specs = held_out_prompts(n_prompts, prompt_seed)
-    tokenizer = _tokenizer(settings.model)
-    plans = make_plans(specs, plans_source, tokenizer)
     settings.extra = {
         **settings.extra,
         "plans": plans_source if plans_source in ("parser", "scene") else "file",
-        "prompt_seed": prompt_seed,
+        "split": split,
+        "prompt_seed": TEST_SEED if split == "test" else VALIDATION_SEED,
+        "prompts": _split_description(split),
         "workers": workers,
+        "model_detail_defaults": model_detail_defaults(settings.model),
     }
     items = build_items(specs, n_seeds, settings)
     if max_minutes is not None:
@@ -719,11 +840,11 @@ def _tokenizer(model: str):
 
     if model == "toy":
         return CLIPTokenizer.from_pretrained(str(TOY_MODEL_DIR / "tokenizer"))
-    if model == "tiny-random":
+    if model in ("tiny-random", "sdxl-random"):
         from detailpp.resources import load_clip_tokenizer
 
         return load_clip_tokenizer()
-    return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")  # a Hub id or a local diffusers folder
 
 
 def _judge_accuracy(n: int) -> dict | None:
@@ -768,9 +889,10 @@ def _pct(x: float | None) -> str:
 
 def markdown_table(res: dict) -> str:
     """The results as Markdown tables (binding; masks; diagnostics)."""
+    split = res.get("settings", {}).get("split", "test")
     lines = [
-        f"{res['n_prompts']} held-out prompts x {res['n_seeds']} seed(s) = {res['n_images_per_method']} images per "
-        f"method; judge object accuracy on perturbed held-out renders: {_pct(res['judge_accuracy'])} %.",
+        f"{res['n_prompts']} held-out {split} prompts x {res['n_seeds']} seed(s) = {res['n_images_per_method']} "
+        f"images per method; judge object accuracy on perturbed held-out renders: {_pct(res['judge_accuracy'])} %.",
         "",
         "| method | object acc. | image acc. | image acc. vs plain (95% CI) | 2-obj object | 2-obj image "
         "| 3-obj object | 3-obj image |",

@@ -2,7 +2,8 @@
 whether its layout follows the noise (the same seed with and without the prompts' colour and texture words).
 
 ``python -m detailpp.toy.evaluate --prompts 48 --guidance 1 3 7.5`` measures the layout agreement of the packaged
-model at several guidance scales (CPU: ~8 min per scale on 2 cores).
+model at several guidance scales (CPU: ~8 min per scale on 2 cores); ``--slots`` measures instead whether plain
+sampling follows the ``"slots"`` layout rule of the initial noise (:func:`slot_rule`, validation prompts).
 """
 
 from __future__ import annotations
@@ -150,6 +151,71 @@ def layout_by_guidance(pipe, n_prompts: int, guidances: Sequence[float], steps: 
     return out
 
 
+def place_of(mask: np.ndarray) -> int:
+    """The place of the ``"slots"`` layout (row-major index into the 3 x 3 grid) nearest a region's centre."""
+    from detailpp.toy.scenes import IMAGE_SIZE, SLOT_CENTRES
+
+    ys, xs = np.nonzero(mask)
+    centres = np.asarray(SLOT_CENTRES) * mask.shape[0] / IMAGE_SIZE
+    return int(np.abs(centres - ys.mean()).argmin() * 3 + np.abs(centres - xs.mean()).argmin())
+
+
+@torch.no_grad()
+def slot_rule(
+    pipe, specs: Sequence[PromptSpec], steps: int = 20, guidance_scale: float = 7.5, seed: int = 1000, chunk: int = 32
+) -> dict:
+    """Does plain sampling put the objects where the ``"slots"`` layout rule says, from the initial noise alone?
+
+    For each prompt (seeded ``seed + index``), the initial latent noise ranks the 3 x 3 places
+    (:func:`~detailpp.toy.scenes.slot_scores` of its layout field); the full prompt and its base prompt (no colour
+    or texture words) are sampled from that noise and judged. Per prompt kind: ``on_top_places`` = share of judged
+    objects on the n best places (n objects prompted; ``chance`` = n / 9), ``in_named_order`` = share of prompted
+    objects whose shape sits on the place of its rank in the caption (chance 1/9 per object); and ``same_places`` =
+    how often the full and the base prompt occupy the same set of places.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from detailpp.toy.judge import judge
+    from detailpp.toy.scenes import layout_field_of, slot_scores
+
+    c = pipe.unet.config.in_channels
+    h = pipe.unet.config.sample_size
+    noise = torch.cat(
+        [randn_tensor((1, c, h, h), generator=torch.Generator().manual_seed(seed + i)) for i in range(len(specs))]
+    )
+    ranks = np.argsort(-slot_scores(layout_field_of(noise).numpy().astype(np.float64)), axis=1, kind="stable")
+    places: dict[str, list[list[tuple[int, str]]]] = {}
+    stats: dict[str, dict[str, list[float]]] = {}
+    for kind in ("full", "base"):
+        prompts = [s.prompt if kind == "full" else base_prompt(s) for s in specs]
+        images = []
+        for i in range(0, len(prompts), chunk):
+            out = pipe(
+                prompts[i : i + chunk],
+                latents=noise[i : i + chunk].clone().to(pipe.device, pipe.unet.dtype),
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+            )
+            images.extend(out.images)
+        places[kind] = [[(place_of(o.mask), o.shape) for o in judge(im)] for im in images]
+        top, order = [], []
+        for spec, found, rank in zip(specs, places[kind], ranks, strict=True):
+            n = len(spec.objects)
+            top.extend(p in set(rank[:n].tolist()) for p, _ in found)
+            order.extend(
+                any(p == rank[k] and shape == o.shape for p, shape in found) for k, o in enumerate(spec.objects)
+            )
+        stats[kind] = {"on_top_places": top, "in_named_order": order}
+    same = [
+        sorted(p for p, _ in a) == sorted(p for p, _ in b) for a, b in zip(places["full"], places["base"], strict=True)
+    ]
+    result = {kind: {k: float(np.mean(v)) if v else 0.0 for k, v in st.items()} for kind, st in stats.items()}
+    result["same_places"] = float(np.mean(same)) if same else 0.0
+    result["chance"] = {"on_top_places": float(np.mean([len(s.objects) / 9 for s in specs])), "in_named_order": 1 / 9}
+    result["n"] = len(specs)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
@@ -160,11 +226,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompts", type=int, default=48)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, nargs="+", default=[7.5])
+    p.add_argument("--slots", action="store_true", help="instead: does the layout follow the slots rule? (slot_rule)")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    pipe = StableDiffusionXLPipeline.from_pretrained(a.model or str(DATA_DIR / "toy-model"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(a.model or str(DATA_DIR / "toy-model")).to(a.device)
     pipe.set_progress_bar_config(disable=True)
-    result = layout_by_guidance(pipe, a.prompts, a.guidance, a.steps)
+    if a.slots:
+        from detailpp.toy.binding import validation_prompts
+
+        result = slot_rule(pipe, validation_prompts(a.prompts), a.steps, a.guidance[0])
+    else:
+        result = layout_by_guidance(pipe, a.prompts, a.guidance, a.steps)
     print(json.dumps(result, indent=1))
     return result
 

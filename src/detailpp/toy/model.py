@@ -66,6 +66,35 @@ class ToyModelConfig:
         return asdict(self)
 
     @classmethod
+    def from_pipeline(cls, folder) -> ToyModelConfig:
+        """The sizes of a saved toy pipeline, read off its components' configs."""
+        import json
+        from pathlib import Path
+
+        def read(name: str) -> dict:
+            return json.loads((Path(folder) / name / "config.json").read_text(encoding="utf-8"))
+
+        vae, te1, te2, unet = read("vae"), read("text_encoder"), read("text_encoder_2"), read("unet")
+        heads = unet["attention_head_dim"]
+        heads = heads if isinstance(heads, list) else [heads] * 3
+        layers = unet["transformer_layers_per_block"]
+        return cls(
+            image_size=vae["sample_size"],
+            vae_channels=tuple(vae["block_out_channels"]),
+            latent_channels=vae["latent_channels"],
+            text_hidden=te1["hidden_size"],
+            text_layers=te1["num_hidden_layers"],
+            text_heads=te1["num_attention_heads"],
+            projection_dim=te2["projection_dim"],
+            unet_channels=tuple(unet["block_out_channels"]),
+            unet_layers=unet["layers_per_block"],
+            unet_head_dim=unet["block_out_channels"][-1] // heads[-1],
+            transformer_layers=tuple(layers) if isinstance(layers, list) else (layers,) * 3,
+            time_embed_dim=unet["addition_time_embed_dim"],
+            vocab_size=te1["vocab_size"],
+        )
+
+    @classmethod
     def from_dict(cls, d: dict) -> ToyModelConfig:
         d = dict(d)
         for k in ("vae_channels", "unet_channels", "transformer_layers"):

@@ -18,15 +18,17 @@ Rules of the world:
   :func:`held_out_prompts` lists multi-object prompts that contain at least one held-out pair.
 * Training captions drop an object's colour or texture word with probability ``attribute_drop`` (default 0.15), so
   partial prompts such as "a circle and a blue square" (Detail++'s base and sub-prompts) are in distribution.
-* Layout from the noise (``noise_layout=True``, what training uses): where the objects go is decided by the
-  diffusion noise that the scene is trained with. The noise's mean over each cell of a :data:`LAYOUT_GRID` x
-  :data:`LAYOUT_GRID` grid (all latent channels), standardised, is the scene's *layout field*; the objects are
-  placed greedily in caption order, each where the mean field under its box is highest among the free places (sizes
-  stay random). :func:`noise_with_layout_field` then draws the
-  training noise with exactly that field, and the noise is still exactly N(0, I). A model trained so reads its
-  layout off the initial noise, as SDXL largely does, so prompts that differ only in their modifiers (Detail++'s
-  branches) share one layout when they share the noise; without it a small model's layout follows the text alone
-  and the branches of one image disagree (measured in docs/toy-binding.md).
+* Layout from the noise (``layout="field"`` or ``"slots"``): where the objects go is decided by the diffusion noise
+  that the scene is trained with. The noise's mean over each cell of a :data:`LAYOUT_GRID` x :data:`LAYOUT_GRID` grid
+  (all latent channels), standardised, is the scene's *layout field*. ``"field"`` places the objects greedily in
+  caption order, each where the mean field under its box is highest among the free places (sizes and 4-px lattice
+  positions vary); ``"slots"`` (what training uses since run 5) puts the k-th object named by the caption on the place
+  of a 3 x 3 grid with the k-th highest mean field around it: a coarse, discrete rule, meant to be easier to learn.
+  :func:`noise_with_layout_field` then draws the training noise with exactly that field, and the noise is still
+  exactly N(0, I). A model trained so reads its layout off the initial noise, as SDXL largely does, so prompts that
+  differ only in their modifiers (Detail++'s branches) share one layout when they share the noise; without it a
+  small model's layout follows the text alone and the branches of one image disagree (measured in
+  docs/toy-binding.md).
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ DOT_SPACING = 9.0
 DOT_RADIUS = 2.4
 LAYOUT_GRID = 8  # cells per side of the noise's layout field (8 x 8 latent pixels = 16 x 16 image pixels each)
 LAYOUT_STEP = 4.0  # pixels between the lattice points an object's centre may take when placed on the field
+#: Centres (pixels, both axes) of the 3 x 3 places of the ``"slots"`` layout, 40 px apart.
+SLOT_CENTRES = (24.0, 64.0, 104.0)
+SLOT_SIZE_RANGE = (14.0, 18.5)  # half-extents in the slots layout: neighbours keep MARGIN, borders 5.5 px
+SLOT_REACH = 16.0  # half-side of the square of the layout field a place reads (32 x 32 pixels around its centre)
+LAYOUTS = ("uniform", "field", "slots")
 N_OBJECTS_P = (0.2, 0.45, 0.35)  # probabilities of 1, 2 and 3 objects in training scenes
 TEXTURE_P = (0.5, 0.25, 0.25)
 
@@ -303,6 +310,40 @@ def _place_on_field(
     return cx, cy, size
 
 
+def slot_scores(layout_field: np.ndarray) -> np.ndarray:
+    """(B, 9) mean layout field around each place of the ``"slots"`` layout (row-major over :data:`SLOT_CENTRES`)."""
+    gy, gx = (a.ravel() for a in np.meshgrid(SLOT_CENTRES, SLOT_CENTRES, indexing="ij"))
+    b = len(layout_field)
+    return _box_means(layout_field, np.broadcast_to(gx, (b, 9)), np.broadcast_to(gy, (b, 9)), SLOT_REACH)
+
+
+def _place_on_slots(
+    rng: np.random.Generator, n_objects: np.ndarray, order: np.ndarray, layout_field: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``"slots"`` layout: the k-th object named by the caption sits on the place with the k-th highest score.
+
+    Places are the 3 x 3 grid of :data:`SLOT_CENTRES`; a place's score is the layout field's mean over the 32 x 32
+    pixels around it (:func:`slot_scores`); sizes are random in :data:`SLOT_SIZE_RANGE`, so objects never overlap.
+    A coarse, discrete rule: a model learns it from the noise far more easily than :func:`_place_on_field`'s.
+    """
+    b = len(n_objects)
+    rank = np.argsort(-slot_scores(layout_field), axis=1, kind="stable")  # (B, 9) places, best first
+    centres = np.asarray(SLOT_CENTRES)
+    cx = np.zeros((b, MAX_OBJECTS))
+    cy = np.zeros((b, MAX_OBJECTS))
+    size = rng.uniform(*SLOT_SIZE_RANGE, size=(b, MAX_OBJECTS))
+    rows = np.arange(b)
+    for k in range(MAX_OBJECTS):
+        slot = order[:, k]
+        has = slot >= 0
+        place = rank[:, k]
+        cx[rows[has], slot[has]] = centres[place[has] % 3]
+        cy[rows[has], slot[has]] = centres[place[has] // 3]
+    present = np.arange(MAX_OBJECTS)[None, :] < n_objects[:, None]
+    size[~present] = 0
+    return cx, cy, size
+
+
 def layout_field_of(noise: torch.Tensor, grid: int = LAYOUT_GRID) -> torch.Tensor:
     """The standardised mean of latent noise (B, C, H, W) over each cell of a ``grid`` x ``grid`` grid: (B, G, G).
 
@@ -341,7 +382,7 @@ def sample_scenes(
     split: str = "train",
     n_objects: int | Sequence[float] | None = None,
     attribute_drop: float = 0.0,
-    noise_layout: bool = False,
+    layout: str = "uniform",
     layout_field: np.ndarray | None = None,
 ) -> SceneBatch:
     """Sample ``n`` scenes.
@@ -355,14 +396,19 @@ def sample_scenes(
             ``"held_out"`` 2 or 3 objects, equally likely).
         attribute_drop: probability of leaving an object's colour word (and, independently, its texture word) out of
             the caption.
-        noise_layout: choose the layout from a layout field (drawn from ``rng``, standard normal, unless
-            ``layout_field`` is given) instead of uniformly; see the module's docstring. The field is kept in
+        layout: ``"uniform"`` (anywhere, without overlap), ``"field"`` (greedily where the layout field is highest)
+            or ``"slots"`` (on a 3 x 3 grid of places ranked by the field); see the module's docstring. The field
+            (drawn from ``rng``, standard normal, unless ``layout_field`` is given) is kept in
             :attr:`SceneBatch.layout_field` for :func:`noise_with_layout_field`.
-        layout_field: (n, G, G) the field to place the objects on (implies ``noise_layout``).
+        layout_field: (n, G, G) the field to place the objects on (with ``layout="uniform"``, means ``"field"``).
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     if split not in ("train", "held_out", "any"):
         raise ValueError(f"split must be 'train', 'held_out' or 'any', not {split!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    if layout_field is not None and layout == "uniform":
+        layout = "field"
     if isinstance(n_objects, int):
         counts = np.full(n, n_objects)
     else:
@@ -389,7 +435,7 @@ def sample_scenes(
     shape[~present] = -1
     colour[~present] = -1
     texture[~present] = -1
-    noise_layout = noise_layout or layout_field is not None
+    noise_layout = layout != "uniform"
     if not noise_layout:  # the uniform layout draws here, before the rest (keeps earlier prompt lists unchanged)
         cx, cy, size = _place(rng, counts)
     phase = rng.uniform(0, STRIPE_PERIOD, size=(n, MAX_OBJECTS))
@@ -403,7 +449,8 @@ def sample_scenes(
         layout_field = np.asarray(layout_field, dtype=np.float64)
         if layout_field.shape[0] != n or layout_field.ndim != 3 or IMAGE_SIZE % layout_field.shape[-1]:
             raise ValueError(f"layout_field must have shape ({n}, G, G) with G dividing {IMAGE_SIZE}")
-        cx, cy, size = _place_on_field(rng, counts, order, layout_field)
+        place = _place_on_slots if layout == "slots" else _place_on_field
+        cx, cy, size = place(rng, counts, order, layout_field)
     say_colour = rng.random((n, MAX_OBJECTS)) >= attribute_drop
     say_texture = rng.random((n, MAX_OBJECTS)) >= attribute_drop
     template = rng.integers(0, 1 << 30, size=n)

@@ -25,7 +25,7 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from detailpp.toy import model as toy_model
-from detailpp.toy.scenes import CaptionTokenizer, noise_with_layout_field, render, render_tensors, sample_scenes
+from detailpp.toy.scenes import (
+    LAYOUTS,
+    CaptionTokenizer,
+    noise_with_layout_field,
+    render,
+    render_tensors,
+    sample_scenes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +69,14 @@ class TrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # half zero embeddings, half the empty caption
     attribute_drop: float = 0.15  # drop an object's colour / texture word from its caption
-    noise_layout: bool = True  # place objects where the training noise's layout field is high (scenes.py)
+    layout: str = "slots"  # "uniform", "field" or "slots": where objects go (scenes.py; not uniform: from the noise)
     data_workers: int = 4  # CPU threads sampling scenes
     min_snr_gamma: float = 5.0
+    min_snr_floor: float = 0.0  # weight clamp(SNR, floor, gamma) / SNR: floor 1 = x0-MSE weight 1 at high noise
+    high_noise_fraction: float = 0.0  # share of each batch whose timestep is drawn from [high_noise_from, 999]
+    high_noise_from: int = 700  # (the layout is read off the noise in the first, noisiest sampling steps)
+    resume_step: int = 0  # step count to go on from when --resume is a pipeline folder (its EMA weights)
+    grow_transformer_layers: tuple[int, int, int] | None = None  # resume into deeper attention, new blocks = identity
     compile: str = "none"  # "none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"
     log_every: int = 100
     eval_prompts: int = 0  # held-out and seen prompts to sample and judge at the end (each)
@@ -87,12 +99,12 @@ class SceneStream:
     """
 
     def __init__(
-        self, batch_size: int, seed: int, attribute_drop: float, noise_layout: bool = False, workers: int = 1
+        self, batch_size: int, seed: int, attribute_drop: float, layout: str = "uniform", workers: int = 1
     ) -> None:
         self.tok = CaptionTokenizer()
         self.batch_size = batch_size
         self.attribute_drop = attribute_drop
-        self.noise_layout = noise_layout
+        self.layout = layout
         self.queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _ in range(workers)]
         self.turn = 0
         self.stop = threading.Event()
@@ -111,7 +123,7 @@ class SceneStream:
     def _work(self, rng: np.random.Generator, q: queue.Queue) -> None:
         while not self.stop.is_set():
             batch = sample_scenes(
-                self.batch_size, rng, split="train", attribute_drop=self.attribute_drop, noise_layout=self.noise_layout
+                self.batch_size, rng, split="train", attribute_drop=self.attribute_drop, layout=self.layout
             )
             ids1 = self.tok(batch.captions)
             ids2 = self.tok(batch.captions, pad_id=0)
@@ -176,6 +188,26 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(io.BytesIO(gzip.decompress(data)), map_location="cpu", weights_only=False)
 
 
+def checkpoint_from_pipeline(folder: str | Path, step: int = 0) -> dict:
+    """A checkpoint (as :func:`load_checkpoint` returns) made of a saved toy pipeline's weights, in float32.
+
+    For going on from a pipeline whose raw checkpoint is gone: its (EMA) weights become the starting point; Adam's
+    moments start afresh (as on every resume) and ``step`` sets where the learning-rate schedule goes on.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    mcfg = toy_model.ToyModelConfig.from_pipeline(folder)
+    out: dict = {"model_config": mcfg.to_dict(), "step": int(step), "seconds": 0.0, "history": []}
+    for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+        sd: dict = {}
+        for f in sorted((folder / name).glob("*.safetensors")):
+            sd.update(load_file(str(f)))
+        out[name] = {k: v.float() for k, v in sd.items()}
+    out["scaling_factor"] = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))["scaling_factor"]
+    return out
+
+
 def _train_vae(vae, cfg: TrainConfig, mcfg, device, log) -> float:
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -234,12 +266,24 @@ def train(cfg: TrainConfig) -> dict:
         log_f.flush()
         logger.info("%s", " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
 
-    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    if cfg.resume and (Path(cfg.resume) / "model_index.json").is_file():
+        ckpt = checkpoint_from_pipeline(cfg.resume, cfg.resume_step)
+    else:
+        ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     mcfg = (
         toy_model.ToyModelConfig.from_dict(ckpt["model_config"])
         if ckpt
         else (toy_model.TINY if cfg.model == "tiny" else toy_model.DEFAULT)
     )
+    if cfg.grow_transformer_layers is not None:
+        if ckpt is None:
+            raise ValueError("--grow-transformer-layers deepens a resumed model: give --resume too")
+        grown = tuple(int(x) for x in cfg.grow_transformer_layers)
+        if len(grown) != 3 or any(g < o for g, o in zip(grown, mcfg.transformer_layers, strict=True)):
+            raise ValueError(
+                f"--grow-transformer-layers {grown} must keep 3 levels, each at least {mcfg.transformer_layers}"
+            )
+        mcfg = replace(mcfg, transformer_layers=grown)
     comps = toy_model.build_components(mcfg)
     vae, te1, te2, unet = comps["vae"], comps["text_encoder"], comps["text_encoder_2"], comps["unet"]
     tok = CaptionTokenizer(comps["tokenizer"])
@@ -252,7 +296,11 @@ def train(cfg: TrainConfig) -> dict:
         vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
         te1.load_state_dict(ckpt["text_encoder"])
         te2.load_state_dict(ckpt["text_encoder_2"])
-        unet.load_state_dict(ckpt["unet"])
+        if cfg.grow_transformer_layers is None:
+            unet.load_state_dict(ckpt["unet"])
+        else:
+            grown_keys = grow_unet(unet, ckpt["unet"])
+            log({"phase": "resume", "grown_transformer_layers": list(mcfg.transformer_layers), "new": grown_keys})
         start_step = ckpt["step"]
         prior_seconds = ckpt.get("seconds", 0.0)
         history = ckpt.get("history", [])
@@ -279,7 +327,9 @@ def train(cfg: TrainConfig) -> dict:
         fused=fused,
     )
     ema = [p.detach().clone() for p in params]
-    if cfg.resume_ema:
+    if cfg.resume_ema and cfg.grow_transformer_layers is not None:
+        log({"phase": "resume", "ema": "fresh (the grown model has no saved EMA)"})
+    elif cfg.resume_ema:
         ema_src = _load_pipeline_weights(cfg.resume_ema, mcfg)
         ema = [t.to(device=device, dtype=torch.float32) for t in ema_src]
         log({"phase": "resume", "ema_from": cfg.resume_ema})
@@ -307,7 +357,7 @@ def train(cfg: TrainConfig) -> dict:
     sched = toy_model.build_scheduler()
     abar = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
     snr = abar / (1 - abar)
-    weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+    weight = torch.clamp(snr, min=cfg.min_snr_floor, max=cfg.min_snr_gamma) / snr
     time_ids = torch.tensor(
         [[mcfg.image_size, mcfg.image_size, 0, 0, mcfg.image_size, mcfg.image_size]],
         device=device,
@@ -316,7 +366,7 @@ def train(cfg: TrainConfig) -> dict:
     empty1 = torch.as_tensor(tok([""]), device=device)
     empty2 = torch.as_tensor(tok([""], pad_id=0), device=device)
     stream = SceneStream(
-        cfg.batch_size, cfg.seed * 1000 + start_step, cfg.attribute_drop, cfg.noise_layout, cfg.data_workers
+        cfg.batch_size, cfg.seed * 1000 + start_step, cfg.attribute_drop, cfg.layout, cfg.data_workers
     )
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + start_step)
     unet.train()
@@ -351,6 +401,10 @@ def train(cfg: TrainConfig) -> dict:
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                             z0 = vae.encode(x * 2 - 1).latent_dist.sample(generator=gen).float() * sf
                     t = torch.randint(0, abar.numel(), (b,), device=device, generator=gen)
+                    if cfg.high_noise_fraction > 0:
+                        high = torch.randint(cfg.high_noise_from, abar.numel(), (b,), device=device, generator=gen)
+                        pick = torch.rand(b, device=device, generator=gen) < cfg.high_noise_fraction
+                        t = torch.where(pick, high, t)
                     if batch.layout_field is not None:  # the layout was chosen from this noise's cell means
                         noise = noise_with_layout_field(batch.layout_field, z0.shape, gen, device)
                     else:
@@ -463,6 +517,30 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def grow_unet(unet, state_dict: dict) -> int:
+    """Load a shallower UNet's weights into ``unet``, whose attentions have more transformer blocks.
+
+    Every weight of ``state_dict`` must fit; the blocks it lacks start as identities (their attention output
+    projections and feed-forward output layer are zero, so each block adds nothing to its residual stream): the
+    grown model computes exactly what the saved one did, and training then uses the new depth. Returns how many
+    parameters were new.
+    """
+    missing, unexpected = unet.load_state_dict(state_dict, strict=False)
+    if unexpected:
+        raise ValueError(f"the checkpoint has weights the grown UNet lacks: {unexpected[:4]}")
+    new_blocks = {k.split(".attn1.")[0].split(".attn2.")[0].split(".ff.")[0].split(".norm")[0] for k in missing}
+    if any(".transformer_blocks." not in b for b in new_blocks):
+        raise ValueError(f"only transformer blocks can be new, not {sorted(new_blocks)[:4]}")
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name in new_blocks:
+            block = modules[name]
+            for out in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[-1]):
+                out.weight.zero_()
+                out.bias.zero_()
+    return len(missing)
+
+
 def finalize_pipeline_folder(folder: str | Path) -> None:
     """Make a saved toy pipeline folder small and CPU-friendly.
 
@@ -530,8 +608,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if isinstance(v, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
             continue
+        if f == "grow_transformer_layers":
+            p.add_argument(flag, type=lambda t: tuple(int(x) for x in t.split(",")), default=v, help="e.g. 1,1,4")
+            continue
         typ = type(v) if v is not None else (float if f == "max_minutes" else int if f == "max_steps" else str)
-        p.add_argument(flag, type=typ, default=v)
+        p.add_argument(flag, type=typ, default=v, **({"choices": LAYOUTS} if f == "layout" else {}))
     a = p.parse_args(argv)
     return TrainConfig(**vars(a))
 
