@@ -210,11 +210,12 @@ def test_caption_tokenizer_matches_clip():
         assert b.tolist() == tok2(c, padding="max_length", max_length=77, truncation=True).input_ids
 
 
-def test_judge_reads_clean_and_perturbed_renders():
-    clean = judge_accuracy(n=16, seed=11)
+@pytest.mark.parametrize("layout", ["uniform", "slots"])
+def test_judge_reads_clean_and_perturbed_renders(layout):
+    clean = judge_accuracy(n=16, seed=11, layout=layout)
     assert clean["object_accuracy"] >= 0.98, clean["errors"]
     assert clean["scene_accuracy"] >= 0.9
-    noisy = judge_accuracy(n=16, seed=12, perturbed=True)
+    noisy = judge_accuracy(n=48, seed=12, perturbed=True, layout=layout)
     assert noisy["object_accuracy"] >= 0.95, noisy["errors"]
     assert noisy["mask_iou"] > 0.8
 

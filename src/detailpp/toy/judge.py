@@ -333,8 +333,9 @@ def judge_accuracy(
     perturbed: bool = False,
     strength: float = 1.0,
     batch_size: int = 50,
+    layout: str = "uniform",
 ) -> dict:
-    """Accuracy of the judge on rendered scenes (optionally perturbed).
+    """Accuracy of the judge on rendered scenes (optionally perturbed) of a layout (``sample_scenes``' ``layout``).
 
     Returns object accuracy (each ground-truth object matched by IoU > 0.5 with a judged object of the right shape,
     colour and texture), per-attribute accuracies, scene accuracy (all objects right, nothing extra) and mask IoU.
@@ -355,7 +356,7 @@ def judge_accuracy(
     done = 0
     while done < n:
         b = min(batch_size, n - done)
-        batch: SceneBatch = sample_scenes(b, rng, split=split)
+        batch: SceneBatch = sample_scenes(b, rng, split=split, layout=layout)
         images, masks = render(batch)
         if perturbed:
             images = perturb(images, rng, strength)
