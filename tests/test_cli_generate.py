@@ -149,10 +149,11 @@ def test_generate_takes_the_model_folders_detail_defaults_under_its_flags(tmp_pa
     pipe = build_tiny_pipeline(seed=0)
     pipe.set_detail_defaults({"nursing_step_size": 12.5, "mask_threshold": 0.3})
     pipe.save_pretrained(folder)
-    out = tmp_path / "out"
-    argv = ["generate", PROMPT, "--model", str(folder), "--steps", "1", "--height", "128", "--width", "128"]
-    assert main([*argv, "--quiet", "--tau", "0.6", "--output-dir", str(out)]) == 0
-    (sidecar,) = out.glob("*.json")
-    config = json.loads(sidecar.read_text())["detail_config"]
-    assert config["nursing_step_size"] == 12.5  # the model's recommendation ...
-    assert config["mask_threshold"] == 0.6  # ... under the command line's flags
+    argv = ["generate", PROMPT, "--model", str(folder), "--steps", "1", "--height", "128", "--width", "128", "--quiet"]
+    for flags, tau in (([], 0.3), (["--tau", "0.6"], 0.6)):
+        out = tmp_path / f"out{tau}"
+        assert main([*argv, *flags, "--output-dir", str(out)]) == 0
+        (sidecar,) = out.glob("*.json")
+        config = json.loads(sidecar.read_text())["detail_config"]
+        assert config["nursing_step_size"] == 12.5  # the model's recommendation ...
+        assert config["mask_threshold"] == tau  # ... under the flags given, and only those

@@ -281,6 +281,10 @@ def test_model_folder_detail_defaults_round_trip_and_apply(pipe, tmp_path):
     explicit = run(loaded, detail_config=DetailConfig(nursing=False, mask_threshold=0.3)).images
     paper = run(loaded, detail_config=DetailConfig()).images
     assert (implicit == explicit).all() and not (implicit == paper).all()
+    # from_pipe keeps them; saving a pipeline without any removes a stale file
+    assert dict(DetailPlusPlusPipeline.from_pipe(loaded).detail_defaults) == dict(loaded.detail_defaults)
+    pipe.save_pretrained(folder)
+    assert not (folder / "detail_config.json").exists()
     (folder / "detail_config.json").write_text('{"tau": 0.3}', encoding="utf-8")
     with pytest.raises(DetailInputError, match=r"detail_config\.json.*tau"):
         DetailPlusPlusPipeline.from_pretrained(str(folder))

@@ -210,6 +210,12 @@ def test_detail_config_overlay_is_checked_for_every_method():
     binding.check_detail_config({"nursing_thresholds": []}, ["sdxl", "pdi"])  # pdi does not nurse
     with pytest.raises(BenchError, match="'detailpp'.*nursing_thresholds"):
         binding.check_detail_config({"nursing_thresholds": []}, ["pdi", "detailpp"])
+    # the model's recommended settings count too (run_item lays them under the overlay)
+    with pytest.raises(BenchError, match="'detailpp'.*nursing_thresholds"):
+        binding.check_detail_config({}, ["detailpp"], model_defaults={"nursing_thresholds": []})
+    binding.check_detail_config(
+        {"nursing_thresholds": [20.0]}, ["detailpp"], model_defaults={"nursing_thresholds": []}
+    )
 
 
 def _toy_cli(tmp_path, *argv):

@@ -156,3 +156,37 @@ class DetailConfig:
 
     def replace(self, **changes: Any) -> DetailConfig:
         return replace(self, **changes)
+
+
+#: The file of a model folder that holds the Detail++ settings recommended for that model (DetailConfig fields).
+DETAIL_DEFAULTS_FILE = "detail_config.json"
+
+
+def read_detail_defaults(folder) -> dict[str, Any]:
+    """The DetailConfig fields a local model folder recommends (its :data:`DETAIL_DEFAULTS_FILE`), ``{}`` if none.
+
+    Raises :class:`ConfigError` naming the file when it is unreadable or holds fields DetailConfig rejects. Only
+    local folders are read (a Hub id has no such file here).
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(str(folder)) / DETAIL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"Cannot read the model's Detail++ settings {path}: {e}. Fix or delete the file.") from e
+    check_detail_fields(data, str(path))
+    return data
+
+
+def check_detail_fields(data: Any, source: str) -> None:
+    """Raise :class:`ConfigError` (naming ``source``) unless ``data`` is a dict that makes a valid DetailConfig."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a JSON object of DetailConfig fields.")
+    try:
+        DetailConfig(**data)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {str(e).rstrip('.')}. Fix or delete it.") from e

@@ -369,9 +369,9 @@ class DemoSession:
         )
         with GENERATION_LOCK:
             pipe = self.pipe
-            # the demo's fields over the model's recommended settings (the toy model's nursing step size)
-            config = pipe.make_detail_config(**_demo_fields(settings.config))
             try:
+                # the demo's fields over the model's recommended settings (the toy model's nursing step size)
+                config = pipe.make_detail_config(**_demo_fields(settings.config))
                 plan = pipe.prepare_plan(plan.prompt, plan, config)
             except (PlanError, ValueError) as e:
                 raise DemoInputError(str(e)) from e

@@ -57,6 +57,16 @@ def toy_model_available() -> bool:
     return (TOY_MODEL_DIR / "model_index.json").is_file()
 
 
+def model_detail_defaults(model: str) -> dict:
+    """The Detail++ settings a model recommends: its folder's ``detail_config.json`` (``"toy"`` or a local folder);
+    ``{}`` for other models. Readable before loading (run identities, argument checks)."""
+    from detailpp.config import read_detail_defaults
+
+    if model == "toy":
+        return read_detail_defaults(TOY_MODEL_DIR)
+    return read_detail_defaults(model) if Path(model).is_dir() else {}
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     device: str | None = None,
@@ -112,6 +122,8 @@ def load_pipeline(
                     raise
                 pipe = pipeline_class.from_pretrained(str(source), **dtype_kwarg(torch_dtype))
     except Exception as e:  # every loader failure gets the same clear way out
+        if type(e).__name__ == "DetailInputError":  # the folder's detail_config.json: its own clear message
+            raise
         raise ModelLoadError(
             f"Cannot load the model {model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
             "Give a local SDXL folder or checkpoint (--model PATH), a Hub id you can reach (with network access "

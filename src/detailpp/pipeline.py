@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -39,7 +40,13 @@ except ImportError:  # diffusers < 0.40: no offload-aware helper
 
 
 from detailpp.attention import AttentionState, CaptureSpec, HookError, detail_processors, find_mask_layers
-from detailpp.config import DetailConfig
+from detailpp.config import (
+    DETAIL_DEFAULTS_FILE,
+    ConfigError,
+    DetailConfig,
+    check_detail_fields,
+    read_detail_defaults,
+)
 from detailpp.latent_modification import FIRST_DETAIL_BRANCH, accumulate_latents
 from detailpp.masks import MaskAccumulator, binary_masks, normalized_maps
 from detailpp.nursing import NursingRecord, max_iterations, nurse_latent, nursing_loss, step_size
@@ -123,43 +130,48 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
     ``detail_config=`` (:class:`detailpp.DetailConfig`) and ``plan=`` (:class:`detailpp.DecompositionPlan`, a dict or
     a JSON file; parsed from the prompt with spaCy when absent). A plan with no branch runs plain SDXL.
 
-    A model folder may recommend Detail++ settings for itself in ``detail_config.json`` (DetailConfig fields; the
-    embedded toy model's nursing step size): ``from_pretrained`` reads it into :attr:`detail_defaults`,
-    ``save_pretrained`` writes it back, and a call without ``detail_config=`` (or :meth:`make_detail_config`) uses
-    them, every other field keeping DetailConfig's default.
+    A local model folder may recommend Detail++ settings for itself in ``detail_config.json`` (DetailConfig fields;
+    the embedded toy model's nursing step size): ``from_pretrained`` reads it into :attr:`detail_defaults` (Hub ids:
+    not fetched), ``from_pipe`` keeps them, ``save_pretrained`` writes them back (locally), and a call without
+    ``detail_config=`` (or :meth:`make_detail_config`) uses them, every other field keeping DetailConfig's default.
     """
 
     #: The file of a model folder that holds the Detail++ settings the model recommends.
-    DETAIL_DEFAULTS_FILE = "detail_config.json"
+    DETAIL_DEFAULTS_FILE = DETAIL_DEFAULTS_FILE
     #: DetailConfig fields recommended by the loaded model (empty: the paper's defaults).
     detail_defaults: Mapping[str, Any] = MappingProxyType({})
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):  # noqa: D102 - diffusers' documentation
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):  # noqa: D102 - diffusers'
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        path = Path(str(pretrained_model_name_or_path)) / cls.DETAIL_DEFAULTS_FILE
-        if path.is_file():
-            try:
-                fields = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise DetailInputError(f"Cannot read the model's Detail++ defaults {path}: {e}.") from e
-            pipe.set_detail_defaults(fields, source=str(path))
+        try:
+            fields = read_detail_defaults(pretrained_model_name_or_path)  # local folders only
+        except ConfigError as e:
+            raise DetailInputError(str(e)) from e
+        if fields:
+            pipe.set_detail_defaults(fields)
         return pipe
 
-    def save_pretrained(self, save_directory, **kwargs) -> None:  # noqa: D102 - diffusers' documentation
-        super().save_pretrained(save_directory, **kwargs)
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):  # noqa: D102 - diffusers' documentation
+        pipe = super().from_pipe(pipeline, **kwargs)
+        pipe.detail_defaults = getattr(pipeline, "detail_defaults", cls.detail_defaults)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:  # noqa: D102 - diffusers'
+        super().save_pretrained(save_directory, **kwargs)  # (with push_to_hub the file stays local)
+        path = Path(save_directory) / self.DETAIL_DEFAULTS_FILE
         if self.detail_defaults:
-            text = json.dumps(dict(self.detail_defaults), indent=1) + "\n"
-            (Path(save_directory) / self.DETAIL_DEFAULTS_FILE).write_text(text, encoding="utf-8")
+            path.write_text(json.dumps(dict(self.detail_defaults), indent=1) + "\n", encoding="utf-8")
+        else:
+            path.unlink(missing_ok=True)  # no stale recommendation from an earlier save
 
     def set_detail_defaults(self, fields: Mapping[str, Any], source: str = "detail_defaults") -> None:
         """Recommend DetailConfig ``fields`` for this model (checked now: a wrong field fails here, not mid-call)."""
-        if not isinstance(fields, Mapping):
-            raise DetailInputError(f"{source} must hold a JSON object of DetailConfig fields.")
         try:
-            DetailConfig(**fields)
-        except (TypeError, ValueError) as e:
-            raise DetailInputError(f"{source}: {e}. Fix or delete it.") from e
+            check_detail_fields(dict(fields) if isinstance(fields, Mapping) else fields, source)
+        except ConfigError as e:
+            raise DetailInputError(str(e)) from e
         self.detail_defaults = MappingProxyType(dict(fields))
 
     def make_detail_config(self, **fields: Any) -> DetailConfig:

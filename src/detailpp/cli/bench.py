@@ -317,6 +317,14 @@ def _generate(args: argparse.Namespace) -> int:
     fields = parse_detail_config(args.detail_config)
     if args.method == "sdxl" and fields:
         raise BenchError("--detail-config applies to --method detailpp only.")
+    if args.method == "detailpp":  # the model's recommended settings (its detail_config.json) under the given ones
+        from detailpp.config import ConfigError
+        from detailpp.loading import model_detail_defaults
+
+        try:
+            fields = {**model_detail_defaults(args.model), **fields}
+        except ConfigError as e:
+            raise BenchError(str(e)) from e
     detail_config, detail_dict = make_detail_config(fields) if args.method == "detailpp" else (None, None)
     plans = None
     if args.plans is not None:

@@ -43,11 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--tau", type=float, default=0.5, help="mask threshold tau of eq. 3, in (0, 1)")
-    p.add_argument("--share-steps", type=float, default=0.8, help="fraction of steps with shared attention and ALM")
-    p.add_argument("--nursing", action=argparse.BooleanOptionalAction, default=True, help="attention nursing")
-    p.add_argument("--centroid-alignment", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--granularity", choices=GRANULARITIES, default="subject")
+    # Detail++ settings: left out, the model's recommendation (its detail_config.json) or DetailConfig's default
+    p.add_argument("--tau", type=float, default=None, help="mask threshold tau of eq. 3, in (0, 1) (0.5)")
+    p.add_argument(
+        "--share-steps", type=float, default=None, help="fraction of steps with shared attention and ALM (0.8)"
+    )
+    p.add_argument("--nursing", action=argparse.BooleanOptionalAction, default=None, help="attention nursing (on)")
+    p.add_argument("--centroid-alignment", action=argparse.BooleanOptionalAction, default=None, help="(on)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default=None, help="(subject)")
     p.add_argument("--plan", type=Path, default=None, help="a plan JSON file (as `detailpp decompose --json`)")
     p.add_argument("--save-branches", action="store_true", help="also write a grid of every branch")
     p.add_argument("--save-masks", action="store_true", help="also write each subject's mask over the image")
@@ -69,14 +72,15 @@ def slug(text: str, limit: int = 48) -> str:
 
 
 def flag_fields(args: argparse.Namespace) -> dict:
-    """The DetailConfig fields set by the command line (the model's recommended settings fill in the rest)."""
-    return {
+    """The DetailConfig fields given on the command line (the model's recommended settings fill in the rest)."""
+    given = {
         "mask_threshold": args.tau,
         "share_steps": args.share_steps,
         "nursing": args.nursing,
         "centroid_alignment": args.centroid_alignment,
         "granularity": args.granularity,
     }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def check_args(args: argparse.Namespace) -> DetailConfig:

@@ -351,8 +351,9 @@ def method_fields(name: str, overlay: dict | None = None) -> dict[str, Any] | No
     return None if own is None else {**(overlay or {}), **own}
 
 
-def check_detail_config(overlay: dict, names: Sequence[str]) -> None:
-    """Raise :class:`BenchError` unless ``DetailConfig(**method_fields(name, overlay))`` works for every name."""
+def check_detail_config(overlay: dict, names: Sequence[str], model_defaults: dict | None = None) -> None:
+    """Raise :class:`BenchError` unless the config every name runs with works: ``DetailConfig(**{**model_defaults,
+    **method_fields(name, overlay)})`` (the model's recommended settings under the overlay, as in :func:`run_item`)."""
     import dataclasses
 
     from detailpp.config import DetailConfig
@@ -369,7 +370,7 @@ def check_detail_config(overlay: dict, names: Sequence[str]) -> None:
         if fields is None:
             continue
         try:
-            DetailConfig(**fields)
+            DetailConfig(**{**(model_defaults or {}), **fields})
         except (TypeError, ValueError) as e:
             raise BenchError(f"--detail-config {json.dumps(overlay)} does not work for {name!r}: {e}") from e
 
@@ -718,15 +719,6 @@ def aggregate(records: Sequence[dict], settings: Settings, planned: dict, judge:
 # The run
 
 
-def model_detail_defaults(model: str) -> dict:
-    """The Detail++ settings a model folder recommends (its ``detail_config.json``; ``{}`` if none)."""
-    from detailpp.loading import TOY_MODEL_DIR
-    from detailpp.pipeline import DetailPlusPlusPipeline
-
-    path = (TOY_MODEL_DIR if model == "toy" else Path(model)) / DetailPlusPlusPipeline.DETAIL_DEFAULTS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def run_benchmark(
     n_prompts: int,
     n_seeds: int,
@@ -754,7 +746,14 @@ def run_benchmark(
     if split not in SPLITS:
         raise BenchError(f"unknown prompt split {split!r}; choose from {', '.join(SPLITS)}.")
     runs = list(settings.methods) + (list(settings.diagnostics) if settings.diagnostic_prompts > 0 else [])
-    check_detail_config(settings.detail_config, runs)
+    from detailpp.config import ConfigError
+    from detailpp.loading import model_detail_defaults
+
+    try:
+        model_defaults = model_detail_defaults(settings.model)
+    except ConfigError as e:
+        raise BenchError(str(e)) from e
+    check_detail_config(settings.detail_config, runs, model_defaults)
     specs = split_prompts(n_prompts, split)
     tokenizer = _tokenizer(settings.model)
     plans = make_plans(specs, plans_source, tokenizer, split)
@@ -769,7 +768,7 @@ def run_benchmark(
         "prompt_seed": TEST_SEED if split == "test" else VALIDATION_SEED,
         "prompts": _split_description(split),
         "workers": workers,
-        "model_detail_defaults": model_detail_defaults(settings.model),
+        "model_detail_defaults": model_defaults,
     }
     items = build_items(specs, n_seeds, settings)
     if max_minutes is not None:

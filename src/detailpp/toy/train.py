@@ -266,7 +266,19 @@ def train(cfg: TrainConfig) -> dict:
         log_f.flush()
         logger.info("%s", " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
 
+    if not 0.0 <= cfg.min_snr_floor <= cfg.min_snr_gamma:
+        raise ValueError(
+            f"--min-snr-floor must lie in [0, --min-snr-gamma={cfg.min_snr_gamma}], got {cfg.min_snr_floor}"
+        )
+    if not 0.0 <= cfg.high_noise_fraction <= 1.0 or not 0 <= cfg.high_noise_from < 1000:
+        raise ValueError("--high-noise-fraction must lie in [0, 1] and --high-noise-from in [0, 999]")
     if cfg.resume and (Path(cfg.resume) / "model_index.json").is_file():
+        if cfg.resume_step == 0:
+            logger.warning(
+                "resuming from the pipeline %s at step 0: the learning-rate schedule and the data stream start over "
+                "(give --resume-step, the step the pipeline was saved at)",
+                cfg.resume,
+            )
         ckpt = checkpoint_from_pipeline(cfg.resume, cfg.resume_step)
     else:
         ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
