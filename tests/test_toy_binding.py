@@ -253,3 +253,55 @@ def test_toy_cli_validation_split_plans_file_and_detail_config(tmp_path, capsys)
     recs = {r["method"]: r for r in binding.read_records(tmp_path / "work")}
     assert recs["pdi"]["nursing"] == []  # the method's own nursing=False wins over the overlay
     assert recs["detailpp"]["nursing"] and all(n["updates"] <= 1 for n in recs["detailpp"]["nursing"])
+
+
+def test_forced_layout_script_forces_every_branch_onto_branch_zero(tmp_path):
+    """benchmarks/toy_forced_layout.py: forcing every step with ALM and nursing off leaves the last branch equal to
+    branch 0, i.e. plain SDXL sampling; and the script runs end to end."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from detailpp import DetailConfig
+    from detailpp.tiny import build_tiny_pipeline
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_forced_layout.py"
+    spec = importlib.util.spec_from_file_location("toy_forced_layout", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, height=64, width=64, output_type="np")
+    prompt = "a red circle next to a blue square"
+    plain = StableDiffusionXLPipeline.__call__(pipe, prompt, generator=torch.Generator().manual_seed(1), **kw).images
+    config = DetailConfig(nursing=False, latent_modification=False)
+    forced = pipe(
+        prompt,
+        detail_config=config,
+        callback_on_step_end=module.forcing(3),
+        generator=torch.Generator().manual_seed(1),
+        **kw,
+    ).images
+    free = pipe(prompt, detail_config=config, generator=torch.Generator().manual_seed(1), **kw).images
+    np.testing.assert_allclose(forced, plain, atol=1e-3)  # (batched vs single-row kernels: float noise only)
+    assert np.abs(free - plain).max() > 1e-2
+    res = module.main(
+        [
+            "--model",
+            "tiny-random",
+            "--prompts",
+            "1",
+            "--steps",
+            "2",
+            "--force-steps",
+            "1",
+            "--out",
+            str(tmp_path / "forced.json"),
+        ]
+    )
+    assert set(res["image_accuracy"]) == {"sdxl", "detailpp", "detailpp_forced1", "no_alm_forced1"}
