@@ -3,7 +3,8 @@ whether its layout follows the noise (the same seed with and without the prompts
 
 ``python -m detailpp.toy.evaluate --prompts 48 --guidance 1 3 7.5`` measures the layout agreement of the packaged
 model at several guidance scales (CPU: ~8 min per scale on 2 cores); ``--slots`` measures instead whether plain
-sampling follows the ``"slots"`` layout rule of the initial noise (:func:`slot_rule`, validation prompts).
+sampling follows the ``"slots"`` layout rule of the initial noise (:func:`slot_rule`, validation prompts);
+``--step-counts 12 15 20 --guidance 5 --prompts 32``: plain accuracy by number of steps (:func:`accuracy_by_steps`).
 """
 
 from __future__ import annotations
@@ -151,6 +152,18 @@ def layout_by_guidance(pipe, n_prompts: int, guidances: Sequence[float], steps: 
     return out
 
 
+def accuracy_by_steps(
+    pipe, specs: Sequence[PromptSpec], step_counts: Sequence[int], guidance_scale: float = 5.0, seed: int = 1000
+) -> dict:
+    """Plain-sampling binding accuracy of ``specs`` (seeded ``seed + index``) at each number of denoising steps."""
+    seeds = [seed + i for i in range(len(specs))]
+    prompts = [s.prompt for s in specs]
+    return {
+        str(n): score_prompts(sample_images(pipe, prompts, seeds, n, guidance_scale, chunk=32), specs)
+        for n in step_counts
+    }
+
+
 def place_of(mask: np.ndarray) -> int:
     """The place of the ``"slots"`` layout (row-major index into the 3 x 3 grid) nearest a region's centre."""
     from detailpp.toy.scenes import IMAGE_SIZE, SLOT_CENTRES
@@ -227,15 +240,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, nargs="+", default=[7.5])
     p.add_argument("--slots", action="store_true", help="instead: does the layout follow the slots rule? (slot_rule)")
+    p.add_argument("--step-counts", type=int, nargs="+", help="instead: plain accuracy at these step counts")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     pipe = StableDiffusionXLPipeline.from_pretrained(a.model or str(DATA_DIR / "toy-model")).to(a.device)
     pipe.set_progress_bar_config(disable=True)
-    if a.slots:
-        from detailpp.toy.binding import validation_prompts
+    from detailpp.toy.binding import validation_prompts
 
+    if a.slots:
         result = slot_rule(pipe, validation_prompts(a.prompts), a.steps, a.guidance[0])
+    elif a.step_counts:
+        result = accuracy_by_steps(pipe, validation_prompts(a.prompts), a.step_counts, a.guidance[0])
     else:
         result = layout_by_guidance(pipe, a.prompts, a.guidance, a.steps)
     print(json.dumps(result, indent=1))

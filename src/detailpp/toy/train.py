@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import queue
+import re
 import shutil
 import threading
 import time
@@ -540,9 +541,10 @@ def grow_unet(unet, state_dict: dict) -> int:
     missing, unexpected = unet.load_state_dict(state_dict, strict=False)
     if unexpected:
         raise ValueError(f"the checkpoint has weights the grown UNet lacks: {unexpected[:4]}")
-    new_blocks = {k.split(".attn1.")[0].split(".attn2.")[0].split(".ff.")[0].split(".norm")[0] for k in missing}
-    if any(".transformer_blocks." not in b for b in new_blocks):
-        raise ValueError(f"only transformer blocks can be new, not {sorted(new_blocks)[:4]}")
+    blocks = {k: re.match(r"(.+\.transformer_blocks\.\d+)\.", k) for k in missing}
+    if not all(blocks.values()):
+        raise ValueError(f"only transformer blocks can be new, not {[k for k, b in blocks.items() if not b][:4]}")
+    new_blocks = {b.group(1) for b in blocks.values()}
     modules = dict(unet.named_modules())
     with torch.no_grad():
         for name in new_blocks:
