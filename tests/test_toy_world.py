@@ -319,9 +319,38 @@ def test_training_script_writes_loadable_pipeline(tmp_path):
             "2",
             "--high-noise-fraction",
             "0.5",
+            "--layout-loss-weight",
+            "1",
+            "--log-every",
+            "1",
         ]
     )
     assert again["step"] == 3
+    logged = [json.loads(line) for line in (tmp_path / "run3" / "log.jsonl").read_text().splitlines()]
+    assert any(np.isfinite(r.get("layout_loss", np.nan)) for r in logged)
+    with pytest.raises(ValueError, match="--layout-loss-weight"):
+        main([*args, "--layout-loss-weight", "-1"])
+
+
+def test_layout_loss_is_the_coarse_x0_error():
+    from detailpp.toy.train import layout_loss
+
+    g = torch.Generator().manual_seed(0)
+    z0, noise, pred = (torch.randn(3, 4, 64, 64, generator=g) for _ in range(3))
+    abar = torch.tensor([0.9, 0.3, 0.005])
+    a = abar.view(3, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    x0_hat = (zt - (1 - a).sqrt() * pred) / a.sqrt()
+    cell = 64 // LAYOUT_GRID
+    coarse = (x0_hat - z0).unflatten(2, (LAYOUT_GRID, cell)).unflatten(4, (LAYOUT_GRID, cell)).mean(dim=(3, 5))
+    torch.testing.assert_close(layout_loss(pred, noise, abar), coarse.square().mean(dim=(1, 2, 3)))
+    assert layout_loss(noise, noise, abar).abs().max() == 0
+    # fine detail within a cell costs nothing: only where the mass sits does
+    detail = torch.randn(3, 4, LAYOUT_GRID, LAYOUT_GRID, cell, cell, generator=g)
+    detail = (detail - detail.mean(dim=(4, 5), keepdim=True)).permute(0, 1, 2, 4, 3, 5).reshape(3, 4, 64, 64)
+    torch.testing.assert_close(layout_loss(noise + detail, noise, abar), torch.zeros(3), atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="divisible"):
+        layout_loss(pred[..., :60], noise[..., :60], abar)
 
 
 def test_grow_unet_keeps_the_function_and_the_new_blocks_learn():

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from detailpp.toy import model as toy_model
 from detailpp.toy.scenes import (
+    LAYOUT_GRID,
     LAYOUTS,
     CaptionTokenizer,
     noise_with_layout_field,
@@ -76,6 +77,7 @@ class TrainConfig:
     min_snr_floor: float = 0.0  # weight clamp(SNR, floor, gamma) / SNR: floor 1 = x0-MSE weight 1 at high noise
     high_noise_fraction: float = 0.0  # share of each batch whose timestep is drawn from [high_noise_from, 999]
     high_noise_from: int = 700  # (the layout is read off the noise in the first, noisiest sampling steps)
+    layout_loss_weight: float = 0.0  # weight of layout_loss (x0 error on the layout field's grid), added to the loss
     resume_step: int = 0  # step count to go on from when --resume is a pipeline folder (its EMA weights)
     grow_transformer_layers: tuple[int, int, int] | None = None  # resume into deeper attention, new blocks = identity
     compile: str = "none"  # "none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"
@@ -84,6 +86,25 @@ class TrainConfig:
     eval_steps: int = 30
     eval_guidance: float = 5.0
     split_mb: float = 0.0  # cut the checkpoint into parts of this many MB (0: one file)
+
+
+def layout_loss(
+    pred: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor, grid: int = LAYOUT_GRID
+) -> torch.Tensor:
+    """Per-sample squared error of the predicted clean latent, averaged over the cells of the layout field's grid.
+
+    With ``x0_hat = (z_t - sqrt(1 - abar) * pred) / sqrt(abar)`` the error ``x0_hat - x0`` is
+    ``sqrt((1 - abar) / abar) * (noise - pred)``; its mean over each of the ``grid x grid`` cells (where the
+    objects are, coarsely) is squared and averaged. At high noise the epsilon loss weighs this coarse x0 error by
+    the tiny SNR and drowns it in the unpredictable fine detail, yet it is what decides the layout read off the
+    noise; both losses have the same minimiser (the posterior mean), so adding it reweights, it does not bias.
+    ``abar_t``: alphas_cumprod at each sample's timestep, shape (B,) or broadcastable to ``pred``.
+    """
+    if pred.shape != noise.shape or pred.shape[-1] % grid or pred.shape[-2] % grid:
+        raise ValueError(f"layout_loss needs equal latent shapes divisible by grid={grid}, got {tuple(pred.shape)}")
+    a = abar_t.reshape(-1, *([1] * (pred.ndim - 1))).float()
+    err = F.adaptive_avg_pool2d(noise.float() - pred.float(), grid) * ((1 - a) / a).sqrt()
+    return err.pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
 
 def _lr_at(step: int, cfg: TrainConfig, warmup_from: int = 0) -> float:
@@ -271,6 +292,8 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(
             f"--min-snr-floor must lie in [0, --min-snr-gamma={cfg.min_snr_gamma}], got {cfg.min_snr_floor}"
         )
+    if cfg.layout_loss_weight < 0:
+        raise ValueError(f"--layout-loss-weight must be >= 0, got {cfg.layout_loss_weight}")
     if not 0.0 <= cfg.high_noise_fraction <= 1.0 or not 0 <= cfg.high_noise_from < 1000:
         raise ValueError("--high-noise-fraction must lie in [0, 1] and --high-noise-from in [0, 999]")
     if cfg.resume and (Path(cfg.resume) / "model_index.json").is_file():
@@ -388,6 +411,7 @@ def train(cfg: TrainConfig) -> dict:
     step = start_step
     t0 = time.time()
     losses: list[torch.Tensor] = []
+    layout_losses: list[torch.Tensor] = []
     last_loss = float("nan")
     steps_this_run = 0
     timing_from = None
@@ -432,6 +456,10 @@ def train(cfg: TrainConfig) -> dict:
                     pred = fwd(zt, t, ids1, ids2, keep, time_ids.expand(b, -1))
                     per = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
                     loss = (per * weight[t]).mean()
+                    if cfg.layout_loss_weight > 0:
+                        lay = layout_loss(pred, noise, abar[t]).mean()
+                        loss = loss + cfg.layout_loss_weight * lay
+                        layout_losses.append(lay.detach())
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     break
@@ -456,6 +484,9 @@ def train(cfg: TrainConfig) -> dict:
                 last_loss = float(torch.stack(losses).mean())
                 losses.clear()
                 rec = {"phase": "unet", "step": step, "loss": last_loss, "lr": lr, "elapsed": time.time() - t0}
+                if layout_losses:
+                    rec["layout_loss"] = float(torch.stack(layout_losses).mean())
+                    layout_losses.clear()
                 if timing_from:
                     rec["it_s"] = (steps_this_run - timing_from[1]) / max(time.time() - timing_from[0], 1e-9)
                 log(rec)
