@@ -479,3 +479,25 @@ def test_slot_rule_reads_the_places_off_the_noise():
     fixed = slot_rule(_RulePipe(specs, follow=False), specs, seed=5)
     assert fixed["same_places"] == 1.0  # both kinds use the fixed places ...
     assert fixed["full"]["on_top_places"] < 0.7 and fixed["full"]["in_named_order"] < 0.5  # ... not the noise's
+
+
+def test_layout_divergence_compares_step_estimates():
+    from detailpp.toy.evaluate import foreground_strength, layout_divergence
+    from detailpp.toy.model import TINY, build_components, build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline(build_components(TINY))
+    pipe.set_progress_bar_config(disable=True)
+    specs = held_out_prompts(3, seed=0)
+    same = layout_divergence(pipe, specs, steps=3, guidance_scale=2.0, second_prompt=lambda s: s.prompt)
+    assert "step" not in vars(pipe.scheduler)  # the recording wrapper is gone
+    assert same["full_vs_second"] == pytest.approx([1.0] * 3, abs=1e-5)  # same prompt, same noise: same estimates
+    assert same["full_vs_final"][-1] == pytest.approx(1.0, abs=1e-5)
+    other = layout_divergence(pipe, specs, steps=3, guidance_scale=2.0)
+    assert len(other["full_vs_second"]) == len(other["other_noise"]) == 3
+    assert all(-1 <= v <= 1 for v in other["full_vs_second"] + other["other_noise"])
+    # foreground strength: a bright square on a grey background lights up its own cells only
+    img = torch.full((1, 3, 32, 32), 0.2)
+    img[..., 8:16, 16:24] = 0.9
+    fg = foreground_strength(img, cells=4).view(4, 4)
+    assert fg[1, 2] > 0.5 and fg.sum() == pytest.approx(fg[1, 2].item())

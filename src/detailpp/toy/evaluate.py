@@ -4,7 +4,8 @@ whether its layout follows the noise (the same seed with and without the prompts
 ``python -m detailpp.toy.evaluate --prompts 48 --guidance 1 3 7.5`` measures the layout agreement of the packaged
 model at several guidance scales (CPU: ~8 min per scale on 2 cores); ``--slots`` measures instead whether plain
 sampling follows the ``"slots"`` layout rule of the initial noise (:func:`slot_rule`, validation prompts);
-``--step-counts 12 15 20 --guidance 5 --prompts 32``: plain accuracy by number of steps (:func:`accuracy_by_steps`).
+``--step-counts 12 15 20 --guidance 5 --prompts 32``: plain accuracy by number of steps (:func:`accuracy_by_steps`);
+``--divergence``: at which denoising step the full and the base prompt part ways (:func:`layout_divergence`).
 """
 
 from __future__ import annotations
@@ -229,6 +230,94 @@ def slot_rule(
     return result
 
 
+def foreground_strength(images: torch.Tensor, cells: int = 16) -> torch.Tensor:
+    """How far each place of an image is from its background, on a ``cells x cells`` grid: the RGB distance of each
+    pixel from the median of the image's border (the judge's background), averaged over each cell. ``images``:
+    (B, 3, H, W) in [0, 1]; returns (B, cells * cells)."""
+    border = torch.cat(
+        [images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1
+    )  # (B, 3, 4W)
+    background = border.median(dim=-1).values[..., None, None]
+    distance = (images - background).norm(dim=1, keepdim=True)
+    return torch.nn.functional.adaptive_avg_pool2d(distance, cells).flatten(1)
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def layout_divergence(
+    pipe,
+    specs: Sequence[PromptSpec],
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    seed: int = 1000,
+    second_prompt=base_prompt,
+) -> dict:
+    """At which denoising step do a prompt and its base prompt, sampled from the same noise, part ways?
+
+    Each prompt (seeded ``seed + index``) and ``second_prompt(spec)`` (default: its base prompt, Detail++'s p1) are
+    sampled with plain SDXL sampling; at every step the scheduler's clean-image estimate (``pred_original_sample``)
+    is decoded and its :func:`foreground_strength` map compared by correlation: ``full_vs_second[k]`` between the
+    two prompts at step k, ``full_vs_final[k]`` between the full prompt's step-k estimate and its final image (how far
+    its layout is committed), and ``other_noise[k]`` between the full prompt and the second prompt of the next
+    prompt's noise (what unrelated layouts give). Means over the prompts.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    noise = torch.cat(
+        [randn_tensor((1, c, h, h), generator=torch.Generator().manual_seed(seed + i)) for i in range(len(specs))]
+    )
+    vae = pipe.vae
+
+    def estimates(prompts: list[str]) -> torch.Tensor:  # (steps, B, cells^2)
+        recorded: list[torch.Tensor] = []
+        step = pipe.scheduler.step
+
+        def recording_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            recorded.append(out.pred_original_sample if hasattr(out, "pred_original_sample") else out[1])
+            return out
+
+        pipe.scheduler.step = recording_step
+        try:
+            pipe(
+                prompts,
+                latents=noise.clone().to(pipe.device, pipe.unet.dtype),
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                output_type="latent",
+                return_dict=True,
+            )
+        finally:
+            del pipe.scheduler.step  # back to the class's method
+        if len(recorded) != steps:
+            raise RuntimeError(f"the scheduler's step ran {len(recorded)} times for {steps} steps")
+        maps = []
+        for x0 in recorded:
+            latents = x0.to(vae.dtype) / vae.config.scaling_factor
+            images = (vae.decode(latents).sample.float().clamp(-1, 1) + 1) / 2
+            maps.append(foreground_strength(images.cpu()))
+        return torch.stack(maps)
+
+    full = estimates([s.prompt for s in specs])
+    second = estimates([second_prompt(s) for s in specs])
+    shifted = second.roll(-1, dims=1)
+    result = {
+        "n": len(specs),
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "full_vs_second": [float(_correlation(f, b).mean()) for f, b in zip(full, second, strict=True)],
+        "full_vs_final": [float(_correlation(f, full[-1]).mean()) for f in full],
+        "other_noise": [float(_correlation(f, b).mean()) for f, b in zip(full, shifted, strict=True)],
+    }
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
@@ -241,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, nargs="+", default=[7.5])
     p.add_argument("--slots", action="store_true", help="instead: does the layout follow the slots rule? (slot_rule)")
     p.add_argument("--step-counts", type=int, nargs="+", help="instead: plain accuracy at these step counts")
+    p.add_argument("--divergence", action="store_true", help="instead: where full and base prompt part ways")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -248,7 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     from detailpp.toy.binding import validation_prompts
 
-    if a.slots:
+    if a.divergence:
+        result = layout_divergence(pipe, validation_prompts(a.prompts), a.steps, a.guidance[0])
+    elif a.slots:
         result = slot_rule(pipe, validation_prompts(a.prompts), a.steps, a.guidance[0])
     elif a.step_counts:
         result = accuracy_by_steps(pipe, validation_prompts(a.prompts), a.step_counts, a.guidance[0])
