@@ -277,6 +277,73 @@ def test_generate_on_the_tiny_model_returns_every_branch_mask_and_plain_sdxl(tin
         session.generate(PROMPT, rows, table_prompt=PROMPT, settings=settings())
 
 
+# ---------------------------------------------------------------------------------------------------- the page
+
+
+def page_value(demo, elem_id):
+    """The initial value of the page's component ``elem_id``."""
+    (component,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id]
+    return component.value
+
+
+def page_settings(demo) -> tuple:
+    return tuple(page_value(demo, f"detailpp-{name}") for name in ("tau", "share", "nursing", "granularity"))
+
+
+def test_the_settings_start_at_the_models_recommendation(tiny_pipe):
+    from detailpp.demo import build_demo
+    from detailpp.pipeline import DetailPlusPlusPipeline
+
+    assert page_settings(build_demo(tiny_pipe, model_name="tiny-random", initial_prompt="")) == (
+        0.5,
+        0.8,
+        True,
+        "subject",
+    )
+    tiny_pipe.set_detail_defaults({"mask_threshold": 0.3, "nursing": False, "share_steps": 0.6})
+    try:
+        demo = build_demo(tiny_pipe, model_name="tiny-random", initial_prompt="")
+    finally:
+        tiny_pipe.detail_defaults = DetailPlusPlusPipeline.detail_defaults
+    assert page_settings(demo) == (0.3, 0.6, False, "subject")
+
+
+class AttributePipe(FakePipe):
+    """A model that recommends a parse per attribute; it records the granularity each parse was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parsed = []
+
+    def decompose(self, prompt, granularity="subject"):
+        self.parsed.append(granularity)
+        return super().decompose(prompt, granularity)
+
+    def make_detail_config(self, **fields):
+        return DetailConfig(**{"granularity": "attribute", "mask_threshold": 0.02, **fields})
+
+
+def test_the_initial_parse_and_a_lazy_models_settings_follow_its_recommendation(tmp_path, caplog):
+    from detailpp.demo import build_demo
+
+    pipe = AttributePipe()
+    demo = build_demo(pipe, model_name="fake", initial_prompt=PROMPT)
+    assert page_settings(demo) == (0.02, 0.8, True, "attribute") and pipe.parsed == ["attribute"]
+    # a model loaded on the first request: its folder's detail_config.json, read without loading it
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "detail_config.json").write_text('{"share_steps": 0.5, "nursing": false}', encoding="utf-8")
+    loads = []
+    demo = build_demo(lambda: loads.append(1) or FakePipe(), model_name=str(folder))
+    assert page_settings(demo) == (0.5, 0.5, False, "subject") and not loads
+    # an unreadable file: a warning, and the page opens with DetailConfig's defaults
+    (folder / "detail_config.json").write_text('{"tau": 0.3}', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="detailpp.demo"):
+        demo = build_demo(lambda: loads.append(1) or FakePipe(), model_name=str(folder))
+    assert page_settings(demo) == (0.5, 0.8, True, "subject") and not loads
+    assert "could not read the Detail++ settings recommended for" in caplog.text and "tau" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------- the command
 
 

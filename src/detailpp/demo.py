@@ -9,10 +9,12 @@
 
 The page has a prompt box; the decomposition as an editable table (the base prompt p1, then one row per detail branch
 with its sub-prompt and subject; "Parse" refills it from the prompt); the settings (seed, steps, guidance, tau,
-share-steps, nursing, granularity, size); and, after "Generate", the final image next to plain SDXL sampled from the
-same seed, a gallery of every branch (p0, p1, p2..pn) captioned with its sub-prompt, and each subject's mask over the
-image. Bad input gets one clear sentence in the page (``#detailpp-error``), never a traceback. Generations run one at a
-time per process (a queue of concurrency 1 plus a process-wide lock), so two tabs cannot mix their runs.
+share-steps, nursing, granularity, size; tau, share-steps, nursing and granularity start at the model's recommended
+values, from its ``detail_config.json``, over DetailConfig's defaults); and, after "Generate", the final image next
+to plain SDXL sampled from the same seed, a gallery of every branch (p0, p1, p2..pn) captioned with its sub-prompt,
+and each subject's mask over the image. Bad input gets one clear sentence in the page (``#detailpp-error``), never a
+traceback. Generations run one at a time per process (a queue of concurrency 1 plus a process-wide lock), so two tabs
+cannot mix their runs.
 
 The logic lives in :class:`DemoSession` and a few plain functions (:func:`plan_to_rows`, :func:`rows_to_plan`,
 :func:`check_settings`) that need no Gradio; :func:`build_demo` only lays out the page and wires the events.
@@ -231,7 +233,9 @@ def check_settings(
     return Settings(seed_value, steps_value, guidance, sizes["Height"], sizes["Width"], config)
 
 
-#: The DetailConfig fields the demo's controls set; the model's recommended settings fill in the rest.
+#: The DetailConfig fields the demo's controls set; the model's recommended settings fill in the rest. The controls
+#: start at the model's recommended values for these fields (its ``detail_config.json``) over DetailConfig's
+#: defaults: see :meth:`DemoSession.initial_config`.
 DEMO_FIELDS = ("mask_threshold", "share_steps", "nursing", "granularity")
 
 
@@ -285,6 +289,7 @@ class DemoSession:
             self._pipe = None
         else:
             self._loader, self._pipe = None, pipe_or_loader
+        self.model = model_name
         self.model_name = model_name or "a custom pipeline"
         self.embedded = model_name in ("toy", "tiny-random")
 
@@ -311,6 +316,31 @@ class DemoSession:
 
     def default_steps(self) -> int:
         return 30 if self.embedded else 50
+
+    def initial_config(self) -> DetailConfig:
+        """The settings the page's controls start at: the model's recommended ones over DetailConfig's defaults.
+
+        From the loaded pipeline (:meth:`~detailpp.DetailPlusPlusPipeline.make_detail_config`), or, before a lazy
+        loader has run, from the model's ``detail_config.json`` (:func:`detailpp.loading.model_detail_defaults`, when
+        the model's name was given). A file that cannot be read logs a warning and gives DetailConfig's defaults.
+        """
+        try:
+            if self._pipe is not None:
+                make = getattr(self._pipe, "make_detail_config", None)
+                return make() if make is not None else DetailConfig()
+            if self.model is not None:
+                from detailpp.loading import model_detail_defaults
+
+                return DetailConfig(**model_detail_defaults(self.model))
+        except Exception as e:  # the page must open whatever the file holds
+            logger.warning(
+                "could not read the Detail++ settings recommended for %s (%s: %s); the page starts with "
+                "DetailConfig's defaults",
+                self.model_name,
+                type(e).__name__,
+                e,
+            )
+        return DetailConfig()
 
     def parse(self, prompt: Any, granularity: str = "subject") -> DecompositionPlan:
         """The spaCy parser's plan for ``prompt`` (with this model's tokenizer)."""
@@ -454,11 +484,12 @@ def build_demo(
         initial_prompt = examples[0]
     steps0 = default_steps or session.default_steps()
     size0 = default_size or session.default_size()
+    config0 = session.initial_config()  # tau, share steps, nursing, granularity: the model's recommendation
     rows0: list[list[str]] = []
     table_prompt0 = None
     if session.loaded and initial_prompt:
         try:
-            rows0, table_prompt0 = plan_to_rows(session.parse(initial_prompt)), initial_prompt
+            rows0, table_prompt0 = plan_to_rows(session.parse(initial_prompt, config0.granularity)), initial_prompt
         except DemoInputError:
             logger.warning("could not parse the initial prompt %r", initial_prompt)
 
@@ -567,7 +598,10 @@ def build_demo(
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="detailpp-negative")
                 with gr.Row():
                     granularity = gr.Radio(
-                        list(GRANULARITIES), value="subject", label="Granularity", elem_id="detailpp-granularity"
+                        list(GRANULARITIES),
+                        value=config0.granularity,
+                        label="Granularity",
+                        elem_id="detailpp-granularity",
                     )
                     parse = gr.Button("Parse", elem_id="detailpp-parse")
                 table = gr.Dataframe(
@@ -588,9 +622,18 @@ def build_demo(
                     steps = gr.Slider(1, 100, value=steps0, step=1, label="Steps", elem_id="detailpp-steps")
                     guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance", elem_id="detailpp-guidance")
                 with gr.Row():
-                    tau = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask threshold τ", elem_id="detailpp-tau")
-                    share = gr.Slider(0, 1, value=0.8, step=0.05, label="Share steps S/T", elem_id="detailpp-share")
-                    nursing = gr.Checkbox(value=True, label="Attention nursing", elem_id="detailpp-nursing")
+                    tau = gr.Slider(  # (a recommended tau outside the usual range widens it)
+                        min(0.05, config0.mask_threshold),
+                        max(0.95, config0.mask_threshold),
+                        value=config0.mask_threshold,
+                        step=0.05,
+                        label="Mask threshold τ",
+                        elem_id="detailpp-tau",
+                    )
+                    share = gr.Slider(
+                        0, 1, value=config0.share_steps, step=0.05, label="Share steps S/T", elem_id="detailpp-share"
+                    )
+                    nursing = gr.Checkbox(value=config0.nursing, label="Attention nursing", elem_id="detailpp-nursing")
                 with gr.Row():
                     width = gr.Number(value=size0, precision=0, step=8, label="Width", elem_id="detailpp-width")
                     height = gr.Number(value=size0, precision=0, step=8, label="Height", elem_id="detailpp-height")

@@ -57,14 +57,19 @@ def toy_model_available() -> bool:
     return (TOY_MODEL_DIR / "model_index.json").is_file()
 
 
-def model_detail_defaults(model: str) -> dict:
-    """The Detail++ settings a model recommends: its folder's ``detail_config.json`` (``"toy"`` or a local folder);
-    ``{}`` for other models. Readable before loading (run identities, argument checks)."""
+def model_detail_defaults(model: str, **hub_kwargs) -> dict:
+    """The Detail++ settings a model recommends: its ``detail_config.json`` (``"toy"``, a local folder, or a Hub id's
+    repo, fetched into the Hugging Face cache with ``hub_kwargs``: ``revision``, ``cache_dir``, ``token``,
+    ``local_files_only``); ``{}`` for the other built-in models, single-file checkpoints and repos without the file
+    or out of reach. Readable before loading (run identities, argument checks, the demo's controls). Raises
+    :class:`~detailpp.config.ConfigError` when the file is found but holds bad fields."""
     from detailpp.config import read_detail_defaults
 
     if model == "toy":
         return read_detail_defaults(TOY_MODEL_DIR)
-    return read_detail_defaults(model) if Path(model).is_dir() else {}
+    if model in ("tiny-random", "sdxl-random"):
+        return {}
+    return read_detail_defaults(model, **hub_kwargs)
 
 
 def load_pipeline(

@@ -130,10 +130,12 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
     ``detail_config=`` (:class:`detailpp.DetailConfig`) and ``plan=`` (:class:`detailpp.DecompositionPlan`, a dict or
     a JSON file; parsed from the prompt with spaCy when absent). A plan with no branch runs plain SDXL.
 
-    A local model folder may recommend Detail++ settings for itself in ``detail_config.json`` (DetailConfig fields;
-    the embedded toy model's nursing step size): ``from_pretrained`` reads it into :attr:`detail_defaults` (Hub ids:
-    not fetched), ``from_pipe`` keeps them, ``save_pretrained`` writes them back (locally), and a call without
-    ``detail_config=`` (or :meth:`make_detail_config`) uses them, every other field keeping DetailConfig's default.
+    A model folder or Hub repo may recommend Detail++ settings for itself in ``detail_config.json`` (DetailConfig
+    fields; the embedded toy model's nursing step size): ``from_pretrained`` reads it into :attr:`detail_defaults`
+    (a Hub id's file is fetched with the ``revision``, ``cache_dir``, ``token`` and ``local_files_only`` it was given;
+    a repo without it recommends nothing), ``from_pipe`` keeps them, ``save_pretrained`` writes them into the folder
+    before diffusers saves (and, with ``push_to_hub=True``, uploads) it, and a call without ``detail_config=`` (or
+    :meth:`make_detail_config`) uses them, every other field keeping DetailConfig's default.
     """
 
     #: The file of a model folder that holds the Detail++ settings the model recommends.
@@ -141,11 +143,15 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
     #: DetailConfig fields recommended by the loaded model (empty: the paper's defaults).
     detail_defaults: Mapping[str, Any] = MappingProxyType({})
 
+    #: The ``from_pretrained`` arguments that also say where a Hub id's ``detail_config.json`` is fetched from.
+    HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):  # noqa: D102 - diffusers'
+        hub_kwargs = {name: kwargs[name] for name in cls.HUB_KWARGS if name in kwargs}
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        try:
-            fields = read_detail_defaults(pretrained_model_name_or_path)  # local folders only
+        try:  # a local folder's file, or a Hub id's (fetched; {} when the repo has none)
+            fields = read_detail_defaults(pretrained_model_name_or_path, **hub_kwargs)
         except ConfigError as e:
             raise DetailInputError(str(e)) from e
         if fields:
@@ -159,12 +165,17 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:  # noqa: D102 - diffusers'
-        super().save_pretrained(save_directory, **kwargs)  # (with push_to_hub the file stays local)
-        path = Path(save_directory) / self.DETAIL_DEFAULTS_FILE
-        if self.detail_defaults:
-            path.write_text(json.dumps(dict(self.detail_defaults), indent=1) + "\n", encoding="utf-8")
-        else:
-            path.unlink(missing_ok=True)  # no stale recommendation from an earlier save
+        # Written before diffusers saves the folder: with push_to_hub=True it uploads the whole folder at its end.
+        folder = Path(save_directory)
+        if not folder.is_file():  # (a file: diffusers says it must be a folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / self.DETAIL_DEFAULTS_FILE
+            if self.detail_defaults:
+                path.write_text(json.dumps(dict(self.detail_defaults), indent=1) + "\n", encoding="utf-8")
+            else:
+                path.unlink(missing_ok=True)  # no stale recommendation from an earlier save (not pushed: a
+                # file already in the Hub repo stays, since diffusers' upload adds files and deletes none)
+        super().save_pretrained(save_directory, **kwargs)
 
     def set_detail_defaults(self, fields: Mapping[str, Any], source: str = "detail_defaults") -> None:
         """Recommend DetailConfig ``fields`` for this model (checked now: a wrong field fails here, not mid-call)."""
