@@ -493,6 +493,7 @@ def test_layout_divergence_compares_step_estimates():
     assert "step" not in vars(pipe.scheduler)  # the recording wrapper is gone
     assert same["full_vs_second"] == pytest.approx([1.0] * 3, abs=1e-5)  # same prompt, same noise: same estimates
     assert same["full_vs_final"][-1] == pytest.approx(1.0, abs=1e-5)
+    assert same["second_vs_final"] == pytest.approx(same["full_vs_final"], abs=1e-5)
     other = layout_divergence(pipe, specs, steps=3, guidance_scale=2.0)
     assert len(other["full_vs_second"]) == len(other["other_noise"]) == 3
     assert all(-1 <= v <= 1 for v in other["full_vs_second"] + other["other_noise"])

@@ -263,8 +263,9 @@ def layout_divergence(
     sampled with plain SDXL sampling; at every step the scheduler's clean-image estimate (``pred_original_sample``)
     is decoded and its :func:`foreground_strength` map compared by correlation: ``full_vs_second[k]`` between the
     two prompts at step k, ``full_vs_final[k]`` between the full prompt's step-k estimate and its final image (how far
-    its layout is committed), and ``other_noise[k]`` between the full prompt and the second prompt of the next
-    prompt's noise (what unrelated layouts give). Means over the prompts.
+    its layout is committed; ``second_vs_final`` the same for the second prompt), and ``other_noise[k]`` between the
+    full prompt and the second prompt of the next prompt's noise (what unrelated layouts give). Means over the
+    prompts.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -313,6 +314,7 @@ def layout_divergence(
         "guidance_scale": guidance_scale,
         "full_vs_second": [float(_correlation(f, b).mean()) for f, b in zip(full, second, strict=True)],
         "full_vs_final": [float(_correlation(f, full[-1]).mean()) for f in full],
+        "second_vs_final": [float(_correlation(b, second[-1]).mean()) for b in second],
         "other_noise": [float(_correlation(f, b).mean()) for f, b in zip(full, shifted, strict=True)],
     }
     return result
