@@ -502,3 +502,19 @@ def test_layout_divergence_compares_step_estimates():
     img[..., 8:16, 16:24] = 0.9
     fg = foreground_strength(img, cells=4).view(4, 4)
     assert fg[1, 2] > 0.5 and fg.sum() == pytest.approx(fg[1, 2].item())
+
+
+def test_coarse_error_compares_own_and_other_noise():
+    from detailpp.toy.evaluate import coarse_error
+    from detailpp.toy.model import TINY, build_components, build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline(build_components(TINY))
+    r = coarse_error(pipe, n=4, timesteps=(999, 500))
+    again = coarse_error(pipe, n=4, timesteps=(999, 500))
+    assert r == again  # seeded: the same scenes and noise
+    for t in ("999", "500"):
+        assert set(r[t]) == {"matched", "mismatched"} and all(np.isfinite(v) and v >= 0 for v in r[t].values())
+        assert r[t]["matched"] != r[t]["mismatched"]  # the noises differ only in their layout field
+    # at t = 999 the x0 estimate amplifies the prediction's error far more than at t = 500
+    assert r["999"]["matched"] > r["500"]["matched"]

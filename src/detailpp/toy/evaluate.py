@@ -5,7 +5,8 @@ whether its layout follows the noise (the same seed with and without the prompts
 model at several guidance scales (CPU: ~8 min per scale on 2 cores); ``--slots`` measures instead whether plain
 sampling follows the ``"slots"`` layout rule of the initial noise (:func:`slot_rule`, validation prompts);
 ``--step-counts 12 15 20 --guidance 5 --prompts 32``: plain accuracy by number of steps (:func:`accuracy_by_steps`);
-``--divergence``: at which denoising step the full and the base prompt part ways (:func:`layout_divergence`).
+``--divergence``: at which denoising step the full and the base prompt part ways (:func:`layout_divergence`);
+``--coarse-error``: how much of the layout the model reads off the training noise (:func:`coarse_error`).
 """
 
 from __future__ import annotations
@@ -320,6 +321,49 @@ def layout_divergence(
     return result
 
 
+@torch.no_grad()
+def coarse_error(pipe, n: int = 48, timesteps: Sequence[int] = (999, 900, 700), seed: int = 0) -> dict:
+    """How much of the layout does the model read off the noise? The training loss's view, no sampling.
+
+    ``n`` slots-world scenes (2 or 3 objects, ``seed``) are noised at each timestep with noise that carries the
+    scene's own layout field (``matched``: the noise the layout was chosen from, as in training) or the next scene's
+    (``mismatched``); the value is :func:`~detailpp.toy.train.layout_loss` (the coarse x0 error) of the model's
+    prediction, averaged over the scenes. A model that reads its layout off the noise has a far smaller matched error.
+    """
+    from detailpp.toy.scenes import CaptionTokenizer, noise_with_layout_field, render, sample_scenes
+    from detailpp.toy.train import encode_text, layout_loss
+
+    device = pipe.device
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    batch = sample_scenes(n, seed, n_objects=(0.0, 0.5, 0.5), layout="slots")
+    images, _ = render(batch, device, image_size=size)
+    tok = CaptionTokenizer(pipe.tokenizer)
+    ids1 = torch.as_tensor(tok(batch.captions), device=device)
+    ids2 = torch.as_tensor(tok(batch.captions, pad_id=0), device=device)
+    dtype = pipe.unet.dtype
+    vae = pipe.vae
+    z0 = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+    ehs, pooled = encode_text(pipe.text_encoder, pipe.text_encoder_2, ids1, ids2)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=dtype).expand(n, -1)
+    abar = pipe.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    gen = torch.Generator(device).manual_seed(seed)
+    fields = {"matched": batch.layout_field, "mismatched": np.roll(batch.layout_field, 1, axis=0)}
+    result: dict = {"n": n, "seed": seed}
+    for t in timesteps:
+        tt = torch.full((n,), int(t), device=device)
+        a = abar[tt].view(n, 1, 1, 1)
+        row = {}
+        for name, field in fields.items():
+            noise = noise_with_layout_field(field, z0.shape, gen, device)
+            zt = (a.sqrt() * z0 + (1 - a).sqrt() * noise).to(dtype)
+            pred = pipe.unet(
+                zt, tt, ehs.to(dtype), added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+            ).sample
+            row[name] = float(layout_loss(pred, noise, abar[tt]).mean())
+        result[str(int(t))] = row
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
@@ -333,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--slots", action="store_true", help="instead: does the layout follow the slots rule? (slot_rule)")
     p.add_argument("--step-counts", type=int, nargs="+", help="instead: plain accuracy at these step counts")
     p.add_argument("--divergence", action="store_true", help="instead: where full and base prompt part ways")
+    p.add_argument("--coarse-error", action="store_true", help="instead: the coarse x0 error, own vs other noise")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -340,7 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     from detailpp.toy.binding import validation_prompts
 
-    if a.divergence:
+    if a.coarse_error:
+        result = coarse_error(pipe, a.prompts)
+    elif a.divergence:
         result = layout_divergence(pipe, validation_prompts(a.prompts), a.steps, a.guidance[0])
     elif a.slots:
         result = slot_rule(pipe, validation_prompts(a.prompts), a.steps, a.guidance[0])
