@@ -327,8 +327,9 @@ def coarse_error(pipe, n: int = 48, timesteps: Sequence[int] = (999, 900, 700), 
 
     ``n`` slots-world scenes (2 or 3 objects, ``seed``) are noised at each timestep with noise that carries the
     scene's own layout field (``matched``: the noise the layout was chosen from, as in training) or the next scene's
-    (``mismatched``); the value is :func:`~detailpp.toy.train.layout_loss` (the coarse x0 error) of the model's
-    prediction, averaged over the scenes. A model that reads its layout off the noise has a far smaller matched error.
+    (``mismatched``; the same residuals, only the field differs); the value is
+    :func:`~detailpp.toy.train.layout_loss` (the coarse x0 error) of the model's prediction, averaged over the scenes.
+    A model that reads its layout off the noise has a far smaller matched error.
     """
     from detailpp.toy.scenes import CaptionTokenizer, noise_with_layout_field, render, sample_scenes
     from detailpp.toy.train import encode_text, layout_loss
@@ -346,7 +347,6 @@ def coarse_error(pipe, n: int = 48, timesteps: Sequence[int] = (999, 900, 700), 
     ehs, pooled = encode_text(pipe.text_encoder, pipe.text_encoder_2, ids1, ids2)
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=dtype).expand(n, -1)
     abar = pipe.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    gen = torch.Generator(device).manual_seed(seed)
     fields = {"matched": batch.layout_field, "mismatched": np.roll(batch.layout_field, 1, axis=0)}
     result: dict = {"n": n, "seed": seed}
     for t in timesteps:
@@ -354,6 +354,7 @@ def coarse_error(pipe, n: int = 48, timesteps: Sequence[int] = (999, 900, 700), 
         a = abar[tt].view(n, 1, 1, 1)
         row = {}
         for name, field in fields.items():
+            gen = torch.Generator(device).manual_seed(seed + int(t))  # same residuals for both fields
             noise = noise_with_layout_field(field, z0.shape, gen, device)
             zt = (a.sqrt() * z0 + (1 - a).sqrt() * noise).to(dtype)
             pred = pipe.unet(
