@@ -29,6 +29,19 @@ def box(y0, x0, y1, x1, size=16):
 
 
 RED_CIRCLE, BLUE_SQUARE = ObjectSpec("circle", "red"), ObjectSpec("square", "blue")
+NO_ERRORS = {
+    "not_found": 0,
+    "shape_missing": 0,
+    "colour_leak": 0,
+    "colour_other": 0,
+    "texture_leak": 0,
+    "texture_other": 0,
+    "count": False,
+    "extra": 0,
+    "missing": 0,
+    "failed": False,
+    "binding_only": False,
+}
 
 
 def test_score_seen_object_and_image_level():
@@ -44,6 +57,10 @@ def test_score_seen_object_and_image_level():
     assert s["found"] == [True, True] and not s["image_correct"]  # an extra object: attribute on a wrong object
     s = binding.score_seen(expected, right[:1])
     assert s["found"] == [False, True] and not s["image_correct"]
+    assert s["errors"]["shape_missing"] == 1 and s["errors"]["missing"] == 1 and not s["errors"]["binding_only"]
+    assert binding.score_seen(expected, swapped)["errors"]["colour_leak"] == 2
+    assert not binding.score_seen(expected, right)["errors"]["failed"]
+    json.dumps(binding.score_seen(expected, extra))  # a record line
 
 
 def test_assign_regions_and_mask_iou():
@@ -100,7 +117,7 @@ def test_scene_plan_matches_the_rule():
     assert plan["branches"][0]["subject_token_indices"] != plan["branches"][1]["subject_token_indices"]
 
 
-def _rec(p, seed, method, found, correct, n=2, masks=None):
+def _rec(p, seed, method, found, correct, n=2, masks=None, errors=None):
     r = {
         "prompt_index": p,
         "seed": seed,
@@ -112,6 +129,8 @@ def _rec(p, seed, method, found, correct, n=2, masks=None):
     }
     if masks is not None:
         r["masks"] = masks
+    if errors is not None:
+        r["errors"] = errors
     return r
 
 
@@ -135,6 +154,8 @@ def test_aggregate_counts_only_items_every_method_finished():
         _rec(1, 0, "detailpp", [True, True, False], False, n=3, masks=[_mask(0, 0.6), _mask(1, 0.6), _mask(2, None)]),
         _rec(0, 1, "sdxl", [True, True], True),  # its detailpp image never came: not counted
     ]
+    records[0]["errors"] = {**NO_ERRORS, "not_found": 1, "colour_leak": 1, "failed": True, "binding_only": True}
+    records[1]["errors"] = NO_ERRORS
     res = binding.aggregate(records, settings, {"n_prompts": 2, "n_seeds": 2, "items": 4}, {"object_accuracy": 0.99})
     assert res["n_prompts"] == 2 and res["n_seeds"] == 1 and res["judge_accuracy"] == 0.99 and not res["complete"]
     sd, dp = res["methods"]["sdxl"], res["methods"]["detailpp"]
@@ -147,6 +168,47 @@ def test_aggregate_counts_only_items_every_method_finished():
     assert m["by_objects"]["3"]["by_position"]["3"]["mean_iou"] is None
     assert m["by_objects"]["2"]["by_position"]["1"]["mean_iou"] == pytest.approx(0.8)
     assert "sdxl" not in res["mask_iou"]
+    assert sd["errors"]["n_images"] == 1 and sd["errors"]["failed_images"]["binding_only"] == 1.0  # item (1, 0): none
+    assert dp["errors"]["n_images"] == 1 and dp["errors"]["n_failed"] == 0
+    assert dp["errors"]["failed_images"]["count"] is None  # no failed image: no share
+
+
+def test_error_summary_shares_and_failure_table():
+    from detailpp.toy.judge import classify_errors
+
+    red, blue, green = ObjectSpec("circle", "red"), ObjectSpec("square", "blue"), ObjectSpec("star", "green")
+    cases = [  # (expected, seen) of 4 images of one method
+        ([red, blue], [red, blue]),  # correct
+        ([red, blue], [ObjectSpec("circle", "blue"), ObjectSpec("square", "red")]),  # swap: binding only
+        ([red, blue, green], [red, ObjectSpec("square", "green"), green, green]),  # leak + an extra object
+        ([red, blue, green], [red, blue]),  # green star missing
+    ]
+    records = []
+    for p, (expected, seen) in enumerate(cases):
+        scored = binding.score_seen(expected, seen)
+        records.append({"prompt_index": p, "seed": 0, "n_objects": len(expected), "method": "sdxl", **scored})
+        assert scored["errors"] == classify_errors(expected, seen)
+    e = binding.error_summary(records)
+    assert e["n_images"] == 4 and e["n_failed"] == 3 and e["n_objects"] == 10
+    assert e["images"]["failed"] == pytest.approx(3 / 4) and e["images"]["binding_only"] == pytest.approx(1 / 4)
+    assert e["failed_images"]["count"] == pytest.approx(2 / 3) and e["failed_images"]["extra"] == pytest.approx(1 / 3)
+    assert e["failed_images"]["colour_leak"] == pytest.approx(2 / 3)
+    assert e["failed_images"]["shape_missing"] == pytest.approx(1 / 3)
+    assert e["objects"]["not_found"] == pytest.approx(4 / 10) and e["objects"]["colour_leak"] == pytest.approx(3 / 10)
+    assert e["objects"]["shape_missing"] == pytest.approx(1 / 10) and e["objects"]["colour_other"] == 0.0
+    summary = binding.binding_summary(records)
+    assert summary["errors"] == e and summary["image_accuracy"] == pytest.approx(1 - e["images"]["failed"])
+    assert (
+        summary["by_objects"]["2"]["errors"]["n_failed"] == 1 and summary["by_objects"]["3"]["errors"]["n_failed"] == 2
+    )
+    # records without errors (older runs) are left out; no image: shares are None
+    empty = binding.error_summary([{"found": [True], "image_correct": True}])
+    assert empty["n_images"] == 0 and empty["images"]["failed"] is None and empty["failed_images"]["count"] is None
+    lines = binding.failure_table({"sdxl": summary, "detailpp": {"errors": empty}})
+    assert (
+        "| plain sampling (SDXL pipeline) | 3/4 | 66.7 (33.3 / 33.3) | 33.3 | 66.7 | 0.0 | 0.0 | 0.0 | 33.3 |" in lines
+    )
+    assert lines[-1].startswith("| Detail++") and lines[-1].count("| - ") >= 7
 
 
 def test_benchmark_end_to_end_on_two_prompts(tmp_path):
@@ -173,7 +235,28 @@ def test_benchmark_end_to_end_on_two_prompts(tmp_path):
         assert {"object_accuracy", "image_accuracy"} <= set(m) and m["n_images"] == 2
     assert set(data["mask_iou"]) == {"detailpp", "pdi", "pdi_entropy"}
     assert data["diagnostics"]["n_images"] == 1 and "layout" in data["diagnostics"]["detailpp"]
-    assert (tmp_path / "grid.png").is_file() and "| method |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert (tmp_path / "grid.png").is_file() and "| method |" in table and "Failure kinds" in table
+    # the failure kinds, from the same judged images
+    recs = binding.read_records(tmp_path / "work")
+    for name, m in data["methods"].items():
+        assert sum(v["errors"]["n_images"] for v in m["by_objects"].values()) == m["errors"]["n_images"] == 2
+        for v in [m, *m["by_objects"].values()]:  # overall and per 2-/3-object prompts
+            e = v["errors"]
+            assert (
+                e["n_images"] == v["n_images"] and e["n_objects"] == v["n_objects"] and e["n_failed"] <= e["n_images"]
+            )
+            shares = [*e["images"].values(), *e["objects"].values(), *e["failed_images"].values()]
+            assert all(x is None or 0.0 <= x <= 1.0 for x in shares)
+            assert e["images"]["binding_only"] <= e["images"]["failed"]
+            assert e["images"]["failed"] == pytest.approx(1 - v["image_accuracy"])
+            assert e["objects"]["not_found"] == pytest.approx(1 - v["object_accuracy"])
+        mine = [r for r in recs if r["method"] == name]
+        assert m["errors"]["n_failed"] == sum(not r["image_correct"] for r in mine)
+        for r in mine:
+            e = r["errors"]
+            assert e["failed"] == (not r["image_correct"]) and e["not_found"] == r["found"].count(False)
+            assert e["count"] == (r["n_seen"] != r["n_objects"])
     assert res["n_prompts"] == 2
     # one generator per image: the same seed for every method of an item
     recs = binding.read_records(tmp_path / "work")

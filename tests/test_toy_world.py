@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from detailpp.resources import DATA_DIR, load_clip_tokenizer
-from detailpp.toy.judge import judge, judge_accuracy, score_image
+from detailpp.toy.judge import (
+    assign_objects,
+    classify_errors,
+    judge,
+    judge_accuracy,
+    match_objects,
+    score_image,
+)
 from detailpp.toy.scenes import (
     COLOUR_NAMES,
     COLOURS,
@@ -238,6 +245,106 @@ def test_score_image_binding():
     swapped = [ObjectSpec(objs[0].shape, other, objs[0].texture), objs[1]]
     bad = score_image(img[0], swapped)
     assert bad["found"] == [False, True] and not bad["image_correct"]
+    assert good["errors"]["failed"] is False and bad["errors"]["colour_other"] == 1 and bad["errors"]["not_found"] == 1
+
+
+NO_ERRORS = {
+    "not_found": 0,
+    "shape_missing": 0,
+    "colour_leak": 0,
+    "colour_other": 0,
+    "texture_leak": 0,
+    "texture_other": 0,
+    "count": False,
+    "extra": 0,
+    "missing": 0,
+    "failed": False,
+    "binding_only": False,
+}
+
+
+def _errors(expected, seen, **changed):
+    """classify_errors, checked against NO_ERRORS with ``changed`` entries."""
+    got = classify_errors(expected, seen)
+    assert got == {**NO_ERRORS, **changed}
+    return got
+
+
+def test_classify_errors_kinds():
+    red_circle, blue_square = ObjectSpec("circle", "red"), ObjectSpec("square", "blue")
+    expected = [red_circle, blue_square]
+    _errors(expected, [blue_square, red_circle])  # correct, in any order
+    # a colour swap between the two objects: two leaks, right count, so binding only
+    swapped = [ObjectSpec("circle", "blue"), ObjectSpec("square", "red")]
+    _errors(expected, swapped, not_found=2, colour_leak=2, failed=True, binding_only=True)
+    # one object takes the other's colour: one leak
+    _errors(
+        expected,
+        [ObjectSpec("circle", "blue"), blue_square],
+        not_found=1,
+        colour_leak=1,
+        failed=True,
+        binding_only=True,
+    )
+    # a colour from nowhere in the prompt
+    _errors(expected, [ObjectSpec("circle", "green"), blue_square], not_found=1, colour_other=1, failed=True)
+    # an extra object: everything found, wrong count
+    _errors(expected, [red_circle, blue_square, ObjectSpec("star", "red")], count=True, extra=1, failed=True)
+    # a missing object: shape missing and wrong count
+    _errors(expected, [red_circle], not_found=1, shape_missing=1, count=True, missing=1, failed=True)
+    # the square drawn as a star: shape missing with the right count (not binding only)
+    _errors(expected, [red_circle, ObjectSpec("star", "blue")], not_found=1, shape_missing=1, failed=True)
+    # a leak with a wrong count is not binding only
+    _errors(
+        expected,
+        [ObjectSpec("circle", "blue"), blue_square, blue_square],
+        not_found=1,
+        colour_leak=1,
+        count=True,
+        extra=1,
+        failed=True,
+    )
+    _errors(expected, [], not_found=2, shape_missing=2, count=True, missing=2, failed=True)
+
+
+def test_classify_errors_textures_and_assignment():
+    striped_red = ObjectSpec("circle", "red", "striped")
+    expected = [striped_red, ObjectSpec("square", "blue")]
+    # the stripes move to the square: a texture leak on the square; the circle loses them: texture_other
+    moved = [ObjectSpec("circle", "red"), ObjectSpec("square", "blue", "striped")]
+    _errors(expected, moved, not_found=2, texture_leak=1, texture_other=1, failed=True)
+    _errors(expected, [striped_red, ObjectSpec("square", "blue", "dotted")], not_found=1, texture_other=1, failed=True)
+    # colour and texture both taken from the other object: one object, one leak of each kind, binding only
+    both = [ObjectSpec("circle", "red", "striped"), ObjectSpec("circle", "red", "striped")]
+    expected2 = [ObjectSpec("circle", "blue"), striped_red]
+    _errors(expected2, both, not_found=1, colour_leak=1, texture_leak=1, failed=True, binding_only=True)
+    # the exact match is kept (as many found as match_objects finds); the other object gets the judged object left,
+    # whose lost texture (plain) is no leak
+    expected3 = [ObjectSpec("heart", "red", "striped"), ObjectSpec("heart", "red", "dotted")]
+    seen3 = [ObjectSpec("heart", "red", "plain"), ObjectSpec("heart", "red", "striped")]
+    assert assign_objects(expected3, seen3) == [1, 0]
+    _errors(expected3, seen3, not_found=1, texture_other=1, failed=True)
+    assert assign_objects([ObjectSpec("star", "red")], seen3) == [None]
+
+
+def test_classify_errors_agree_with_the_scores():
+    rng = np.random.default_rng(3)
+    names = (SHAPES[:3], COLOUR_NAMES[:3], TEXTURES)
+    for _ in range(300):
+        expected = [ObjectSpec(*(str(rng.choice(n)) for n in names)) for _ in range(rng.integers(2, 4))]
+        seen = [ObjectSpec(*(str(rng.choice(n)) for n in names)) for _ in range(rng.integers(0, 5))]
+        seen += [o for o in expected if rng.random() < 0.5]
+        e = classify_errors(expected, seen)
+        found = match_objects(expected, seen)
+        assert e["not_found"] == len(expected) - found.sum()
+        assert e["failed"] == (not (found.all() and len(seen) == len(expected)))
+        wrong_attr = e["not_found"] - e["shape_missing"]
+        assert wrong_attr <= e["colour_leak"] + e["colour_other"] + e["texture_leak"] + e["texture_other"]
+        assert e["colour_leak"] + e["colour_other"] <= wrong_attr
+        assert e["texture_leak"] + e["texture_other"] <= wrong_attr
+        assert e["count"] == (e["extra"] + e["missing"] > 0)
+        if e["binding_only"]:
+            assert e["failed"] and not e["count"] and e["colour_leak"] + e["texture_leak"] > 0
 
 
 def test_training_script_writes_loadable_pipeline(tmp_path):

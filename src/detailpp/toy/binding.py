@@ -15,7 +15,10 @@ keeps ``nursing=False``); plain ``sdxl`` ignores it.
 
 The judge reads every image (:func:`~detailpp.toy.judge.judge`): object-level accuracy (each prompted object found
 with its shape, colour and texture, one-to-one) and image-level accuracy (all found and nothing else in the image,
-so no attribute sits on a wrong or extra object), overall and for 2- and 3-object prompts. For the Detail++ methods,
+so no attribute sits on a wrong or extra object), overall and for 2- and 3-object prompts, and what kind of mistake
+each failed image makes (:func:`~detailpp.toy.judge.classify_errors`, summed by :func:`error_summary`: wrong object
+count, a prompted shape missing, a colour or texture leaked from another prompted object or from nowhere, and the
+images whose only mistakes are leaks, the ones Detail++ could fix). For the Detail++ methods,
 each subject mask (``out.masks > tau`` at latent size, nearest-upsampled to the image) is compared with the judge's
 region of the prompted object it belongs to (IoU; the region of the judged object of the same shape that best agrees
 in colour and texture).
@@ -47,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from detailpp.bench import BenchError
+from detailpp.toy.judge import OBJECT_ERRORS
 from detailpp.toy.scenes import ObjectSpec, PromptSpec, held_out_prompts
 
 logger = logging.getLogger(__name__)
@@ -232,8 +236,9 @@ def branch_objects(plan: dict, spec: PromptSpec) -> list[int | None]:
 
 
 def score_seen(expected: Sequence[ObjectSpec], seen: Sequence) -> dict:
-    """Object- and image-level binding of judged objects ``seen`` (as :func:`~detailpp.toy.judge.score_image`)."""
-    from detailpp.toy.judge import match_objects
+    """Object- and image-level binding of judged objects ``seen`` (as :func:`~detailpp.toy.judge.score_image`),
+    with the kinds of mistake (``"errors"``: :func:`~detailpp.toy.judge.classify_errors`)."""
+    from detailpp.toy.judge import classify_errors, match_objects
 
     found = match_objects(expected, seen)
     return {
@@ -241,6 +246,7 @@ def score_seen(expected: Sequence[ObjectSpec], seen: Sequence) -> dict:
         "image_correct": bool(found.all() and len(seen) == len(expected)),
         "n_seen": len(seen),
         "seen": [[o.shape, o.colour, o.texture] for o in seen],
+        "errors": classify_errors(expected, seen),
     }
 
 
@@ -590,11 +596,49 @@ def _binding(recs: Sequence[dict]) -> dict:
         "image_accuracy": _mean([r["image_correct"] for r in recs]),
         "n_images": len(recs),
         "n_objects": len(objs),
+        "errors": error_summary(recs),
+    }
+
+
+#: Image-level failure kinds of :func:`error_summary` (an image counts in a kind if it shows it at least once).
+IMAGE_ERRORS: tuple[str, ...] = ("count", "extra", "missing", *OBJECT_ERRORS, "binding_only")
+
+
+def error_summary(recs: Sequence[dict]) -> dict:
+    """What kind of mistakes the images of ``recs`` make, from each record's ``"errors"``
+    (:func:`~detailpp.toy.judge.classify_errors` of the judged image; records without it are left out).
+
+    Returns ``{"n_images", "n_failed", "n_objects", "images", "failed_images", "objects"}``:
+
+    - ``images``: per kind, the share of the ``n_images`` images showing it at least once (``failed`` = 1 - image
+      accuracy; ``count``: wrong number of objects, split into ``extra`` (more than prompted) and ``missing``
+      (fewer); ``shape_missing``, ``colour_leak``, ...: at least one prompted object of that kind; ``binding_only``:
+      every mistake is a leaked attribute, with the right count);
+    - ``failed_images``: the same shares of the ``n_failed`` failed images (``None`` when none failed); a correct
+      image shows no kind, and a failed image may show several;
+    - ``objects``: per object kind (``not_found``, ``shape_missing``, ``colour_leak``, ...), the number of prompted
+      objects of that kind over the ``n_objects`` prompted objects.
+    """
+    errs = [(r["errors"], len(r["found"])) for r in recs if "errors" in r]
+    n_images, n_objects = len(errs), sum(n for _, n in errs)
+    failed = [e for e, _ in errs if e["failed"]]
+
+    def share(num: float, den: int) -> float | None:
+        return float(num / den) if den else None
+
+    return {
+        "n_images": n_images,
+        "n_failed": len(failed),
+        "n_objects": n_objects,
+        "images": {k: share(sum(bool(e[k]) for e, _ in errs), n_images) for k in ("failed", *IMAGE_ERRORS)},
+        "failed_images": {k: share(sum(bool(e[k]) for e in failed), len(failed)) for k in IMAGE_ERRORS},
+        "objects": {k: share(sum(int(e[k]) for e, _ in errs), n_objects) for k in ("not_found", *OBJECT_ERRORS)},
     }
 
 
 def binding_summary(recs: Sequence[dict]) -> dict:
-    """Object/image accuracy overall and by object count (``"by_objects": {"2": ..., "3": ...}``)."""
+    """Object/image accuracy and failure kinds (:func:`error_summary`) overall and by object count
+    (``"by_objects": {"2": ..., "3": ...}``)."""
     out = _binding(recs)
     counts = sorted({r["n_objects"] for r in recs})
     out["by_objects"] = {str(n): _binding([r for r in recs if r["n_objects"] == n]) for n in counts}
@@ -710,6 +754,8 @@ def aggregate(records: Sequence[dict], settings: Settings, planned: dict, judge:
             "diagnostic_prompts": settings.diagnostic_prompts,
             "detail_config": settings.detail_config,
             "mask_iou": "out.masks > tau (latent size, nearest-upsampled) vs the judge's region of the same object",
+            "errors": "detailpp.toy.judge.classify_errors per image; images: share of n_images showing a kind, "
+            "failed_images: share of n_failed, objects: prompted objects of a kind / n_objects",
             **settings.extra,
         },
     }
@@ -909,6 +955,7 @@ def markdown_table(res: dict) -> str:
             f"{_pct(by.get('2', {}).get('object_accuracy'))} | {_pct(by.get('2', {}).get('image_accuracy'))} | "
             f"{_pct(by.get('3', {}).get('object_accuracy'))} | {_pct(by.get('3', {}).get('image_accuracy'))} |"
         )
+    lines += failure_table(res["methods"])
     lines += [
         "",
         "| method | mask IoU (tau) | IoU at 0.3 / 0.5 / 0.7 | peak inside | 2-obj: 1st / 2nd | 3-obj: 1st / 2nd / 3rd "
@@ -951,6 +998,28 @@ def markdown_table(res: dict) -> str:
                 f"{f2(lay.get('iou_p0_sdxl'))} | {f2(s.get('mask_iou', {}).get('mean_iou'))} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def failure_table(methods: dict) -> list[str]:
+    """The "failure kinds" Markdown table (lines, starting with a blank one): per method, its failed images and the
+    share of them showing each kind of :func:`error_summary` (an image may show several)."""
+    lines = [
+        "",
+        "Failure kinds, % of each method's failed images (an image may show several; leak = the colour or texture of "
+        "another prompted object; binding only = right count and every mistake a leak):",
+        "",
+        "| method | failed images | wrong count (extra / missing) | shape missing | colour leak | colour other "
+        "| texture leak | texture other | binding only |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, s in methods.items():
+        e = s.get("errors") or {}
+        f = e.get("failed_images") or {}
+        n_failed = f"{e['n_failed']}/{e['n_images']}" if e.get("n_images") else "-"
+        count = f"{_pct(f.get('count'))} ({_pct(f.get('extra'))} / {_pct(f.get('missing'))})"
+        kinds = " | ".join(_pct(f.get(k)) for k in (*OBJECT_ERRORS, "binding_only"))
+        lines.append(f"| {LABELS.get(m, m)} | {n_failed} | {count} | {kinds} |")
+    return lines
 
 
 MASK_COLOURS = np.array([[255, 60, 60], [60, 200, 255], [255, 230, 40]], dtype=np.float32)

@@ -14,7 +14,9 @@ generated images do not fool it:
    pixels come in whole rows (striped) or not (dotted).
 
 :func:`score_image` matches the objects a prompt asks for with the judged ones (object-level and image-level
-binding accuracy); :func:`judge_accuracy` measures the judge itself on rendered, optionally perturbed scenes.
+binding accuracy) and :func:`classify_errors` says what kind of mistake an image makes (wrong count, missing shape,
+an attribute leaked from another prompted object or from nowhere); :func:`judge_accuracy` measures the judge
+itself on rendered, optionally perturbed scenes.
 """
 
 from __future__ import annotations
@@ -282,12 +284,105 @@ def match_objects(
     return best
 
 
+#: The kinds of failure :func:`classify_errors` counts, per prompted object (in the order the results list them).
+OBJECT_ERRORS: tuple[str, ...] = ("shape_missing", "colour_leak", "colour_other", "texture_leak", "texture_other")
+
+
+def assign_objects(expected: Sequence[ObjectSpec], seen: Sequence) -> list[int | None]:
+    """One-to-one assignment of prompted objects to judged objects of the same shape (``None``: none assigned).
+
+    Among all assignments (each judged object used at most once, only to a prompted object of its shape) it takes
+    the one that maximises, in this order: the number of exact matches (shape, colour and texture: as many as
+    :func:`match_objects` finds), the number of prompted objects assigned at all, the number whose colour agrees,
+    the number whose texture agrees. Ties go to the first assignment in ``itertools.product`` order over each
+    prompted object's candidates in judged order, so the result is deterministic. ``seen`` holds anything with
+    ``shape``, ``colour`` and ``texture`` (:class:`JudgedObject`, :class:`ObjectSpec`).
+    """
+    cands = [[j for j, s in enumerate(seen) if s.shape == e.shape] for e in expected]
+
+    def score(choice: tuple[int | None, ...]) -> tuple[int, int, int, int]:
+        pairs = [(expected[i], seen[j]) for i, j in enumerate(choice) if j is not None]
+        colour = sum(e.colour == s.colour for e, s in pairs)
+        texture = sum(e.texture == s.texture for e, s in pairs)
+        exact = sum(e.colour == s.colour and e.texture == s.texture for e, s in pairs)
+        return exact, len(pairs), colour, texture
+
+    best: list[int | None] = [None] * len(expected)
+    best_score = (-1, -1, -1, -1)
+    for choice in itertools.product(*[[*c, None] for c in cands]):
+        used = [j for j in choice if j is not None]
+        if len(used) != len(set(used)):
+            continue
+        sc = score(choice)
+        if sc > best_score:
+            best, best_score = list(choice), sc
+    return best
+
+
+def classify_errors(expected: Sequence[ObjectSpec], seen: Sequence) -> dict[str, int | bool]:
+    """The kinds of mistake in one image: which prompted objects are wrong, and how.
+
+    ``expected`` are the prompted objects, ``seen`` the judged ones (:class:`JudgedObject`, or anything with
+    ``shape``, ``colour`` and ``texture``, e.g. :class:`ObjectSpec`). Prompted objects are assigned one-to-one to
+    judged objects of their shape by :func:`assign_objects` (exact matches first, then as many of the rest as
+    possible, preferring agreeing colour, then texture). Then:
+
+    - ``not_found``: prompted objects without an exact match (shape, colour and texture) = ``len(expected)`` minus
+      the number :func:`match_objects` finds;
+    - ``shape_missing``: prompted objects not found to which no judged object of their shape is left;
+    - every other prompted object not found has a candidate of its shape whose colour and/or texture is wrong:
+      ``colour_leak`` if its colour is wrong and is the colour of another prompted object (an attribute taken from
+      another subject: the semantic overflow / attribute mismatch Detail++ targets), else ``colour_other``;
+      ``texture_leak`` if its texture is wrong, not ``plain`` and is the texture of another prompted object (a
+      texture word of the prompt on the wrong subject), else ``texture_other`` (a texture from nowhere in the
+      prompt, or a prompted texture lost to ``plain``). An object with both colour and texture wrong counts in one
+      colour and one texture category, so ``not_found = shape_missing + objects with a wrong attribute`` and each
+      of those counts at least once in ``colour_*`` / ``texture_*``;
+    - ``count`` (bool): the number of judged objects differs from the number prompted; ``extra`` and ``missing``
+      are the differences (``max(0, n_seen - n_expected)`` and ``max(0, n_expected - n_seen)``);
+    - ``failed`` (bool): not image-correct (some prompted object not found, or a wrong count), the negation of
+      :func:`score_image`'s ``image_correct``;
+    - ``binding_only`` (bool): failed, with the right count, no ``shape_missing``, ``colour_other`` or
+      ``texture_other``: every wrong object has only leaked attributes (so at least one leak): the images that
+      re-binding attributes to the right subjects, as Detail++ does, could fix.
+
+    A correct image has every count 0 and every flag ``False``. Pure and deterministic.
+    """
+    assignment = assign_objects(expected, seen)
+    out: dict[str, int | bool] = {k: 0 for k in ("not_found", *OBJECT_ERRORS)}
+    for i, (e, j) in enumerate(zip(expected, assignment, strict=True)):
+        s = seen[j] if j is not None else None
+        if s is not None and s.colour == e.colour and s.texture == e.texture:
+            continue
+        out["not_found"] += 1
+        if s is None:
+            out["shape_missing"] += 1
+            continue
+        others = [o for k, o in enumerate(expected) if k != i]
+        if s.colour != e.colour:
+            out["colour_leak" if any(o.colour == s.colour for o in others) else "colour_other"] += 1
+        if s.texture != e.texture:
+            leak = s.texture != "plain" and any(o.texture == s.texture for o in others)
+            out["texture_leak" if leak else "texture_other"] += 1
+    n_seen, n_expected = len(seen), len(expected)
+    count = n_seen != n_expected
+    failed = count or out["not_found"] > 0
+    out.update(
+        count=count,
+        extra=max(0, n_seen - n_expected),
+        missing=max(0, n_expected - n_seen),
+        failed=failed,
+        binding_only=failed and not count and out["shape_missing"] == out["colour_other"] == out["texture_other"] == 0,
+    )
+    return out
+
+
 def score_image(image, expected: Sequence[ObjectSpec], **judge_kwargs) -> dict:
     """Binding scores of one image for the objects a prompt asks for.
 
-    Returns ``{"found": [bool per expected object], "object_accuracy", "image_correct", "n_seen", "seen"}``:
+    Returns ``{"found": [bool per expected object], "object_accuracy", "image_correct", "n_seen", "seen", "errors"}``:
     image-level correct means every expected object is found with all its attributes and nothing else is there
-    (so no attribute sits on a wrong or extra object).
+    (so no attribute sits on a wrong or extra object); ``errors`` is :func:`classify_errors` (what kind of mistake).
     """
     seen = judge(image, **judge_kwargs)
     found = match_objects(expected, seen)
@@ -297,6 +392,7 @@ def score_image(image, expected: Sequence[ObjectSpec], **judge_kwargs) -> dict:
         "image_correct": bool(found.all() and len(seen) == len(expected)),
         "n_seen": len(seen),
         "seen": [o.spec for o in seen],
+        "errors": classify_errors(expected, seen),
     }
 
 
