@@ -11,6 +11,11 @@ Outputs, in ``--output``: ``pipeline/`` (a diffusers folder: model_index.json, f
 ``StableDiffusionXLPipeline.from_pretrained``), ``checkpoint.pt.gz`` (fp32 raw weights and the step, to resume;
 ``--split-mb`` cuts it into parts), ``summary.json``, ``log.jsonl``, and with ``--eval-prompts`` a judged sample
 (``samples.png``).
+
+Data parallel: started by ``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1), each process trains on its own GPU
+and its own scene stream with ``--batch-size`` samples; the gradients are averaged over the processes (one
+all-reduce of all of them per step) before every optimiser step, so the N copies stay equal and the run is one
+model trained at N times the batch. Only rank 0 logs and saves.
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ class TrainConfig:
     layout_loss_weight: float = 0.0  # weight of layout_loss (x0 error on the layout field's grid), added to the loss
     resume_step: int = 0  # step count to go on from when --resume is a pipeline folder (its EMA weights)
     grow_transformer_layers: tuple[int, int, int] | None = None  # resume into deeper attention, new blocks = identity
+    transformer_layers: tuple[int, int, int] | None = None  # a new UNet's blocks per attention, per level (e.g. 1,1,5)
+    reinit_unet: bool = False  # with --resume: keep its VAE and text encoders, start a new UNet from step 0
+    max_shard_mb: float = 15.0  # largest safetensors file of the saved pipeline (bigger weights are sharded)
     compile: str = "none"  # "none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"
     log_every: int = 100
     eval_prompts: int = 0  # held-out and seen prompts to sample and judge at the end (each)
@@ -271,19 +279,79 @@ def _train_vae(vae, cfg: TrainConfig, mcfg, device, log) -> float:
     return sf
 
 
+def _data_parallel(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device); joins the ``torchrun`` process group when there is one."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    return rank, world, dev
+
+
+def average_gradients(params: list[torch.nn.Parameter], stop: bool, world: int) -> bool:
+    """Average the gradients over the data-parallel processes in one all-reduce; returns whether any process stops.
+
+    The stop flag rides along with the gradients (as the last element of the flat buffer), so the processes agree
+    on when to end a time-limited run without another synchronisation.
+    """
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([float(stop)], device=grads[0].device)])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+    return bool(flat[-1] > 0)
+
+
+def _broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's weights (and buffers) into every process's copy of ``module``."""
+    for t in module.state_dict().values():
+        torch.distributed.broadcast(t, 0)
+
+
+def _replica_difference(params: list[torch.nn.Parameter]) -> float:
+    """Largest difference between any process's weights and rank 0's (0.0 when the copies stayed equal)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) the toy model; returns the run's summary (also written to ``summary.json``)."""
+    rank, world, device = _data_parallel(cfg.device)
+    main_process = rank == 0
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     amp = device.type == "cuda"
     if amp:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    log_f = open(out / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    log_f = open(out / "log.jsonl", "a", encoding="utf-8") if main_process else None  # noqa: SIM115 - closed below
 
     def log(rec: dict) -> None:
+        if log_f is None:
+            return
         log_f.write(json.dumps(rec) + "\n")
         log_f.flush()
         logger.info("%s", " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
@@ -311,6 +379,20 @@ def train(cfg: TrainConfig) -> dict:
         if ckpt
         else (toy_model.TINY if cfg.model == "tiny" else toy_model.DEFAULT)
     )
+    if cfg.reinit_unet and ckpt is None:
+        raise ValueError("--reinit-unet keeps the VAE and text encoders of a resumed model: give --resume too")
+    if cfg.reinit_unet and cfg.grow_transformer_layers is not None:
+        raise ValueError("--reinit-unet starts a new UNet; --grow-transformer-layers deepens the old one: pick one")
+    if cfg.transformer_layers is not None:
+        if ckpt is not None and not cfg.reinit_unet:
+            raise ValueError(
+                "--transformer-layers shapes a new UNet: start without --resume, or add --reinit-unet "
+                "(to deepen a resumed UNet keeping its weights, use --grow-transformer-layers)"
+            )
+        layers = tuple(int(x) for x in cfg.transformer_layers)
+        if len(layers) != 3 or min(layers) < 1:
+            raise ValueError(f"--transformer-layers needs 3 levels of at least 1 block, got {layers}")
+        mcfg = replace(mcfg, transformer_layers=layers)
     if cfg.grow_transformer_layers is not None:
         if ckpt is None:
             raise ValueError("--grow-transformer-layers deepens a resumed model: give --resume too")
@@ -332,14 +414,17 @@ def train(cfg: TrainConfig) -> dict:
         vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
         te1.load_state_dict(ckpt["text_encoder"])
         te2.load_state_dict(ckpt["text_encoder_2"])
-        if cfg.grow_transformer_layers is None:
+        if cfg.reinit_unet:
+            log({"phase": "resume", "unet": "new", "transformer_layers": list(mcfg.transformer_layers)})
+        elif cfg.grow_transformer_layers is None:
             unet.load_state_dict(ckpt["unet"])
         else:
             grown_keys = grow_unet(unet, ckpt["unet"])
             log({"phase": "resume", "grown_transformer_layers": list(mcfg.transformer_layers), "new": grown_keys})
-        start_step = ckpt["step"]
-        prior_seconds = ckpt.get("seconds", 0.0)
-        history = ckpt.get("history", [])
+        if not cfg.reinit_unet:
+            start_step = ckpt["step"]
+            prior_seconds = ckpt.get("seconds", 0.0)
+            history = ckpt.get("history", [])
         log({"phase": "resume", "step": start_step, "from": str(cfg.resume)})
     else:
         _zero_unused_embeddings(te1, used)
@@ -349,6 +434,11 @@ def train(cfg: TrainConfig) -> dict:
     run_t0 = time.time()
     if not ckpt:
         _train_vae(vae, cfg, mcfg, device, log)
+        if world > 1:  # one VAE for every process (GPU kernels need not train identical copies)
+            _broadcast_module(vae)
+            sf_t = torch.tensor([float(vae.config.scaling_factor)], device=device)
+            torch.distributed.broadcast(sf_t, 0)
+            vae.register_to_config(scaling_factor=float(sf_t))
     vae.requires_grad_(False).eval()
     sf = float(vae.config.scaling_factor)
 
@@ -363,8 +453,8 @@ def train(cfg: TrainConfig) -> dict:
         fused=fused,
     )
     ema = [p.detach().clone() for p in params]
-    if cfg.resume_ema and cfg.grow_transformer_layers is not None:
-        log({"phase": "resume", "ema": "fresh (the grown model has no saved EMA)"})
+    if cfg.resume_ema and (cfg.grow_transformer_layers is not None or cfg.reinit_unet):
+        log({"phase": "resume", "ema": "fresh (the new UNet has no saved EMA)"})
     elif cfg.resume_ema:
         ema_src = _load_pipeline_weights(cfg.resume_ema, mcfg)
         ema = [t.to(device=device, dtype=torch.float32) for t in ema_src]
@@ -402,9 +492,15 @@ def train(cfg: TrainConfig) -> dict:
     empty1 = torch.as_tensor(tok([""]), device=device)
     empty2 = torch.as_tensor(tok([""], pad_id=0), device=device)
     stream = SceneStream(
-        cfg.batch_size, cfg.seed * 1000 + start_step, cfg.attribute_drop, cfg.layout, cfg.data_workers
+        cfg.batch_size,
+        cfg.seed * 1000 + start_step + 7_777_777 * rank,
+        cfg.attribute_drop,
+        cfg.layout,
+        cfg.data_workers,
     )
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + start_step)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + start_step + 104_729 * rank)
+    if world > 1:
+        log({"phase": "data_parallel", "processes": world, "global_batch": world * cfg.batch_size})
     unet.train()
     te1.train()
     te2.train()
@@ -415,11 +511,13 @@ def train(cfg: TrainConfig) -> dict:
     last_loss = float("nan")
     steps_this_run = 0
     timing_from = None
+    stopping = False
     try:
-        while step < cfg.steps:
+        while step < cfg.steps and not stopping:
             if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
                 break
-            if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
+            out_of_time = cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60
+            if out_of_time and world == 1:
                 break
             batch, ids1, ids2 = stream.next()
             b = len(batch)
@@ -469,6 +567,8 @@ def train(cfg: TrainConfig) -> dict:
                     log({"phase": "compile", "fallback": "unet only", "error": repr(e)[:400]})
                     opt.zero_grad(set_to_none=True)
                     fwd, render_fn = fallback_forward(), None
+            if world > 1:  # the last step of a time-limited run is still taken by every process
+                stopping = average_gradients(params, out_of_time, world)
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             opt.step()
             d = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -498,6 +598,9 @@ def train(cfg: TrainConfig) -> dict:
     if amp:
         torch.cuda.synchronize()
     train_seconds = time.time() - t0
+    replica_diff = _replica_difference(params) if world > 1 else None
+    if not main_process:
+        return {"rank": rank, "step": step, "final_loss": last_loss, "replica_max_diff": replica_diff}
     its = None
     if timing_from and steps_this_run > timing_from[1]:
         its = (steps_this_run - timing_from[1]) / max(time.time() - timing_from[0], 1e-9)
@@ -523,7 +626,7 @@ def train(cfg: TrainConfig) -> dict:
     if pipe_dir.exists():
         shutil.rmtree(pipe_dir)
     pipe.to(torch.float16)
-    pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    pipe.save_pretrained(pipe_dir, safe_serialization=True, max_shard_size=f"{int(cfg.max_shard_mb * 1000)}KB")
     pipe.to(torch.float32)
     finalize_pipeline_folder(pipe_dir)
     summary = {
@@ -539,6 +642,8 @@ def train(cfg: TrainConfig) -> dict:
         "run_seconds_total": parts["seconds"],
         "it_per_s": its,
         "batch_size": cfg.batch_size,
+        "processes": world,
+        "replica_max_diff": replica_diff,
         "final_loss": last_loss,
         "scaling_factor": sf,
         "checkpoint": [p.name for p in ckpt_files],
@@ -653,7 +758,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if isinstance(v, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
             continue
-        if f == "grow_transformer_layers":
+        if f in ("grow_transformer_layers", "transformer_layers"):
             p.add_argument(flag, type=lambda t: tuple(int(x) for x in t.split(",")), default=v, help="e.g. 1,1,4")
             continue
         typ = type(v) if v is not None else (float if f == "max_minutes" else int if f == "max_steps" else str)
