@@ -9,6 +9,10 @@ result is branch 0's own picture carried over by the forcing.
 
     python benchmarks/toy_forced_layout.py --prompts 16 --force-steps 2 5 --out outputs/toy_forced_layout.json
 
+The same settings run inside the binding benchmark, with its workers, failure kinds and paired intervals, as
+``detailpp bench toy --diagnostic-prompts N --force-layout-steps K ...`` (``detailpp_forcedK`` / ``no_alm_forcedK``):
+use that for many prompts; this script reproduces the first small runs (benchmarks/results/toy_forced_layout*.json).
+
 Validation prompts (``--split validation``), seed 0 (the binding benchmark's image seeds), Euler 20 steps, guidance
 7.5, the model's recommended Detail++ settings; on the CPU about 1.5 minutes per prompt for two values of K.
 """
@@ -28,15 +32,9 @@ logger = logging.getLogger("toy_forced_layout")
 
 def forcing(k: int):
     """A step-end callback that puts branch 0's latent into every branch for the first ``k`` steps."""
+    from detailpp.toy.binding import force_layout
 
-    def callback(pipe, i, t, kwargs):
-        latents = kwargs["latents"]
-        if i < k:
-            latents = latents.clone()
-            latents[1:] = latents[0:1]
-        return {"latents": latents}
-
-    return callback
+    return force_layout(k)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -388,3 +388,37 @@ def test_forced_layout_script_forces_every_branch_onto_branch_zero(tmp_path):
         ]
     )
     assert set(res["image_accuracy"]) == {"sdxl", "detailpp", "detailpp_forced1", "no_alm_forced1"}
+
+
+def test_toy_cli_forced_layout_diagnostics(tmp_path, capsys):
+    """--force-layout-steps adds Detail++ with the branches forced onto branch 0 and its ALM-off control to the
+    diagnostic items; --diagnostic-settings picks the others; both checked before any image."""
+    argv = ["--prompts", "1", "--plans", "scene", "--methods", "sdxl,detailpp", "--diagnostic-prompts", "1"]
+    assert _toy_cli(tmp_path, *argv, "--diagnostic-settings", "pdi_no_share", "--force-layout-steps", "1") == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    diag = data["diagnostics"]
+    assert {"pdi_no_share", "detailpp_forced1", "no_alm_forced1"} <= set(diag)
+    assert "detailpp_share_both" not in diag
+    assert data["settings"]["diagnostic_settings"]["detailpp_forced1"] == {"force_layout_steps": 1}
+    assert data["settings"]["diagnostic_settings"]["no_alm_forced1"] == {
+        "latent_modification": False,
+        "force_layout_steps": 1,
+    }
+    recs = {r["method"]: r for r in binding.read_records(tmp_path / "work")}
+    assert "branches" in recs["no_alm_forced1"] and "errors" in recs["detailpp_forced1"]
+    assert "forced onto branch 0 for 1 step" in capsys.readouterr().out
+    for bad, message in ((["--force-layout-steps", "3"], "1..--steps"), (["--diagnostic-settings", "x"], "'x'")):
+        assert _toy_cli(tmp_path / "bad", *argv, *bad) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad" / "work").exists()
+
+
+def test_force_layout_puts_branch_zero_into_every_branch_for_k_steps():
+    import torch
+
+    latents = torch.arange(12.0).view(3, 4)
+    cb = binding.force_layout(2)
+    forced = cb(None, 1, None, {"latents": latents})["latents"]
+    assert torch.equal(forced, latents[:1].expand(3, 4)) and not torch.equal(latents, forced)  # input untouched
+    assert cb(None, 2, None, {"latents": latents})["latents"] is latents
+    assert binding.forced_steps("detailpp_forced12") == 12 and binding.forced_steps("detailpp") == 0
+    assert binding.method_fields("no_alm_forced3", {"tau": 1}) == {"tau": 1, "latent_modification": False}

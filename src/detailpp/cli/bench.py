@@ -160,6 +160,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--diagnostic-prompts", type=int, default=0, help="seed 0 of the first N prompts also runs the diagnostics"
     )
     p.add_argument("--no-diagnostic-settings", action="store_true", help="diagnostic items keep branch images only")
+    p.add_argument(
+        "--diagnostic-settings",
+        help="comma-separated subset of the diagnostic settings (default: all; see docs/toy-binding.md)",
+    )
+    p.add_argument(
+        "--force-layout-steps",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help="also run Detail++ with every branch forced onto branch 0's latent for the first K steps, and its "
+        "control with ALM off, on the diagnostic items (a diagnostic, not the paper's method)",
+    )
     p.add_argument("--plans", default="parser", help="parser (spaCy), scene (read off the scene) or a plans JSON")
     p.add_argument(
         "--write-plans", type=Path, help="only write the plans of the --prompts of the --split to this JSON file"
@@ -457,6 +470,21 @@ def _toy(args: argparse.Namespace) -> int:
     for name in ("prompts", "seeds", "steps"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    diagnostics: tuple[str, ...] = tuple(binding.DIAGNOSTICS)
+    if args.no_diagnostic_settings:
+        diagnostics = ()
+    elif args.diagnostic_settings is not None:
+        diagnostics = tuple(d.strip() for d in args.diagnostic_settings.split(",") if d.strip())
+        wrong = [d for d in diagnostics if d not in binding.DIAGNOSTICS]
+        if wrong:
+            raise BenchError(
+                f"--diagnostic-settings: unknown {wrong}; choose from {', '.join(binding.DIAGNOSTICS)} "
+                "(or --no-diagnostic-settings for none)."
+            )
+    bad_k = [k for k in args.force_layout_steps if not 1 <= k <= args.steps]
+    if bad_k:
+        raise BenchError(f"--force-layout-steps: K must lie in 1..--steps ({args.steps}), got {bad_k}.")
+    diagnostics += binding.forced_settings(args.force_layout_steps)
     overlay = parse_detail_config(args.detail_config)
     if args.write_plans is not None:
         specs = binding.split_prompts(args.prompts, args.split)
@@ -475,7 +503,7 @@ def _toy(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         methods=methods,
-        diagnostics=() if args.no_diagnostic_settings else tuple(binding.DIAGNOSTICS),
+        diagnostics=diagnostics,
         diagnostic_prompts=max(args.diagnostic_prompts, grid_prompts),
         grid_prompts=grid_prompts,
         threads=args.threads,

@@ -40,6 +40,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import textwrap
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +72,38 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "pdi_share_layers_all": {"nursing": False, "share_layers": "all"},
     "detailpp_share_layers_all": {"share_layers": "all"},
 }
+#: Forced-layout diagnostics (``detailpp bench toy --force-layout-steps K ...``): ``detailpp_forcedK`` is Detail++
+#: with every branch's latent replaced by branch 0's at the end of each of the first K steps (:func:`force_layout`),
+#: ``no_alm_forcedK`` the same with ALM off (the image is the last branch alone: what the forcing alone carries
+#: over). Not the paper's method: Detail++ with its layout premise (one layout for all branches) made true by hand.
+FORCED_RE = re.compile(r"^(detailpp|no_alm)_forced(\d+)$")
+FORCED_FIELDS: dict[str, dict[str, Any]] = {"detailpp": {}, "no_alm": {"latent_modification": False}}
+
+
+def forced_settings(steps: Sequence[int]) -> tuple[str, ...]:
+    """The forced-layout diagnostic names for each K of ``steps`` (Detail++ and its no-ALM control)."""
+    return tuple(f"{kind}_forced{int(k)}" for k in steps for kind in FORCED_FIELDS)
+
+
+def force_layout(k: int):
+    """A ``callback_on_step_end`` that puts branch 0's latent into every branch at the end of the first ``k`` steps."""
+
+    def callback(pipe, i, t, kwargs):
+        latents = kwargs["latents"]
+        if i < k:
+            latents = latents.clone()
+            latents[1:] = latents[0:1]
+        return {"latents": latents}
+
+    return callback
+
+
+def forced_steps(name: str) -> int:
+    """K of a forced-layout diagnostic name, 0 for any other method or setting."""
+    m = FORCED_RE.match(name)
+    return int(m.group(2)) if m else 0
+
+
 #: Mask thresholds at which the masks' IoU is also reported (the method's own tau is the main number).
 IOU_TAUS: tuple[float, ...] = (0.3, 0.5, 0.7)
 RECORDS_GLOB = "records*.jsonl"
@@ -353,7 +386,8 @@ class Settings:
 def method_fields(name: str, overlay: dict | None = None) -> dict[str, Any] | None:
     """The DetailConfig fields of method or diagnostic setting ``name``: ``{**overlay, **its own}`` (its own win);
     ``None`` for plain sampling."""
-    own = METHODS[name] if name in METHODS else DIAGNOSTICS[name]
+    forced = FORCED_RE.match(name)
+    own = METHODS[name] if name in METHODS else FORCED_FIELDS[forced.group(1)] if forced else DIAGNOSTICS[name]
     return None if own is None else {**(overlay or {}), **own}
 
 
@@ -432,8 +466,10 @@ def run_item(pipe, item: dict, plan: dict, settings: Settings, grid_dir: Path | 
             image = StableDiffusionXLPipeline.__call__(pipe, generator=generator, **common).images[0]
         else:
             config = pipe.make_detail_config(**fields)  # over the model's recommended settings
+            k = forced_steps(name)
             out = pipe(
                 **common,
+                callback_on_step_end=force_layout(k) if k else None,
                 plan=plan,
                 detail_config=config,
                 generator=generator,
@@ -704,7 +740,7 @@ def aggregate(records: Sequence[dict], settings: Settings, planned: dict, judge:
         for m in main + diag_names:
             recs = [by_item[k][m] for k in dkeys]
             entry: dict[str, Any] = binding_summary(recs)
-            if METHODS.get(m, DIAGNOSTICS.get(m)) is not None:
+            if method_fields(m) is not None:
                 with_br = [r for r in recs if "branches" in r]
                 br = [r["branches"] for r in with_br]
                 entry["branch0"] = binding_summary(
@@ -750,7 +786,10 @@ def aggregate(records: Sequence[dict], settings: Settings, planned: dict, judge:
             "scheduler": "EulerDiscreteScheduler (the model's)",
             "image_seed": "10000 * seed + prompt_index, one CPU torch.Generator per image, same for every method",
             "methods": {m: METHODS.get(m) for m in main},
-            "diagnostic_settings": {m: DIAGNOSTICS[m] for m in diag_names},
+            "diagnostic_settings": {
+                m: {**method_fields(m), **({"force_layout_steps": forced_steps(m)} if forced_steps(m) else {})}
+                for m in diag_names
+            },
             "diagnostic_prompts": settings.diagnostic_prompts,
             "detail_config": settings.detail_config,
             "mask_iou": "out.masks > tau (latent size, nearest-upsampled) vs the judge's region of the same object",
@@ -929,6 +968,15 @@ LABELS = {
 }
 
 
+def _label(name: str) -> str:
+    k = forced_steps(name)
+    if k and name.startswith("detailpp"):
+        return f"Detail++, branches forced onto branch 0 for {k} step(s)"
+    if k:
+        return f"control: forced for {k} step(s), ALM off"
+    return LABELS.get(name, name)
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -951,7 +999,7 @@ def markdown_table(res: dict) -> str:
         if d and d["delta"] is not None:
             delta = f"{100 * d['delta']:+.1f} ({100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f})"
         lines.append(
-            f"| {LABELS.get(m, m)} | {_pct(s['object_accuracy'])} | {_pct(s['image_accuracy'])} | {delta} | "
+            f"| {_label(m)} | {_pct(s['object_accuracy'])} | {_pct(s['image_accuracy'])} | {delta} | "
             f"{_pct(by.get('2', {}).get('object_accuracy'))} | {_pct(by.get('2', {}).get('image_accuracy'))} | "
             f"{_pct(by.get('3', {}).get('object_accuracy'))} | {_pct(by.get('3', {}).get('image_accuracy'))} |"
         )
@@ -972,7 +1020,7 @@ def markdown_table(res: dict) -> str:
         pos3 = " / ".join(f2(v["mean_iou"]) for v in by.get("3", {}).get("by_position", {}).values())
         at = " / ".join(f2(v) for v in s["mean_iou_at_tau"].values())
         lines.append(
-            f"| {LABELS.get(m, m)} | {f2(s['mean_iou'])} | {at} | {_pct(s['peak_inside'])} % | {pos2} | {pos3} | "
+            f"| {_label(m)} | {f2(s['mean_iou'])} | {at} | {_pct(s['peak_inside'])} % | {pos2} | {pos3} | "
             f"{s['n_matched']}/{s['n_masks']} |"
         )
     diag = res.get("diagnostics", {})
@@ -992,7 +1040,7 @@ def markdown_table(res: dict) -> str:
             d = s.get("image_accuracy_vs_sdxl")
             delta = "" if not d or d["delta"] is None else f"{100 * d['delta']:+.1f}"
             lines.append(
-                f"| {LABELS.get(m, m)} | {_pct(s['image_accuracy'])} | {delta} | "
+                f"| {_label(m)} | {_pct(s['image_accuracy'])} | {delta} | "
                 f"{_pct(s.get('branch0', {}).get('image_accuracy'))} | {f2(lay.get('iou_p0_p1'))} | "
                 f"{_pct(lay.get('p1_shapes_found'))} | {f2(lay.get('iou_p0_final'))} | "
                 f"{f2(lay.get('iou_p0_sdxl'))} | {f2(s.get('mask_iou', {}).get('mean_iou'))} |"
@@ -1018,7 +1066,7 @@ def failure_table(methods: dict) -> list[str]:
         n_failed = f"{e['n_failed']}/{e['n_images']}" if e.get("n_images") else "-"
         count = f"{_pct(f.get('count'))} ({_pct(f.get('extra'))} / {_pct(f.get('missing'))})"
         kinds = " | ".join(_pct(f.get(k)) for k in (*OBJECT_ERRORS, "binding_only"))
-        lines.append(f"| {LABELS.get(m, m)} | {n_failed} | {count} | {kinds} |")
+        lines.append(f"| {_label(m)} | {n_failed} | {count} | {kinds} |")
     return lines
 
 
