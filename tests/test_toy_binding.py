@@ -40,6 +40,7 @@ NO_ERRORS = {
     "extra": 0,
     "missing": 0,
     "failed": False,
+    "attributes_only": False,
     "binding_only": False,
 }
 
@@ -154,7 +155,8 @@ def test_aggregate_counts_only_items_every_method_finished():
         _rec(1, 0, "detailpp", [True, True, False], False, n=3, masks=[_mask(0, 0.6), _mask(1, 0.6), _mask(2, None)]),
         _rec(0, 1, "sdxl", [True, True], True),  # its detailpp image never came: not counted
     ]
-    records[0]["errors"] = {**NO_ERRORS, "not_found": 1, "colour_leak": 1, "failed": True, "binding_only": True}
+    leak = {"not_found": 1, "colour_leak": 1, "failed": True, "attributes_only": True, "binding_only": True}
+    records[0]["errors"] = {**NO_ERRORS, **leak}
     records[1]["errors"] = NO_ERRORS
     res = binding.aggregate(records, settings, {"n_prompts": 2, "n_seeds": 2, "items": 4}, {"object_accuracy": 0.99})
     assert res["n_prompts"] == 2 and res["n_seeds"] == 1 and res["judge_accuracy"] == 0.99 and not res["complete"]
@@ -191,6 +193,7 @@ def test_error_summary_shares_and_failure_table():
     e = binding.error_summary(records)
     assert e["n_images"] == 4 and e["n_failed"] == 3 and e["n_objects"] == 10
     assert e["images"]["failed"] == pytest.approx(3 / 4) and e["images"]["binding_only"] == pytest.approx(1 / 4)
+    assert e["images"]["attributes_only"] == pytest.approx(1 / 4)  # the swap; the others miscount or miss a shape
     assert e["failed_images"]["count"] == pytest.approx(2 / 3) and e["failed_images"]["extra"] == pytest.approx(1 / 3)
     assert e["failed_images"]["colour_leak"] == pytest.approx(2 / 3)
     assert e["failed_images"]["shape_missing"] == pytest.approx(1 / 3)
@@ -206,7 +209,8 @@ def test_error_summary_shares_and_failure_table():
     assert empty["n_images"] == 0 and empty["images"]["failed"] is None and empty["failed_images"]["count"] is None
     lines = binding.failure_table({"sdxl": summary, "detailpp": {"errors": empty}})
     assert (
-        "| plain sampling (SDXL pipeline) | 3/4 | 66.7 (33.3 / 33.3) | 33.3 | 66.7 | 0.0 | 0.0 | 0.0 | 33.3 |" in lines
+        "| plain sampling (SDXL pipeline) | 3/4 | 66.7 (33.3 / 33.3) | 33.3 | 66.7 | 0.0 | 0.0 | 0.0 | 33.3 | 33.3 |"
+        in lines
     )
     assert lines[-1].startswith("| Detail++") and lines[-1].count("| - ") >= 7
 

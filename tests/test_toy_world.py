@@ -259,6 +259,7 @@ NO_ERRORS = {
     "extra": 0,
     "missing": 0,
     "failed": False,
+    "attributes_only": False,
     "binding_only": False,
 }
 
@@ -276,7 +277,7 @@ def test_classify_errors_kinds():
     _errors(expected, [blue_square, red_circle])  # correct, in any order
     # a colour swap between the two objects: two leaks, right count, so binding only
     swapped = [ObjectSpec("circle", "blue"), ObjectSpec("square", "red")]
-    _errors(expected, swapped, not_found=2, colour_leak=2, failed=True, binding_only=True)
+    _errors(expected, swapped, not_found=2, colour_leak=2, failed=True, attributes_only=True, binding_only=True)
     # one object takes the other's colour: one leak
     _errors(
         expected,
@@ -284,10 +285,19 @@ def test_classify_errors_kinds():
         not_found=1,
         colour_leak=1,
         failed=True,
+        attributes_only=True,
         binding_only=True,
     )
     # a colour from nowhere in the prompt
-    _errors(expected, [ObjectSpec("circle", "green"), blue_square], not_found=1, colour_other=1, failed=True)
+    # a colour from nowhere: the right objects (attributes only) but no leak (not binding only)
+    _errors(
+        expected,
+        [ObjectSpec("circle", "green"), blue_square],
+        not_found=1,
+        colour_other=1,
+        failed=True,
+        attributes_only=True,
+    )
     # an extra object: everything found, wrong count
     _errors(expected, [red_circle, blue_square, ObjectSpec("star", "red")], count=True, extra=1, failed=True)
     # a missing object: shape missing and wrong count
@@ -312,18 +322,20 @@ def test_classify_errors_textures_and_assignment():
     expected = [striped_red, ObjectSpec("square", "blue")]
     # the stripes move to the square: a texture leak on the square; the circle loses them: texture_other
     moved = [ObjectSpec("circle", "red"), ObjectSpec("square", "blue", "striped")]
-    _errors(expected, moved, not_found=2, texture_leak=1, texture_other=1, failed=True)
-    _errors(expected, [striped_red, ObjectSpec("square", "blue", "dotted")], not_found=1, texture_other=1, failed=True)
+    _errors(expected, moved, not_found=2, texture_leak=1, texture_other=1, failed=True, attributes_only=True)
+    dotted = [striped_red, ObjectSpec("square", "blue", "dotted")]
+    _errors(expected, dotted, not_found=1, texture_other=1, failed=True, attributes_only=True)
     # colour and texture both taken from the other object: one object, one leak of each kind, binding only
     both = [ObjectSpec("circle", "red", "striped"), ObjectSpec("circle", "red", "striped")]
     expected2 = [ObjectSpec("circle", "blue"), striped_red]
-    _errors(expected2, both, not_found=1, colour_leak=1, texture_leak=1, failed=True, binding_only=True)
+    leaks = dict(not_found=1, colour_leak=1, texture_leak=1, failed=True, attributes_only=True, binding_only=True)
+    _errors(expected2, both, **leaks)
     # the exact match is kept (as many found as match_objects finds); the other object gets the judged object left,
     # whose lost texture (plain) is no leak
     expected3 = [ObjectSpec("heart", "red", "striped"), ObjectSpec("heart", "red", "dotted")]
     seen3 = [ObjectSpec("heart", "red", "plain"), ObjectSpec("heart", "red", "striped")]
     assert assign_objects(expected3, seen3) == [1, 0]
-    _errors(expected3, seen3, not_found=1, texture_other=1, failed=True)
+    _errors(expected3, seen3, not_found=1, texture_other=1, failed=True, attributes_only=True)
     assert assign_objects([ObjectSpec("star", "red")], seen3) == [None]
 
 
@@ -343,8 +355,9 @@ def test_classify_errors_agree_with_the_scores():
         assert e["colour_leak"] + e["colour_other"] <= wrong_attr
         assert e["texture_leak"] + e["texture_other"] <= wrong_attr
         assert e["count"] == (e["extra"] + e["missing"] > 0)
+        assert e["attributes_only"] == (e["failed"] and not e["count"] and e["shape_missing"] == 0)
         if e["binding_only"]:
-            assert e["failed"] and not e["count"] and e["colour_leak"] + e["texture_leak"] > 0
+            assert e["attributes_only"] and e["colour_leak"] + e["texture_leak"] > 0
 
 
 def test_training_script_writes_loadable_pipeline(tmp_path):

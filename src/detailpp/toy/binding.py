@@ -637,7 +637,7 @@ def _binding(recs: Sequence[dict]) -> dict:
 
 
 #: Image-level failure kinds of :func:`error_summary` (an image counts in a kind if it shows it at least once).
-IMAGE_ERRORS: tuple[str, ...] = ("count", "extra", "missing", *OBJECT_ERRORS, "binding_only")
+IMAGE_ERRORS: tuple[str, ...] = ("count", "extra", "missing", *OBJECT_ERRORS, "attributes_only", "binding_only")
 
 
 def error_summary(recs: Sequence[dict]) -> dict:
@@ -648,8 +648,9 @@ def error_summary(recs: Sequence[dict]) -> dict:
 
     - ``images``: per kind, the share of the ``n_images`` images showing it at least once (``failed`` = 1 - image
       accuracy; ``count``: wrong number of objects, split into ``extra`` (more than prompted) and ``missing``
-      (fewer); ``shape_missing``, ``colour_leak``, ...: at least one prompted object of that kind; ``binding_only``:
-      every mistake is a leaked attribute, with the right count);
+      (fewer); ``shape_missing``, ``colour_leak``, ...: at least one prompted object of that kind;
+      ``attributes_only``: the right objects, some with wrong attributes; ``binding_only``: every mistake is a leaked
+      attribute, with the right count);
     - ``failed_images``: the same shares of the ``n_failed`` failed images (``None`` when none failed); a correct
       image shows no kind, and a failed image may show several;
     - ``objects``: per object kind (``not_found``, ``shape_missing``, ``colour_leak``, ...), the number of prompted
@@ -1054,18 +1055,19 @@ def failure_table(methods: dict) -> list[str]:
     lines = [
         "",
         "Failure kinds, % of each method's failed images (an image may show several; leak = the colour or texture of "
-        "another prompted object; binding only = right count and every mistake a leak):",
+        "another prompted object; attributes only = the right objects, some with a wrong colour or texture; binding "
+        "only = attributes only, every mistake a leak):",
         "",
         "| method | failed images | wrong count (extra / missing) | shape missing | colour leak | colour other "
-        "| texture leak | texture other | binding only |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| texture leak | texture other | attributes only | binding only |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, s in methods.items():
         e = s.get("errors") or {}
         f = e.get("failed_images") or {}
         n_failed = f"{e['n_failed']}/{e['n_images']}" if e.get("n_images") else "-"
         count = f"{_pct(f.get('count'))} ({_pct(f.get('extra'))} / {_pct(f.get('missing'))})"
-        kinds = " | ".join(_pct(f.get(k)) for k in (*OBJECT_ERRORS, "binding_only"))
+        kinds = " | ".join(_pct(f.get(k)) for k in (*OBJECT_ERRORS, "attributes_only", "binding_only"))
         lines.append(f"| {_label(m)} | {n_failed} | {count} | {kinds} |")
     return lines
 

@@ -342,9 +342,11 @@ def classify_errors(expected: Sequence[ObjectSpec], seen: Sequence) -> dict[str,
       are the differences (``max(0, n_seen - n_expected)`` and ``max(0, n_expected - n_seen)``);
     - ``failed`` (bool): not image-correct (some prompted object not found, or a wrong count), the negation of
       :func:`score_image`'s ``image_correct``;
-    - ``binding_only`` (bool): failed, with the right count, no ``shape_missing``, ``colour_other`` or
-      ``texture_other``: every wrong object has only leaked attributes (so at least one leak): the images that
-      re-binding attributes to the right subjects, as Detail++ does, could fix.
+    - ``attributes_only`` (bool): failed, with the right count and no ``shape_missing``: the right objects, some
+      with a wrong colour or texture. Detail++ keeps plain sampling's layout (branch 0's), so these are the most it
+      could fix by injecting each subject's attributes;
+    - ``binding_only`` (bool): ``attributes_only`` with no ``colour_other`` or ``texture_other``: every wrong object
+      has only leaked attributes (so at least one leak): the attribute mismatch / overflow Detail++ is for.
 
     A correct image has every count 0 and every flag ``False``. Pure and deterministic.
     """
@@ -372,6 +374,7 @@ def classify_errors(expected: Sequence[ObjectSpec], seen: Sequence) -> dict[str,
         extra=max(0, n_seen - n_expected),
         missing=max(0, n_expected - n_seen),
         failed=failed,
+        attributes_only=failed and not count and out["shape_missing"] == 0,
         binding_only=failed and not count and out["shape_missing"] == out["colour_other"] == out["texture_other"] == 0,
     )
     return out
