@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from detailpp.toy import binding
+from detailpp.toy.judge import classify_errors
 from detailpp.toy.scenes import ObjectSpec, PromptSpec, held_out_prompts
 
 
@@ -29,20 +30,9 @@ def box(y0, x0, y1, x1, size=16):
 
 
 RED_CIRCLE, BLUE_SQUARE = ObjectSpec("circle", "red"), ObjectSpec("square", "blue")
-NO_ERRORS = {
-    "not_found": 0,
-    "shape_missing": 0,
-    "colour_leak": 0,
-    "colour_other": 0,
-    "texture_leak": 0,
-    "texture_other": 0,
-    "count": False,
-    "extra": 0,
-    "missing": 0,
-    "failed": False,
-    "attributes_only": False,
-    "binding_only": False,
-}
+# a correct image's failure kinds (their exact values are tested with the judge, tests/test_toy_world.py); the
+# aggregation tests below lay their own kinds over it
+NO_ERRORS = classify_errors([RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE, BLUE_SQUARE])
 
 
 def test_score_seen_object_and_image_level():

@@ -288,7 +288,6 @@ def test_classify_errors_kinds():
         attributes_only=True,
         binding_only=True,
     )
-    # a colour from nowhere in the prompt
     # a colour from nowhere: the right objects (attributes only) but no leak (not binding only)
     _errors(
         expected,
