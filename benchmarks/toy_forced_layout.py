@@ -27,14 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detailpp.toy.binding import force_layout as forcing  # the step-end callback: branch 0's latent everywhere
+
 logger = logging.getLogger("toy_forced_layout")
-
-
-def forcing(k: int):
-    """A step-end callback that puts branch 0's latent into every branch for the first ``k`` steps."""
-    from detailpp.toy.binding import force_layout
-
-    return force_layout(k)
 
 
 def main(argv: list[str] | None = None) -> dict:
