@@ -329,14 +329,6 @@ class AttentionState:
             self.maps = self.maps + maps
 
 
-def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The materialised map ``softmax(Q K^T / sqrt(d) + mask)`` (batch x heads x n x m)."""
-    scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores + mask
-    return scores.softmax(dim=-1)
-
-
 class DetailAttnProcessor:
     """Attention processor of Detail++'s layers (``state`` given) or a plain reference layer (``state=None``).
 
@@ -345,7 +337,8 @@ class DetailAttnProcessor:
     from the call: ``encoder_hidden_states`` or not). It keeps no per-layer state and reads only tensors and values
     fixed for the call, so regional compilation traces it once for all its layers (``name`` labels errors only).
     ``reference=True`` computes attention through the materialised map instead of
-    ``F.scaled_dot_product_attention``.
+    ``F.scaled_dot_product_attention``, in the arithmetic of diffusers' ``AttnProcessor`` (and of the authors'
+    processor), and shares self-attention by copying branch 0's map.
     """
 
     def __init__(
@@ -381,7 +374,8 @@ class DetailAttnProcessor:
         batch_size, sequence_length, _ = encoder_hidden_states.shape if is_cross else hidden_states.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            if not self.reference:
+                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -394,6 +388,7 @@ class DetailAttnProcessor:
         value = attn.to_v(encoder_hidden_states)
 
         state = self.state
+        share: tuple[tuple[int, int], ...] = ()
         if state is not None and not is_cross:
             level = state.layers.level if self.level is None else self.level
             expected = state.level_tokens.get(level, state.num_tokens)
@@ -402,7 +397,9 @@ class DetailAttnProcessor:
                 raise HookError(f"{name} met {query.shape[1]} tokens, expected {expected}.")
             if state.share:
                 state.count(cross=False)
-                for start, end in state.share:
+                share = state.share
+            if share and not self.reference:
+                for start, end in share:
                     # Rows start+1..end-1 take row `start`'s (branch 0's) queries and keys: SDPA(Q0, K0, V_b).
                     query[start + 1 : end] = query[start]
                     key[start + 1 : end] = key[start]
@@ -421,8 +418,15 @@ class DetailAttnProcessor:
 
         probs = None
         if self.reference:
-            probs = attention_probs(query, key, attention_mask)
-            hidden_states = probs @ value
+            # As diffusers' AttnProcessor and the authors' processor compute it: heads folded into the batch,
+            # baddbmm-scaled scores, softmax, bmm; a shared row takes row `start`'s map itself.
+            flat = [t.reshape(batch_size * attn.heads, -1, head_dim) for t in (query, key, value)]
+            probs = attn.get_attention_scores(flat[0], flat[1], attention_mask)
+            per_row = probs.view(batch_size, attn.heads, *probs.shape[1:])
+            for start, end in share:
+                per_row[start + 1 : end] = per_row[start]
+            hidden_states = torch.bmm(probs, flat[2]).view(batch_size, attn.heads, -1, head_dim)
+            probs = per_row
         else:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False

@@ -10,7 +10,7 @@ import importlib
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +22,98 @@ DEFAULT_NURSING_THRESHOLDS: tuple[float, ...] = (26.0, 25.0, 24.0, 23.0, 22.5, 2
 
 class ConfigError(ValueError):
     """A Detail++ setting out of its range; the message names the field, the value and the valid range."""
+
+
+@dataclass(frozen=True)
+class ReferenceBehaviour:
+    """What the authors' code (``clf28/Detail-plus-plus`` at e73155b) does where detailpp does otherwise.
+
+    Every field is off in detailpp's default and on in :meth:`DetailConfig.reference`, the preset that reproduces the
+    authors' pipeline (``docs/method.md`` measures each one's effect on the final latent). Each can be switched on
+    alone, for ablations and for the deviation table of ``benchmarks/reference/record.py``.
+
+    Attributes:
+        normalize_prompts: lower-case every sub-prompt and strip leading/trailing "." and spaces before encoding
+            (their ``preprocess_prompts``). CLIP lower-cases anyway; a trailing "." is a token that changes the image.
+        floor_share_steps: S = int(share_steps * T) (theirs) instead of round(share_steps * T): they differ at
+            T = 7, 12, 17, ...
+        alm_one_step_short: Accumulative Latent Modification after steps 0..S-2 only (theirs: the controller's step
+            counter has already moved on when the blend runs), while attention is shared in steps 0..S-1.
+        aliased_mask_sum: with masks from the previous branch (nursing off), average the maps as the authors' code
+            ends up doing: (m_0 + 2 (m_1 + ... + m_k)) / (k + 1). Their three controllers hold overlapping views of
+            one attention tensor; the first step's views become the running-sum accumulator and two controllers'
+            ``+=`` land on the same memory (``ProT2I/processors.py``, ``AttentionStore.between_steps``). A bug.
+        relative_mask_threshold: binarise at ``min + (max - min) * tau`` of the normalised map (whose maximum is
+            r / (r + 1e-8)) instead of ``> tau``.
+        blend_latents: ALM as ``z_prev + B (z - z_prev)`` with float masks (theirs) instead of a selection
+            (``torch.where``); equal up to rounding.
+        opencv_blur: blur the nursing maps with OpenCV's fixed 5-tap kernel [1, 4, 6, 4, 1] / 16 (what
+            ``cv2.GaussianBlur(m, (5, 5), 0)`` uses) instead of a Gaussian of ``blur_sigma``.
+        unscaled_nursing_input: feed the nursing pass the latent without ``scheduler.scale_model_input`` (theirs).
+        nursing_maps_all_passes: the nursing loss reads the maps averaged over every nursing pass of the call so far
+            (theirs: one attention store for all passes); the gradient flows through the current pass only, so it
+            shrinks with the pass count.
+        update_then_test: update the latent, then stop if the loss (before the update) was under the threshold
+            (theirs: always at least one update); detailpp tests first and never updates a latent already good.
+        fresh_scheduler_step_size: alpha_i = alpha_0 * sqrt(linspace(1, 0, num_train_timesteps)[i]): their schedule
+            reads the scheduler's timestep count before ``set_timesteps``, which on a fresh scheduler is
+            ``num_train_timesteps`` (1000), so alpha barely decays. (On a scheduler reused from an earlier call their
+            code reads that call's step count instead; the preset reproduces the fresh-scheduler case.)
+        centroid_unit_grid: centroids on ``linspace(0, 1, w) * res`` coordinates (theirs) while the blurred argmax is
+            in grid cells (0..w-1); detailpp puts both in grid cells.
+        nursing_no_epsilon: no 1e-8 in the min-max normalisation and the sum of the nursing maps, nor in the
+            centroid's mass (theirs).
+        one_batch_after_window: after the first S steps, denoise every branch in one UNet batch (theirs) instead of
+            the last branch in its own call (which keeps the final image independent of pruning).
+    """
+
+    normalize_prompts: bool = False
+    floor_share_steps: bool = False
+    alm_one_step_short: bool = False
+    aliased_mask_sum: bool = False
+    relative_mask_threshold: bool = False
+    blend_latents: bool = False
+    opencv_blur: bool = False
+    unscaled_nursing_input: bool = False
+    nursing_maps_all_passes: bool = False
+    update_then_test: bool = False
+    fresh_scheduler_step_size: bool = False
+    centroid_unit_grid: bool = False
+    nursing_no_epsilon: bool = False
+    one_batch_after_window: bool = False
+
+    @classmethod
+    def authors(cls) -> ReferenceBehaviour:
+        """Every switch on: the authors' code."""
+        return cls(**{f.name: True for f in fields(cls)})
+
+    @property
+    def is_authors(self) -> bool:
+        """True when every switch is on (the reference preset's behaviour)."""
+        return all(getattr(self, f.name) for f in fields(self))
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """The names of the switches that are on."""
+        return tuple(f.name for f in fields(self) if getattr(self, f.name))
+
+
+#: DetailConfig fields the authors' code fixes, with their values there: the reference preset cannot honour others.
+AUTHORS_FIXED: dict[str, Any] = {
+    "share_halves": "cond",
+    "share_layers": "lowest",
+    "mask_source": "auto",
+    "mask_average": "running",
+    "latent_modification": True,
+    "entropy_loss": True,
+    "entropy_weight": 1.0,
+    "alignment_weight": 0.05,
+    "entropy_temperature": 0.5,
+    "blur_kernel_size": 5,
+}
+
+#: DetailConfig fields the reference preset sets to the authors' behaviour (each is one of our deviations too).
+AUTHORS_SETTINGS: dict[str, Any] = {"scale_thresholds": False, "reference_attention": True, "prune_branches": False}
 
 
 @dataclass(frozen=True)
@@ -69,6 +161,8 @@ class DetailConfig:
             authors' code does). Slow and memory-hungry: for tests and benchmarks only.
         granularity: how a prompt is split when no plan is given: one branch per ``"subject"`` (authors' code) or
             one per ``"attribute"``.
+        reference: the authors' code's behaviours where ours differ (:class:`ReferenceBehaviour`; all off by
+            default, all on in :meth:`reference`).
     """
 
     share_steps: float = 0.8
@@ -96,10 +190,36 @@ class DetailConfig:
     prune_branches: bool = True
     reference_attention: bool = False
     granularity: Literal["subject", "attribute"] = "subject"
+    reference: ReferenceBehaviour = field(default_factory=ReferenceBehaviour)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nursing_thresholds", tuple(float(x) for x in self.nursing_thresholds))
+        if isinstance(self.reference, dict):
+            object.__setattr__(self, "reference", _reference_from_dict(self.reference))
         self.validate()
+
+    @classmethod
+    def reference_preset(cls, **changes: Any) -> DetailConfig:
+        """The preset that reproduces the authors' pipeline (``clf28/Detail-plus-plus`` at e73155b).
+
+        Every :class:`ReferenceBehaviour` on, materialised attention maps in every layer, raw nursing thresholds, and
+        every branch computed to the end; ``changes`` set the fields their code lets a user choose (``nursing``,
+        ``centroid_alignment``, ``mask_threshold``, ``share_steps``, ``nursing_step_size``, thresholds, caps...).
+        Fields their code fixes (:data:`AUTHORS_FIXED`) raise :class:`ConfigError` when changed.
+        """
+        return cls(**{**AUTHORS_SETTINGS, **changes, "reference": ReferenceBehaviour.authors()})
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> DetailConfig:
+        """A named preset: ``"detailpp"`` (our defaults) or ``"authors"`` (:meth:`reference_preset`)."""
+        if name not in PRESETS:
+            raise ConfigError(f"Unknown preset {name!r}; use one of {PRESETS}.")
+        return cls.reference_preset(**changes) if name == "authors" else cls(**changes)
+
+    @property
+    def preset_name(self) -> str:
+        """``"authors"`` when every reference behaviour is on, else ``"detailpp"`` (our defaults, or a custom mix)."""
+        return "authors" if self.reference.is_authors else "detailpp"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for any value out of range (no side effects)."""
@@ -129,6 +249,15 @@ class DetailConfig:
             raise ConfigError(f"entropy_temperature must be > 0, got {self.entropy_temperature}.")
         if self.nursing and not self.nursing_thresholds:
             raise ConfigError("nursing_thresholds must hold at least one value while nursing is on.")
+        if not isinstance(self.reference, ReferenceBehaviour):
+            raise ConfigError(f"reference must be a ReferenceBehaviour, got {type(self.reference).__name__}.")
+        if self.reference.is_authors:
+            for name, value in AUTHORS_FIXED.items():
+                if getattr(self, name) != value:
+                    raise ConfigError(
+                        f"The authors' preset cannot honour {name}={getattr(self, name)!r}: their code fixes it to "
+                        f"{value!r}. Drop the preset, or switch single reference behaviours on instead."
+                    )
 
     @property
     def resolved_mask_source(self) -> Literal["full", "previous"]:
@@ -138,7 +267,14 @@ class DetailConfig:
 
     def num_share_steps(self, num_inference_steps: int) -> int:
         """S: how many of the first denoising steps share attention and modify latents."""
+        if self.reference.floor_share_steps:
+            return int(self.share_steps * num_inference_steps)
         return int(round(self.share_steps * num_inference_steps))
+
+    def num_modify_steps(self, num_inference_steps: int) -> int:
+        """How many of the first steps end with Accumulative Latent Modification: S (the authors' code: S - 1)."""
+        share = self.num_share_steps(num_inference_steps)
+        return max(0, share - 1) if self.reference.alm_one_step_short else share
 
     def threshold_at(self, step: int, num_subjects: int = 2, grid_tokens: int = 1024) -> float:
         """The early-stop threshold of nursing at ``step`` (see ``scale_thresholds``)."""
@@ -162,6 +298,18 @@ class DetailConfig:
 
     def replace(self, **changes: Any) -> DetailConfig:
         return replace(self, **changes)
+
+
+#: The names :meth:`DetailConfig.preset` knows.
+PRESETS = ("detailpp", "authors")
+
+
+def _reference_from_dict(data: dict[str, Any]) -> ReferenceBehaviour:
+    known = {f.name for f in fields(ReferenceBehaviour)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"Unknown reference behaviour(s) {sorted(unknown)}; known: {sorted(known)}.")
+    return ReferenceBehaviour(**data)
 
 
 #: The file of a model folder that holds the Detail++ settings recommended for that model (DetailConfig fields).

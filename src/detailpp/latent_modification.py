@@ -15,10 +15,12 @@ import torch
 FIRST_DETAIL_BRANCH = 2
 
 
-def accumulate_latents(latents: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def accumulate_latents(latents: torch.Tensor, masks: torch.Tensor, blend: bool = False) -> torch.Tensor:
     """Chain the branches' latents (branches x C x H x W) through the detail masks (detail branches x H x W).
 
     ``masks[j]`` belongs to branch ``FIRST_DETAIL_BRANCH + j``. Returns a new tensor; the input is not modified.
+    ``blend=True`` computes eq. 4 as written, ``z_i + B_i (zhat_{i+1} - z_i)`` with float masks (the authors' code),
+    which equals the selection up to rounding.
     """
     n_detail = latents.shape[0] - FIRST_DETAIL_BRANCH
     if masks.shape[0] != n_detail:
@@ -26,5 +28,9 @@ def accumulate_latents(latents: torch.Tensor, masks: torch.Tensor) -> torch.Tens
     out = latents.clone()
     for j in range(n_detail):
         i = FIRST_DETAIL_BRANCH + j
-        out[i] = torch.where(masks[j].to(latents.device).unsqueeze(0), out[i], out[i - 1])
+        mask = masks[j].to(latents.device).unsqueeze(0)
+        if blend:
+            out[i] = out[i - 1] + mask.float() * (out[i] - out[i - 1])  # fp32 masks promote, as theirs
+        else:
+            out[i] = torch.where(mask, out[i], out[i - 1])
     return out

@@ -15,10 +15,16 @@ import torch.nn.functional as F
 
 
 class MaskAccumulator:
-    """Running mean of the per-step subject maps (``"running"``, authors' code) or the latest step (``"current"``)."""
+    """Running mean of the per-step subject maps (``"running"``, authors' code) or the latest step (``"current"``).
 
-    def __init__(self, mode: Literal["running", "current"] = "running"):
+    ``aliased=True`` reproduces what the authors' code computes with masks from the previous branch (nursing off):
+    every step after the first is added twice, ``(m_0 + 2 (m_1 + ... + m_k)) / (k + 1)`` (their controllers'
+    overlapping views of one tensor; see :class:`detailpp.config.ReferenceBehaviour`).
+    """
+
+    def __init__(self, mode: Literal["running", "current"] = "running", aliased: bool = False):
         self.mode = mode
+        self.aliased = aliased
         self.total: torch.Tensor | None = None
         self.count = 0
 
@@ -29,6 +35,8 @@ class MaskAccumulator:
             self.total, self.count = step_maps.clone(), 1
         else:
             self.total += step_maps
+            if self.aliased:
+                self.total += step_maps
             self.count += 1
         return self.total / self.count
 
@@ -42,6 +50,14 @@ def normalized_maps(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, 
     return (m - lo) / (hi - lo + 1e-8)
 
 
-def binary_masks(normalized: torch.Tensor, tau: float) -> torch.Tensor:
-    """``B_i``: True where the normalised map exceeds ``tau``."""
-    return normalized > tau
+def binary_masks(normalized: torch.Tensor, tau: float, relative: bool = False) -> torch.Tensor:
+    """``B_i``: True where the normalised map exceeds ``tau``.
+
+    ``relative=True``: where it exceeds ``min + (max - min) * tau`` of each normalised map (the authors' code; the
+    normalised map's maximum is r / (r + 1e-8) rather than 1, so the two differ in rare pixels).
+    """
+    if not relative:
+        return normalized > tau
+    lo = normalized.amin(dim=(-2, -1), keepdim=True)
+    hi = normalized.amax(dim=(-2, -1), keepdim=True)
+    return normalized > lo + (hi - lo) * tau

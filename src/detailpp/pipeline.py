@@ -143,6 +143,10 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
     #: DetailConfig fields recommended by the loaded model (empty: the paper's defaults).
     detail_defaults: Mapping[str, Any] = MappingProxyType({})
 
+    #: What ``callback_on_step_end`` may ask for: SDXL's tensors, and ``masks`` (the step's binary subject masks,
+    #: detail branches x H x W, ``None`` in steps without latent modification).
+    _callback_tensor_inputs = [*StableDiffusionXLPipeline._callback_tensor_inputs, "masks"]
+
     #: The ``from_pretrained`` arguments that also say where a Hub id's ``detail_config.json`` is fetched from.
     HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
 
@@ -398,7 +402,7 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
                 negative_target_size=negative_target_size,
                 clip_skip=clip_skip,
                 callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                callback_on_step_end_tensor_inputs=[n for n in callback_on_step_end_tensor_inputs if n != "masks"],
             )
             if not return_dict:
                 return (out.images,)
@@ -428,6 +432,8 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         device = self._execution_device
         cfg = self.do_classifier_free_guidance
         prompts = plan.prompts
+        if config.reference.normalize_prompts:  # the authors' preprocess_prompts
+            prompts = [p.lower().strip().strip(".").strip() for p in prompts]
         n_branches = len(prompts)
 
         # 1. Every branch's prompt through both text encoders; one negative prompt for all.
@@ -555,10 +561,15 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         nursing_steps = config.nursing_steps if (config.nursing and n_detail > 0) else 0
         if nursing_steps and not (config.entropy_loss or config.centroid_alignment):
             nursing_steps = 0
-        prompt_length = min(len(self.tokenizer(plan.prompt, truncation=False).input_ids) - 2, CLIP_MAX_TOKENS - 2)
+        prompt_length = min(len(self.tokenizer(prompts[0], truncation=False).input_ids) - 2, CLIP_MAX_TOKENS - 2)
         nursing_tokens = [list(b.subject_token_indices) for b in plan.branches]
         uses_processors = bool(share) or capture is not None or nursing_steps > 0 or config.reference_attention
-        accumulator = MaskAccumulator(config.mask_average)
+        reference = config.reference
+        accumulator = MaskAccumulator(
+            config.mask_average, aliased=reference.aliased_mask_sum and config.resolved_mask_source == "previous"
+        )
+        modify_steps = config.num_modify_steps(num_inference_steps)
+        nursing_history: dict[str, Any] = {"sum": None, "passes": 0}  # reference.nursing_maps_all_passes
         last_maps: torch.Tensor | None = None
         nursing_records: list[NursingRecord] = []
         keep_all = return_branch_images or not config.prune_branches
@@ -574,7 +585,7 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
                 try:
                     with self._stop_after(layers.last_block):
                         self.unet(
-                            self.scheduler.scale_model_input(z0, t),
+                            z0 if reference.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t),
                             t,
                             cross_attention_kwargs=cross_attention_kwargs,
                             return_dict=False,
@@ -583,7 +594,12 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
                 except _StopUNet:
                     pass
                 state.end(expect_self=False)
-                return nursing_loss(state.mean_full_probs(), nursing_tokens, prompt_length, state.grid, config)
+                probs = state.mean_full_probs()
+                if reference.nursing_maps_all_passes:  # one store for every pass; the gradient flows through this one
+                    total = probs if nursing_history["sum"] is None else nursing_history["sum"] + probs
+                    nursing_history["sum"], nursing_history["passes"] = total.detach(), nursing_history["passes"] + 1
+                    probs = total / nursing_history["passes"]
+                return nursing_loss(probs, nursing_tokens, prompt_length, state.grid, config)
 
             return loss_of
 
@@ -606,8 +622,9 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
                             nursing_loss_of(t),
                             iterations=max_iterations(config, float(t), self.scheduler.config.num_train_timesteps),
                             threshold=config.threshold_at(i, n_detail, state.num_tokens),
-                            alpha=step_size(config, i, num_inference_steps),
+                            alpha=step_size(config, i, num_inference_steps, self.scheduler.config.num_train_timesteps),
                             record=record,
+                            update_then_test=reference.update_then_test,
                         )
                     logger.debug("nursing at step %d took %.3f s", i, time.perf_counter() - started)
                     nursing_records.append(record)
@@ -618,6 +635,8 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
                     state.end()
                     if capture is not None:
                         last_maps = accumulator.update(state.mean_maps())
+                elif keep_all and reference.one_batch_after_window:
+                    eps = predict(list(range(n_branches)), latents, t)  # the authors' code: one batch to the end
                 else:
                     # After the window only the last branch feeds the final image. It always runs on its own, so
                     # that neither pruning nor asking for the other branches' images can change it.
@@ -629,13 +648,15 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
 
                 dtype = latents.dtype
                 latents = self.scheduler.step(eps, t, latents, **extra_step_kwargs, return_dict=False)[0]
-                if in_window and config.latent_modification and last_maps is not None:
-                    masks = binary_masks(normalized_maps(last_maps, state.grid, latent_hw), config.mask_threshold)
-                    latents = accumulate_latents(latents, masks)
+                masks = None
+                if i < modify_steps and config.latent_modification and last_maps is not None:
+                    normalized = normalized_maps(last_maps, state.grid, latent_hw)
+                    masks = binary_masks(normalized, config.mask_threshold, relative=reference.relative_mask_threshold)
+                    latents = accumulate_latents(latents, masks, blend=reference.blend_latents)
                 latents = latents.to(dtype)
 
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": cond["encoder_hidden_states"]}
+                    tensors = {"latents": latents, "prompt_embeds": cond["encoder_hidden_states"], "masks": masks}
                     tensors |= {"add_text_embeds": cond["text_embeds"], "add_time_ids": cond["time_ids"]}
                     outputs = callback_on_step_end(
                         self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs if k in tensors}

@@ -1,0 +1,336 @@
+"""Record what the authors' Detail++ computes, measure each of our deviations, and time both pipelines.
+
+Give it a checkout of the authors' repository (``clf28/Detail-plus-plus`` at e73155b; never committed here)::
+
+    git clone https://github.com/clf28/Detail-plus-plus /tmp/authors && git -C /tmp/authors checkout e73155b
+    pip install opencv-python-headless einops        # what their code imports
+
+    python benchmarks/reference/record.py --authors /tmp/authors                 # rewrite the golden fixture
+    python benchmarks/reference/record.py --authors /tmp/authors --deviations    # the deviation table
+    python benchmarks/reference/record.py --authors /tmp/authors --gpu           # full size, fp16, timings
+
+Recording runs their ``ProT2IPipeline`` (:mod:`authors`) on detailpp's tiny random SDXL components
+(:func:`detailpp.tiny.tiny_components`, CPU, fp32) for each scenario of :data:`SCENARIOS` and writes, into
+``tests/fixtures/authors_reference.safetensors``: every branch's final latent, the per-step binary subject masks and
+the nursing losses, with the commit and every setting in the file's metadata. ``tests/test_reference_parity.py``
+rebuilds the same inputs from that metadata and checks that ``DetailConfig.reference_preset()`` reproduces them; it
+never reads the authors' code. Each recording is also checked against the preset here before it is written.
+
+``--deviations`` starts from the preset and switches each of detailpp's deviations back to our default alone,
+printing the max abs difference of the final latent from the authors' (the table in ``docs/method.md``).
+
+``--gpu`` builds full-size SDXL with random weights (:mod:`detailpp.sdxl_random`) on the GPU, fp16, 1024x1024,
+and in one process on one card: compares the preset's final latent with the authors', and times plain SDXL, our
+default, our preset and the authors' pipeline at 20 and 50 steps, nursing off and on, with peak memory
+(``--rows`` picks rows; the table in BENCHMARKS.md). The authors' pipeline leaves its processors on every layer, so
+each row starts from the UNet's original processors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from authors import COMMIT, CheckoutError, check_checkout, import_authors, run_authors  # noqa: E402
+
+from detailpp.config import AUTHORS_SETTINGS, DetailConfig, ReferenceBehaviour  # noqa: E402
+
+logger = logging.getLogger("record")
+
+FIXTURE = HERE.parents[1] / "tests" / "fixtures" / "authors_reference.safetensors"
+
+#: The sub-prompts of the authors' style example, each ending in "." (their code strips it; we keep it by default).
+SUB_PROMPTS = (
+    "A sketch-style robot is leaning a oil-painting style tree.",
+    "A robot is leaning a tree.",
+    "A sketch-style robot is leaning a tree.",
+    "A robot is leaning a oil-painting style tree.",
+)
+SUBJECTS = ("robot", "tree")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One recorded run: the call's settings and the DetailConfig fields on top of the reference preset."""
+
+    name: str
+    config: dict[str, Any]
+    steps: int = 16
+    height: int = 256
+    width: int = 256
+    guidance_scale: float = 7.5
+    seed: int = 0
+    component_seed: int = 0
+    sub_prompts: tuple[str, ...] = SUB_PROMPTS
+    subjects: tuple[str, ...] = SUBJECTS
+    #: the tolerance the golden test holds the preset to (max abs difference of any branch's final latent)
+    atol: float = 1e-5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def detail_config(self) -> DetailConfig:
+        return DetailConfig.reference_preset(**self.config)
+
+    def plan(self) -> dict[str, Any]:
+        p = self.sub_prompts
+        branches = [{"prompt": q, "subject": s} for q, s in zip(p[2:], self.subjects, strict=True)]
+        return {"prompt": p[0], "base": p[1], "branches": branches}
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+#: 256x256 (masks on 32x32 latents, nursing on an 8x8 grid: enough pixels near tau, and blurred maps whose argmax the
+#: kernel can move, for every switch to show), 16 steps (int(0.8 T) = 12 != round(0.8 T) = 13).
+SCENARIOS = (
+    Scenario("nursing_off", {"nursing": False}),
+    Scenario("nursing_on", {"nursing": True, "centroid_alignment": True, "nursing_step_size": 17.5}, atol=1e-4),
+)
+
+
+def initial_latent(scenario: Scenario, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    """The one initial latent every branch starts from (the UNet's 4 channels at the latent size)."""
+    generator = torch.Generator("cpu").manual_seed(scenario.seed)
+    shape = (1, 4, scenario.height // 8, scenario.width // 8)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def run_ours(pipe: Any, scenario: Scenario, config: DetailConfig, latents: torch.Tensor) -> dict[str, Any]:
+    """Our pipeline on the scenario: every branch's final latent, the per-step masks, the nursing losses."""
+    masks: list[torch.Tensor] = []
+
+    def keep_masks(pipeline, step, timestep, tensors):
+        if tensors.get("masks") is not None:
+            masks.append(tensors["masks"].detach().cpu())
+        return {}
+
+    out = pipe(
+        plan=scenario.plan(),
+        height=scenario.height,
+        width=scenario.width,
+        num_inference_steps=scenario.steps,
+        guidance_scale=scenario.guidance_scale,
+        latents=latents,
+        detail_config=config,
+        output_type="latent",
+        return_branch_images=True,
+        callback_on_step_end=keep_masks,
+        callback_on_step_end_tensor_inputs=["masks"],
+    )
+    losses = [x for record in out.nursing for x in record.losses]
+    return {"latents": out.branch_images.float().cpu(), "masks": masks, "losses": losses}
+
+
+def authors_kwargs(scenario: Scenario) -> dict[str, Any]:
+    """Their pipeline's settings for the scenario, read off the preset's config."""
+    c = scenario.detail_config()
+    return {
+        "steps": scenario.steps,
+        "height": scenario.height,
+        "width": scenario.width,
+        "guidance_scale": scenario.guidance_scale,
+        "share_steps": c.share_steps,
+        "mask_threshold": c.mask_threshold,
+        "nursing": c.nursing,
+        "centroid_alignment": c.centroid_alignment,
+        "step_size": c.nursing_step_size,
+        "thresholds": c.nursing_thresholds[: c.nursing_steps],
+        "max_iterations": (c.nursing_max_iterations_early, c.nursing_max_iterations_late),
+    }
+
+
+def tiny(scenario: Scenario, pipeline_class: Any = None) -> Any:
+    from detailpp.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(scenario.component_seed, pipeline_class=pipeline_class)
+
+
+def compare(ours: dict[str, Any], theirs: Any) -> dict[str, Any]:
+    """Max abs latent difference (every branch, and the final one) and whether every step's masks are equal."""
+    diff = (ours["latents"] - theirs.latents).abs()
+    same_masks = len(ours["masks"]) == len(theirs.masks) and all(
+        torch.equal(a.bool(), b.bool()) for a, b in zip(ours["masks"], theirs.masks, strict=True)
+    )
+    loss_diff = None
+    if ours["losses"] or theirs.losses:
+        if len(ours["losses"]) == len(theirs.losses):
+            loss_diff = max(abs(a - b) for a, b in zip(ours["losses"], theirs.losses, strict=True))
+        else:
+            loss_diff = float("inf")
+    return {
+        "max_abs": float(diff.max()),
+        "final_max_abs": float(diff[-1].max()),
+        "masks_equal": same_masks,
+        "mask_steps": (len(ours["masks"]), len(theirs.masks)),
+        "loss_max_abs": loss_diff,
+    }
+
+
+def record(authors_path: Path, out: Path) -> None:
+    """Run both pipelines on every scenario, check the preset against theirs, write the fixture."""
+    from safetensors.torch import save
+
+    from detailpp.atomic import atomic_write_bytes
+
+    modules = import_authors(authors_path)
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {"repository": "clf28/Detail-plus-plus", "commit": COMMIT}
+    scenarios = []
+    for scenario in SCENARIOS:
+        latents = initial_latent(scenario)
+        theirs = run_authors(
+            modules,
+            tiny(scenario).components,
+            scenario.sub_prompts,
+            scenario.subjects,
+            latents=latents,
+            **authors_kwargs(scenario),
+        )
+        ours = run_ours(tiny(scenario), scenario, scenario.detail_config(), latents)
+        result = compare(ours, theirs)
+        logger.info("%s: %s", scenario.name, result)
+        if result["max_abs"] > scenario.atol or not result["masks_equal"]:
+            raise SystemExit(f"{scenario.name}: the reference preset does not reproduce the authors' run: {result}")
+        tensors[f"{scenario.name}.initial_latent"] = latents.contiguous()
+        tensors[f"{scenario.name}.latents"] = theirs.latents.contiguous()
+        if theirs.masks:
+            tensors[f"{scenario.name}.masks"] = torch.stack(theirs.masks).to(torch.uint8).contiguous()
+        if theirs.losses:
+            tensors[f"{scenario.name}.losses"] = torch.tensor(theirs.losses, dtype=torch.float64)
+        scenarios.append(
+            {
+                **scenario.to_metadata(),
+                "detail_config": scenario.detail_config().to_dict(),
+                "plan": scenario.plan(),
+                "measured": result,
+            }
+        )
+    meta["scenarios"] = json.dumps(scenarios)
+    meta["versions"] = json.dumps(versions())
+    atomic_write_bytes(out, save(tensors, metadata=meta))
+    print(f"wrote {out} ({out.stat().st_size} bytes): {', '.join(s['name'] for s in scenarios)}")
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+#: Our deviations from the authors' code, as changes to the reference preset: the name in the table, the change.
+def deviations() -> list[tuple[str, dict[str, Any]]]:
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for f in fields(ReferenceBehaviour):
+        rows.append((f.name, {"reference": {f.name: False}}))
+    defaults = DetailConfig()
+    for name in AUTHORS_SETTINGS:
+        if name != "prune_branches":  # changes no branch's latent (the last branch is computed alike either way)
+            rows.append((name, {name: getattr(defaults, name)}))
+    return rows
+
+
+def config_with(scenario: Scenario, change: dict[str, Any]) -> DetailConfig:
+    base = scenario.detail_config()
+    reference = change.get("reference")
+    others = {k: v for k, v in change.items() if k != "reference"}
+    if reference is not None:
+        others["reference"] = ReferenceBehaviour(**{**{f.name: True for f in fields(ReferenceBehaviour)}, **reference})
+    return base.replace(**others)
+
+
+def deviation_table(authors_path: Path, steps: int, size: int) -> list[dict[str, Any]]:
+    """Each deviation of our default switched on alone: its effect on the final latent, per scenario."""
+    modules = import_authors(authors_path)
+    table: list[dict[str, Any]] = []
+    results: dict[str, dict[str, float]] = {}
+    for scenario in SCENARIOS:
+        scenario = dataclasses.replace(scenario, steps=steps, height=size, width=size)
+        latents = initial_latent(scenario)
+        theirs = run_authors(
+            modules,
+            tiny(scenario).components,
+            scenario.sub_prompts,
+            scenario.subjects,
+            latents=latents,
+            **authors_kwargs(scenario),
+        )
+        pipe = tiny(scenario)
+        final = theirs.latents[-1]
+
+        def effect(config: DetailConfig, pipe=pipe, scenario=scenario, latents=latents, final=final) -> float:
+            ours = run_ours(pipe, scenario, config, latents)
+            return float((ours["latents"][-1] - final).abs().max())
+
+        row = {"reference preset": effect(scenario.detail_config())}
+        for name, change in deviations():
+            row[name] = effect(config_with(scenario, change))
+        default = DetailConfig(**{k: v for k, v in scenario.config.items()})
+        row["detailpp default (all of them)"] = effect(default)
+        results[scenario.name] = row
+    for name in results[SCENARIOS[0].name]:
+        table.append({"deviation": name, **{s.name: results[s.name][name] for s in SCENARIOS}})
+    return table
+
+
+def print_table(table: list[dict[str, Any]]) -> None:
+    names = [s.name for s in SCENARIOS]
+    print(
+        "| deviation of our default, alone | "
+        + " | ".join(f"{n}: max abs diff of the final latent" for n in names)
+        + " |"
+    )
+    print("|---|" + "---|" * len(names))
+    for row in table:
+        print(f"| {row['deviation']} | " + " | ".join(f"{row[n]:.3g}" for n in names) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--authors", type=Path, required=True, help="a checkout of clf28/Detail-plus-plus at e73155b")
+    parser.add_argument("--out", type=Path, default=FIXTURE, help="where the fixture goes (default: %(default)s)")
+    parser.add_argument("--deviations", action="store_true", help="print the deviation table instead of recording")
+    parser.add_argument("--steps", type=int, default=16, help="--deviations: denoising steps (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=256, help="--deviations: image size (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the deviation table or GPU results as JSON here")
+    parser.add_argument("--gpu", action="store_true", help="full-size fp16 parity and timing on the GPU")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        check_checkout(args.authors)
+    except CheckoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.perf_counter()
+    if args.gpu:
+        from gpu import gpu_main
+
+        return gpu_main(args)
+    if args.deviations:
+        table = deviation_table(args.authors, args.steps, args.size)
+        print_table(table)
+        if args.json:
+            args.json.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    else:
+        record(args.authors, args.out)
+    logger.info("done in %.1f s", time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
