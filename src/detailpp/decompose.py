@@ -215,7 +215,7 @@ def language_notice(prompt: str) -> str | None:
 
 def _fallback_notice(reason: str) -> str:
     return (
-        f"No detail branches (plain SDXL): {reason}. Write the prompt in English, or write the plan by hand (as "
+        f"No detail branches (plain SDXL): {reason}. Write the prompt in plain English, or write the plan by hand (as "
         "`detailpp decompose --json` prints it) and pass it with --plan PLAN.json."
     )
 
@@ -345,6 +345,7 @@ class _Attribute:
     tokens: frozenset[int]
     text: str
     position: int  # first token, for ordering
+    prenominal: bool = False  # a group of words before the subject (rules 3-5), not a phrase or a predicate
 
 
 @dataclass(frozen=True)
@@ -362,6 +363,7 @@ class _Analysis:
     attributes: tuple[_Attribute, ...]  # every attribute, in order
     glue: frozenset[int]  # commas/"and" between modifiers: kept only while both neighbours are kept
     restore: dict[int, int]  # token -> original next token, for a/an agreement
+    frozen: frozenset[int] = frozenset()  # global tags, leading media and negations (rules 12, 13)
 
 
 def _parts(tok: Any) -> list[str]:
@@ -829,7 +831,7 @@ def _analyse(doc: Any) -> _Analysis:
     claimed = set(owner)
 
     attributes: list[_Attribute] = [
-        _Attribute(h, frozenset(g), _span_text(doc, g), g[0])
+        _Attribute(h, frozenset(g), _span_text(doc, g), g[0], prenominal=True)
         for h, (_, groups) in phrases.items()
         if h in subject_heads
         for g in groups
@@ -878,7 +880,7 @@ def _analyse(doc: Any) -> _Analysis:
     attributes.sort(key=lambda a: a.position)
     deleted = _claimed_by(attributes)
     restore = {t.i: t.i + 1 for t in doc if t.lower_ in ("a", "an") and t.i + 1 < len(doc)}
-    return _Analysis(doc, tuple(subjects), tuple(attributes), frozenset(glue - deleted), restore)
+    return _Analysis(doc, tuple(subjects), tuple(attributes), frozenset(glue - deleted), restore, frozenset(frozen))
 
 
 def _claimed_by(attributes: Sequence[_Attribute]) -> set[int]:
@@ -965,6 +967,33 @@ class _OnePromptTokenizer:
         return self.value
 
 
+#: share of a prompt's words (global tags left out) that the tagger takes for lower-case names or foreign words,
+#: above which the prompt is not read (rule 14).
+UNREADABLE_SHARE = 0.5
+
+
+def _unknown(tok: Any) -> bool:
+    """A lower-case word the tagger could not place: tagged as a name, a foreign word or "other"."""
+    return tok.is_alpha and tok.text.islower() and (tok.pos_ in ("PROPN", "X") or tok.tag_ == "FW")
+
+
+def _confidence_notice(analysis: _Analysis, attributes: Iterable[_Attribute]) -> str | None:
+    """Why the parse of a prompt with branches is not trusted (rule 14), or ``None``."""
+    doc = analysis.doc
+    words = [t for t in doc if t.is_alpha and t.i not in analysis.frozen]
+    unknown = [t for t in words if _unknown(t) and not _is_modifier_word(t)]
+    if len(unknown) >= 3 and len(unknown) > UNREADABLE_SHARE * len(words):
+        shown = ", ".join(dict.fromkeys(t.text for t in unknown[:4]))
+        return f"the parser cannot read most of its words ({shown}) with confidence"
+    for a in attributes:
+        if not a.prenominal:
+            continue  # "in the style of van gogh": names are expected in phrases
+        odd = [doc[i].text for i in sorted(a.tokens) if _unknown(doc[i]) and not _is_modifier_word(doc[i])]
+        if odd:
+            return f"the parser cannot tell what {', '.join(odd)!s} in {a.text!r} describes"
+    return None
+
+
 def _plan(doc: Any, prompt: str, granularity: str, tokenizer: Any) -> DecompositionPlan:
     analysis = _analyse(doc)
     all_tokens = _claimed_by(analysis.attributes)
@@ -975,6 +1004,11 @@ def _plan(doc: Any, prompt: str, granularity: str, tokenizer: Any) -> Decomposit
     if len(analysis.subjects) < 2:
         logger.info("Only one subject in %r: the plan has no branches (plain SDXL).", prompt)
         return DecompositionPlan(prompt=prompt, base=base, granularity=granularity, branches=())
+    reason = _confidence_notice(analysis, analysis.attributes)
+    if reason is not None:
+        notice = _fallback_notice(reason)
+        logger.warning("%s (%r)", notice, prompt)
+        return DecompositionPlan(prompt=prompt, base=prompt, granularity=granularity, branches=(), notice=notice)
     by_head: dict[int, list[_Attribute]] = {}
     for a in analysis.attributes:
         by_head.setdefault(a.head, []).append(a)

@@ -6,7 +6,7 @@ Examples:
   detailpp decompose --file prompts.txt > plans.jsonl
 
 A prompt the parser does not read (not English, or not readable with confidence) gets zero branches and a notice
-saying why (printed with the plan; with --file, on standard error); prompt-weight syntax ("(red:1.2)", "((red))",
+saying why (printed with the plan, and logged as a warning); prompt-weight syntax ("(red:1.2)", "((red))",
 "[red]") is an error that names the syntax.
 """
 
@@ -95,10 +95,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         prompts = _read_prompts(args.file)
         if not prompts:
             raise UserError(f"the prompt file {args.file!r} has no prompts (one prompt a line)")
-        for n, plan in enumerate(decompose_many(prompts, args.granularity), start=1):
-            print(plan.to_json(ensure_ascii=False), file=out)
-            if plan.notice:
-                print(f"prompt {n}: {plan.notice}", file=sys.stderr)
+        for plan in decompose_many(prompts, args.granularity):
+            print(plan.to_json(ensure_ascii=False), file=out)  # a notice is logged as a warning (standard error)
         return 0
     if args.prompt is None:
         raise UserError('give a prompt, e.g. detailpp decompose "a red car and a blue bench", or --file PROMPTS.txt')
