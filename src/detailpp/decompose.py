@@ -287,6 +287,20 @@ def _medium_prefix(doc: Any, seg: list[int]) -> list[int]:
     return []
 
 
+def _global_opening(doc: Any, seg: list[int]) -> list[int]:
+    """A segment's opening noun phrase made of global words only, before "with"/"of"/"in"/"at" ("an epic fantasy
+    landscape with ...", "a misty morning in ..."): the scene's style, kept in every prompt (rule 12)."""
+    k = 0
+    while k < len(seg) and doc[seg[k]].pos_ == "DET":
+        k += 1
+    start = k
+    while k < len(seg) and _global_word(doc[seg[k]]) and doc[seg[k]].pos_ not in ("ADP", "VERB", "AUX"):
+        k += 1
+    if k - start < 2 or k >= len(seg) or doc[seg[k]].lower_ not in ("with", "of", "in", "at", "on"):
+        return []
+    return seg[:k] if doc[seg[k - 1]].pos_ in ("NOUN", "PROPN") else []
+
+
 def _global_tokens(doc: Any) -> set[int]:
     """Tokens of global tags and leading media: kept in every prompt, never modifiers or subjects (rule 12)."""
     out: set[int] = set()
@@ -294,7 +308,7 @@ def _global_tokens(doc: Any) -> set[int]:
         if _is_global_segment(doc, seg):
             out.update(seg)
         else:
-            out.update(_medium_prefix(doc, seg))
+            out.update(_medium_prefix(doc, seg) or _global_opening(doc, seg))
     return out
 
 
@@ -703,7 +717,8 @@ def _conjuncts(tok: Any) -> list[Any]:
 
 def _attribute_phrases(doc: Any, owner: dict[int, int]) -> list[tuple[int, Any, Any, str]]:
     """``(subject head, trigger, object, kind)`` of every "with X"/"wearing X"/"in <clothing>" phrase (kind
-    ``"object"``), "in ... style" phrase (``"style"``) and "made of <material>" phrase (``"material"``)."""
+    ``"object"``), "in ... style" phrase (``"style"``) and "made of <material>" phrase (``"material"``; "made of X"
+    with another X is an ``"object"`` phrase)."""
     found = []
     for tok in doc:
         low, lemma = tok.lower_, tok.lemma_.lower()
@@ -726,6 +741,8 @@ def _attribute_phrases(doc: Any, owner: dict[int, int]) -> list[tuple[int, Any, 
                 found.append((head, tok, obj, "object"))
             elif lemma == "make" and obj.lower_ in MATERIALS:
                 found.append((head, tok, obj, "material"))  # "made of wood": the material is the attribute
+            elif lemma == "make" and any(c.dep_ == "prep" and c.lower_ in ("of", "from") for c in tok.children):
+                found.append((head, tok, obj, "object"))  # "made of candy"; "made of red bricks": a subject
     return found
 
 

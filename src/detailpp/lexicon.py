@@ -38,7 +38,7 @@ MATERIALS = frozenset(
     silky velvet denim linen lace paper cardboard stone marble granite brick concrete ceramic porcelain clay crystal
     bamboo wicker straw fur furry fluffy feathery fuzzy knitted woven chrome brass aluminum aluminium tin titanium
     diamond jade pearl wax waxy satin suede tweed canvas rattan glossy matte shiny rusty transparent translucent
-    gold silver bronze copper oak walnut mahogany
+    gold silver bronze copper oak walnut mahogany neon
     """.split()
 )
 SHAPES = frozenset(
@@ -169,6 +169,7 @@ GLOBAL_WORDS = frozenset(
     hasselblad zeiss
     day night sunrise sunset dusk dawn twilight morning evening afternoon midnight rainy sunny foggy misty cloudy
     overcast stormy rain snow fog mist haze underwater outdoors indoors outdoor indoor background
+    interior exterior architectural architecture digest design
     """.split()
 )
 #: the last word of a short tag that makes it global whatever its adjectives: "neon lights", "warm tones",
@@ -178,7 +179,7 @@ GLOBAL_HEADS = frozenset(
     light lights lighting glow illumination shadows shadow focus quality resolution detail details background
     backdrop colors colours palette tones tone atmosphere mood ambience ambiance vibe vibes aesthetic aesthetics
     composition photography photo photograph shot picture render rendering painting illustration art artwork
-    drawing sketch wallpaper lens film exposure grain bokeh style fantasy hour
+    drawing sketch wallpaper lens film exposure grain bokeh style fantasy hour design
     """.split()
 )
 #: a segment starting with one of these word sequences is global: "by greg rutkowski", "trending on artstation",
