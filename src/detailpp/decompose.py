@@ -9,8 +9,8 @@ branch, so "a man wearing a brown hat stands in front of a red sports car" keeps
     p2  a man wearing a brown hat stands in front of a sports car      subject "hat",        attributes ["brown"]
     p3  a man wearing a hat stands in front of a red sports car        subject "sports car", attributes ["red"]
 
-Rules (spaCy ``en_core_web_sm`` tags and parse + small word lists; every ambiguous case below is a choice, and is
-tested):
+Rules (spaCy ``en_core_web_sm`` tags and parse + the word lists of :mod:`detailpp.lexicon`; every ambiguous case
+below is a choice, and is tested):
 
 1. **Words joined by hyphens are one word** ("sky-blue", "sketch-style", "oil-painting", "T-shirt").
 2. **Noun phrases are found linearly**, not from the parse tree: the small model parses the fragment prompts of
@@ -64,8 +64,32 @@ tested):
     :class:`~detailpp.plan.PlanError` naming the subject and the limit. Text beyond the window that has no branch
     subject is no error (a 1000-word prompt without modifiers gets a zero-branch plan).
 
-Anything spaCy parses (other languages, emoji, markup, very long prompts) gives a plan or a :class:`PlanError`,
-never another exception; nonsense in, possibly odd branches out.
+12. **Global tags and leading media** belong to the whole image: they stay in p1 and in every branch, are never
+    subjects, and their adjectives ("sharp", "soft", "best", "highly") are never modifiers. Read per segment (the
+    text between ",", ";", "|", "." ...) with the global lexicon of :mod:`detailpp.lexicon`: a segment made only of
+    tag words, figures and function words ("masterpiece", "best quality", "8k", "highly detailed", "depth of field",
+    "award winning photography"); one that opens with a lead ("by greg rutkowski", "trending on artstation",
+    "in the style of ...", "shot on ..."); a short tag of adjectives and nouns without a determiner ending in a tag
+    head ("neon lights", "dark background", "warm tones", "wide angle lens", "anime style"); a tag name with tag
+    words around it ("still life painting", "black and white photography"). At a segment's start: a leading medium
+    "[a] [tag words] MEDIUM of" ("photo of", "watercolor painting of", "cinematic still of", "a black and white
+    photo of"), and an opening noun phrase of tag words only before "with"/"of"/"in"/"at"/"on" ("an epic fantasy
+    landscape with ..."). A style word before one subject stays that subject's ("a lego-style car", "a realistic
+    tree"); "A long, narrow kitchen" is no tag (a determiner and no noun).
+13. **Negation is never split**: "not"/"n't"/"never" (with the verb right after it: "not wearing"), "without" and
+    the determiner "no" take the words after them up to the end of one noun phrase ("not black", "not a white one",
+    "without a red hat", "no chimney"); those words stay in every prompt, are no subjects, and an attribute phrase
+    containing them ("with no bananas") is kept whole.
+14. **Prompts the parser does not read** get zero branches and a :attr:`~detailpp.plan.DecompositionPlan.notice`
+    (also logged at WARNING level) saying why and pointing to ``--plan``: text mostly outside the Latin script, more
+    function words of another language than English ones (:func:`language_notice`), most words unknown to the
+    tagger (lower-case words tagged as names or foreign words), or such an unknown word inside a subject's modifier
+    group ("asdfgh red qwerty"). Prompt-weight syntax ("(red:1.2)", "((red))", "[red]", "red++", "(red)1.2",
+    "<lora:...>") raises :class:`PlanError` naming the syntax (:func:`check_weight_syntax`): SDXL would read the
+    brackets as text, and the parser would make subjects of them. Plain parentheses are text.
+
+Anything spaCy parses (emoji, markup, very long prompts) gives a plan or a :class:`PlanError`, never another
+exception.
 """
 
 from __future__ import annotations
@@ -261,8 +285,12 @@ def _is_global_segment(doc: Any, seg: list[int]) -> bool:
     dangling = doc[seg[0]].pos_ == "DET" and doc[seg[-1]].pos_ not in ("NOUN", "PROPN")  # "A long, narrow kitchen"
     if content and not dangling and all(_global_word(t) for t in content):
         return True  # "masterpiece", "best quality", "depth of field", "award winning photography"
-    if any(_starts_with(words[k:], name) for name in GLOBAL_NAMES for k in range(len(words))) and len(seg) <= 4:
-        return True  # "black tie event", "film noir"
+    for name in GLOBAL_NAMES:
+        for k in range(len(words) - len(name) + 1):
+            if _starts_with(words[k:], name):
+                rest = [doc[i] for i in seg[:k] + seg[k + len(name) :] if doc[i].lower_ not in GLOBAL_FUNCTION_WORDS]
+                if all(_global_word(t) or t.lower_ in GLOBAL_HEADS for t in rest):
+                    return True  # "still life painting", "black and white photography" (not "black and white cat")
     last = doc[seg[-1]]
     short_tag = len(seg) <= 5 and all(
         doc[i].pos_ in ("ADJ", "NOUN", "PROPN", "NUM", "ADV", "VERB") or _global_word(doc[i]) for i in seg
@@ -1068,10 +1096,12 @@ def decompose(
         tokenizer: SDXL's CLIP tokenizer, for ``subject_token_indices``; default the packaged one.
 
     Returns:
-        The plan; zero branches (with an INFO notice) when the prompt has no modifiers or fewer than two subjects.
+        The plan; zero branches (with an INFO log notice) when the prompt has no modifiers or fewer than two
+        subjects; zero branches with ``plan.notice`` set (and a WARNING) when the parser does not read the prompt.
 
     Raises:
-        PlanError: empty prompt, unknown granularity, or a branch subject beyond CLIP's 77-token window.
+        PlanError: empty prompt, prompt-weight syntax, unknown granularity, or a branch subject beyond CLIP's
+            77-token window.
     """
     return decompose_many([prompt], granularity, nlp=nlp, tokenizer=tokenizer)[0]
 
@@ -1121,14 +1151,17 @@ def decompose_many(
 
 
 __all__ = [
-    "COLOURS",
     "CLOTHING",
+    "COLOURS",
     "LEXICALISED",
     "MATERIALS",
     "SHAPES",
     "SPACY_MODELS",
     "SPACY_MODEL_PACKAGE",
+    "WEIGHT_SYNTAX",
+    "check_weight_syntax",
     "decompose",
     "decompose_many",
+    "language_notice",
     "load_nlp",
 ]

@@ -107,6 +107,8 @@ LEXICALISED = frozenset(
         ("traffic", "light"),
         ("stop", "sign"),
         ("oak", "tree"),
+        ("black", "tie"),
+        ("white", "tie"),
         ("walnut", "tree"),
     }
 )
@@ -228,9 +230,10 @@ GLOBAL_FIGURE = re.compile(
     r"^(?:\d+(?:\.\d+)?(?:k|p|mm|px|fps|s|'s|x|-bit|bit|iso|mp)?|f/?\d+(?:\.\d+)?|\d+/\d+s?|\d+x\d+|iso\d+)$"
 )
 
-#: multi-word names whose first word is a colour or a style word, kept whole: "black tie event", "film noir".
+#: multi-word tags with a word that is not a tag word alone, global with tag words around them: "still life
+#: painting", "black and white photography" (but "black and white cat" is a cat's colours).
 GLOBAL_NAMES: tuple[tuple[str, ...], ...] = tuple(
-    tuple(n.split()) for n in ("black tie", "white tie", "film noir", "black and white", "b&w", "still life")
+    tuple(n.split()) for n in ("black and white", "b&w", "still life", "rule of thirds")
 )
 
 # --- other languages -----------------------------------------------------------------------------------------------
