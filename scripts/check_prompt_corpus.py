@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="the corpus (JSON Lines)")
     parser.add_argument("--min", type=float, default=0.95, help="exit 1 below this share of passing entries")
     parser.add_argument("--quiet", action="store_true", help="print the score only")
+    parser.add_argument("--verbose", action="store_true", help="also show the parser's log (fallback warnings)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(message)s")
     results = check_corpus(load_corpus(args.corpus))
     failures = [r for r in results if not r.passed]
     if not args.quiet:

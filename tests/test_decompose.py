@@ -341,6 +341,18 @@ def test_global_tags_and_media_stay_in_every_prompt(plan_of, prompt, base, expec
         assert b.prompt.endswith(tail) and b.prompt.startswith(medium)
 
 
+def test_tags_inside_the_sentence_are_global(plan_of):
+    plan = plan_of("a red car in soft light next to a blue bench with sharp focus")
+    assert plan.base == "a car in soft light next to a bench with sharp focus"
+    assert branch_map(plan) == {"car": ["red"], "bench": ["blue"]}
+    plan = plan_of("a highly detailed red car and a blue bench")
+    assert plan.base == "a highly detailed car and a bench"
+    assert branch_map(plan) == {"car": ["red"], "bench": ["blue"]}
+    plan = plan_of("a soft light blue pillow and a red blanket")  # "light" shades the colour here: no tag
+    assert plan.base == "a pillow and a blanket"
+    assert branch_map(plan) == {"pillow": ["soft", "light blue"], "blanket": ["red"]}
+
+
 def test_a_style_bound_to_one_subject_is_that_subjects(plan_of):
     plan = plan_of("a lego-style car next to a realistic tree, photorealistic")
     assert plan.base == "a car next to a tree, photorealistic"

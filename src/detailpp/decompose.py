@@ -74,8 +74,10 @@ below is a choice, and is tested):
     words around it ("still life painting", "black and white photography"). At a segment's start: a leading medium
     "[a] [tag words] MEDIUM of" ("photo of", "watercolor painting of", "cinematic still of", "a black and white
     photo of"), and an opening noun phrase of tag words only before "with"/"of"/"in"/"at"/"on" ("an epic fantasy
-    landscape with ..."). A style word before one subject stays that subject's ("a lego-style car", "a realistic
-    tree"); "A long, narrow kitchen" is no tag (a determiner and no noun).
+    landscape with ..."). Inside a sentence: two or more tag words (no colour) ending in a tag head and followed by
+    no noun or colour ("in soft light", "with sharp focus"), or opening with an intensifier ("a highly detailed red
+    car"). A style word before one subject stays that subject's
+    ("a lego-style car", "a realistic tree"); "A long, narrow kitchen" is no tag (a determiner and no noun).
 13. **Negation is never split**: "not"/"n't"/"never" (with the verb right after it: "not wearing"), "without" and
     the determiner "no" take the words after them up to the end of one noun phrase ("not black", "not a white one",
     "without a red hat", "no chimney"); those words stay in every prompt, are no subjects, and an attribute phrase
@@ -127,6 +129,7 @@ from detailpp.lexicon import (
     SHAPES,
     STYLE_NAMES,
     STYLE_WORDS,
+    TAG_INTENSIFIERS,
     WEAR_VERBS,
 )
 from detailpp.plan import (
@@ -329,6 +332,26 @@ def _global_opening(doc: Any, seg: list[int]) -> list[int]:
     return seg[:k] if doc[seg[k - 1]].pos_ in ("NOUN", "PROPN") else []
 
 
+def _inline_tags(doc: Any, seg: list[int]) -> list[int]:
+    """Tags inside a sentence: two or more tag words (no colour) ending in a tag head, not followed by a noun or a
+    colour ("in soft light", "with sharp focus", "under cinematic lighting"; not "a soft light blue pillow")."""
+    out: list[int] = []
+    k = 0
+    while k < len(seg):
+        j = k
+        while j < len(seg) and _global_word(doc[seg[j]]) and doc[seg[j]].lower_ not in COLOURS:
+            j += 1
+        run = seg[k:j]
+        if len(run) >= 2 and doc[run[0]].lower_ in TAG_INTENSIFIERS:
+            out.extend(run)  # "a highly detailed red car": a quality tag, even before a noun
+        elif len(run) >= 2 and doc[run[-1]].lower_ in GLOBAL_HEADS:
+            nxt = doc[seg[j]] if j < len(seg) else None
+            if nxt is None or nxt.pos_ not in ("NOUN", "PROPN", "ADJ") and nxt.lower_ not in COLOURS:
+                out.extend(run)
+        k = max(j, k + 1)
+    return out
+
+
 def _global_tokens(doc: Any) -> set[int]:
     """Tokens of global tags and leading media: kept in every prompt, never modifiers or subjects (rule 12)."""
     out: set[int] = set()
@@ -337,6 +360,7 @@ def _global_tokens(doc: Any) -> set[int]:
             out.update(seg)
         else:
             out.update(_medium_prefix(doc, seg) or _global_opening(doc, seg))
+            out.update(_inline_tags(doc, seg))
     return out
 
 
@@ -888,6 +912,8 @@ def _analyse(doc: Any) -> _Analysis:
     for head, trigger, obj, kind in _attribute_phrases(doc, owner):
         if head not in subject_heads:
             continue
+        if obj.i in global_tokens:
+            continue  # "with sharp focus": a tag, not an object
         tokens = _trim_glue(doc, _phrase_tokens(trigger, obj) - global_tokens)
         if not tokens or tokens & negated:
             continue  # a negated phrase ("with no bananas") is never split (rule 13)

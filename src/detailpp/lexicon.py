@@ -107,6 +107,7 @@ LEXICALISED = frozenset(
         ("traffic", "light"),
         ("stop", "sign"),
         ("oak", "tree"),
+        ("hot", "chocolate"),
         ("black", "tie"),
         ("white", "tie"),
         ("walnut", "tree"),
@@ -170,7 +171,8 @@ GLOBAL_WORDS = frozenset(
     kodak portra ektar ektachrome kodachrome fujifilm fuji velvia ilford cinestill polaroid leica canon nikon sony
     hasselblad zeiss
     day night sunrise sunset dusk dawn twilight morning evening afternoon midnight rainy sunny foggy misty cloudy
-    overcast stormy rain snow fog mist haze underwater outdoors indoors outdoor indoor background
+    overcast stormy rain snow fog mist haze underwater outdoors indoors outdoor indoor background winter summer
+    autumn
     interior exterior architectural architecture digest design
     """.split()
 )
@@ -222,6 +224,8 @@ MEDIUM_NOUNS = frozenset(
 #: words that fill a leading medium before its noun although they are not tags ("a children's book illustration
 #: of", "a low angle shot of", "a black and white photo of").
 MEDIUM_FILLERS = frozenset("a an the and 's book children kids angle camera movie film game".split())
+#: adverbs that open a quality tag, global even before a noun: "a highly detailed red car", "an ultra realistic cat".
+TAG_INTENSIFIERS = frozenset("highly ultra hyper super extremely insanely intricately".split())
 #: function words allowed inside a global tag ("depth of field", "trending on artstation", "rule of thirds").
 GLOBAL_FUNCTION_WORDS = frozenset("a an the of and & with in on at by for to".split())
 #: resolutions, lens and film figures and decades: "8k", "4k", "1080p", "35mm", "f/1.8", "1/500s", "80s", "1940s",
