@@ -442,6 +442,8 @@ def test_unreadable_prompts_fall_back_with_a_notice(plan_of, caplog, prompt, rea
         "a red car in front of the Musée du Louvre next to a blue bench",
         "a woman in a red dress at a café in Paris next to a man with a blue umbrella",
         "a car in lego style next to a house in the style of van gogh, 4k",
+        "lo-fi, red hair, blue dress, masterpiece",
+        "y2k aesthetic, e-girl, pink hair, black choker",
     ],
 )
 def test_english_prompts_with_foreign_names_are_read(plan_of, prompt):

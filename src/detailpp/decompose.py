@@ -223,18 +223,20 @@ def _is_latin(ch: str) -> bool:
 def language_notice(prompt: str) -> str | None:
     """Why ``prompt`` is not read as English, or ``None``: the parser's word lists and spaCy model are English only.
 
-    A prompt is taken for another language when most of its letters are outside the Latin script, or when it has
-    more function words of another language (German, French, Spanish, Italian, Portuguese, Dutch) than English ones.
+    A prompt is taken for another language when most of its letters are outside the Latin script, or when it has at
+    least two function words of another language (German, French, Spanish, Italian, Portuguese, Dutch), and more
+    of them than English ones.
     """
     letters = [ch for ch in prompt if ch.isalpha()]
     if letters:
         non_latin = sum(not _is_latin(ch) for ch in letters)
         if non_latin / len(letters) > NON_LATIN_SHARE:
             return "the prompt is not in the Latin script, and the parser reads English only"
-    words = re.findall(r"[^\W\d_]+", prompt.lower())
+    # whole words only: "lo-fi", "e-girl", "y2k" and "www.example.com" hold no Italian "lo", "e" or Spanish "y"
+    words = [w for w in re.findall(r"[\w'\u2019.-]+", prompt.lower()) if w.isalpha()]
     foreign = [w for w in words if w in FOREIGN_FUNCTION_WORDS]
     english = sum(w in ENGLISH_FUNCTION_WORDS for w in words)
-    if foreign and len(foreign) > english and (len(foreign) >= 2 or english == 0):
+    if len(foreign) >= 2 and len(foreign) > english:
         shown = ", ".join(dict.fromkeys(foreign[:4]))
         return f"the prompt does not look English (words such as {shown}), and the parser reads English only"
     return None

@@ -166,7 +166,7 @@ GLOBAL_WORDS = frozenset(
     watercolor watercolour oil acrylic gouache pastel charcoal ink pencil crayon impressionism impressionist
     expressionism expressionist cubism surrealism baroque renaissance rococo romanticism pop art nouveau deco
     anime manga cartoon comic disney pixar ghibli studio cyberpunk steampunk synthwave vaporwave retrowave retro
-    vintage fantasy sci-fi scifi science fiction dark gothic noir horror western medieval futuristic
+    vintage fantasy sci-fi scifi science fiction dark gothic noir horror western medieval futuristic y2k lo-fi lofi
     lowpoly low-poly poly voxel pixel pixel-art isometric cel shaded cel-shaded
     kodak portra ektar ektachrome kodachrome fujifilm fuji velvia ilford cinestill polaroid leica canon nikon sony
     hasselblad zeiss
