@@ -63,7 +63,6 @@ below is a choice, and is tested):
     tokenizer (start token = 0, sub-words included). A branch subject beyond the 77-token window raises
     :class:`~detailpp.plan.PlanError` naming the subject and the limit. Text beyond the window that has no branch
     subject is no error (a 1000-word prompt without modifiers gets a zero-branch plan).
-
 12. **Global tags and leading media** belong to the whole image: they stay in p1 and in every branch, are never
     subjects, and their adjectives ("sharp", "soft", "best", "highly") are never modifiers. Read per segment (the
     text between ",", ";", "|", "." ...) with the global lexicon of :mod:`detailpp.lexicon`: a segment made only of
@@ -76,15 +75,16 @@ below is a choice, and is tested):
     photo of"), and an opening noun phrase of tag words only before "with"/"of"/"in"/"at"/"on" ("an epic fantasy
     landscape with ..."). Inside a sentence: two or more tag words (no colour) ending in a tag head and followed by
     no noun or colour ("in soft light", "with sharp focus"), or opening with an intensifier ("a highly detailed red
-    car"). A style word before one subject stays that subject's
-    ("a lego-style car", "a realistic tree"); "A long, narrow kitchen" is no tag (a determiner and no noun).
+    car"). A style word before one subject stays that subject's ("a lego-style car", "a realistic tree"); "A long,
+    narrow kitchen" is no tag (a determiner and no noun).
 13. **Negation is never split**: "not"/"n't"/"never" (with the verb right after it: "not wearing"), "without" and
     the determiner "no" take the words after them up to the end of one noun phrase ("not black", "not a white one",
     "without a red hat", "no chimney"); those words stay in every prompt, are no subjects, and an attribute phrase
     containing them ("with no bananas") is kept whole.
 14. **Prompts the parser does not read** get zero branches and a :attr:`~detailpp.plan.DecompositionPlan.notice`
-    (also logged at WARNING level) saying why and pointing to ``--plan``: text mostly outside the Latin script, more
-    function words of another language than English ones (:func:`language_notice`), most words unknown to the
+    (also logged at WARNING level) saying why and pointing to ``--plan``: text mostly outside the Latin script, two
+    or more function words of another language and more of them than English ones (:func:`language_notice`), most
+    words unknown to the
     tagger (lower-case words tagged as names or foreign words), or such an unknown word inside a subject's modifier
     group ("asdfgh red qwerty"). Prompt-weight syntax ("(red:1.2)", "((red))", "[red]", "red++", "(red)1.2",
     "<lora:...>") raises :class:`PlanError` naming the syntax (:func:`check_weight_syntax`): SDXL would read the
