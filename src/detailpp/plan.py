@@ -50,12 +50,20 @@ class Branch:
 
 @dataclass(frozen=True)
 class DecompositionPlan:
-    """p0, p1 and the detail branches p2..pn, JSON round-trippable (:meth:`to_json` / :meth:`from_json`)."""
+    """p0, p1 and the detail branches p2..pn, JSON round-trippable (:meth:`to_json` / :meth:`from_json`).
+
+    Attributes:
+        notice: set when the parser declined to read the prompt (not English, or not readable with confidence)
+            and fell back to zero branches (plain SDXL): the reason, for the user, with a pointer to ``--plan``.
+            ``None`` otherwise (also for the ordinary zero-branch plans of prompts without modifiers or with one
+            subject, which are logged at INFO level only); left out of the JSON when ``None``.
+    """
 
     prompt: str
     base: str
     granularity: Granularity = "subject"
     branches: tuple[Branch, ...] = field(default_factory=tuple)
+    notice: str | None = None
 
     def __post_init__(self) -> None:
         branches = tuple(b if isinstance(b, Branch) else Branch(**b) for b in self.branches)
@@ -76,6 +84,8 @@ class DecompositionPlan:
             {**b, "attributes": list(b["attributes"]), "subject_token_indices": list(b["subject_token_indices"])}
             for b in out["branches"]
         ]
+        if out["notice"] is None:
+            del out["notice"]
         return out
 
     def to_json(self, **kwargs: Any) -> str:
@@ -99,7 +109,12 @@ class DecompositionPlan:
         granularity = data.get("granularity", "subject")
         if granularity not in GRANULARITIES:
             raise PlanError(f"Unknown granularity {granularity!r}; use one of {GRANULARITIES}.")
-        return cls(prompt=data["prompt"], base=data["base"], granularity=granularity, branches=tuple(branches))
+        notice = data.get("notice")
+        if notice is not None and not isinstance(notice, str):
+            raise PlanError(f"The plan's 'notice' must be text, got {type(notice).__name__}.")
+        return cls(
+            prompt=data["prompt"], base=data["base"], granularity=granularity, branches=tuple(branches), notice=notice
+        )
 
     @classmethod
     def from_json(cls, text: str) -> DecompositionPlan:

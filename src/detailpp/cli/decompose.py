@@ -4,6 +4,10 @@ Examples:
   detailpp decompose "a red teddy bear wearing a green tracksuit"
   detailpp decompose "a red car and a blue bench" --granularity attribute --json
   detailpp decompose --file prompts.txt > plans.jsonl
+
+A prompt the parser does not read (not English, or not readable with confidence) gets zero branches and a notice
+saying why (printed with the plan, and logged as a warning); prompt-weight syntax ("(red:1.2)", "((red))",
+"[red]") is an error that names the syntax.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ def _table(plan: DecompositionPlan) -> str:
         f"base         {plan.base}",
         f"granularity  {plan.granularity}",
     ]
+    if plan.notice:
+        lines.append("branches     none (plain SDXL)")
+        lines.append(f"notice       {plan.notice}")
+        return "\n".join(lines)
     if not plan.branches:
         lines.append("branches     none (no modifiers or a single subject: plain SDXL)")
         return "\n".join(lines)
@@ -88,7 +96,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if not prompts:
             raise UserError(f"the prompt file {args.file!r} has no prompts (one prompt a line)")
         for plan in decompose_many(prompts, args.granularity):
-            print(plan.to_json(ensure_ascii=False), file=out)
+            print(plan.to_json(ensure_ascii=False), file=out)  # a notice is logged as a warning (standard error)
         return 0
     if args.prompt is None:
         raise UserError('give a prompt, e.g. detailpp decompose "a red car and a blue bench", or --file PROMPTS.txt')
