@@ -355,7 +355,7 @@ def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
     monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: loaded.append((a, k)) or FakePipe())
     monkeypatch.setattr(detailpp.demo, "launch", lambda demo, host, port: launched.append((demo, host, port)))
     assert main(["demo", "--model", "tiny-random", "--port", "7861", "--steps", "3", "--size", "128"]) == 0
-    assert loaded == [(("tiny-random",), {"device": None, "dtype": None})]
+    assert loaded == [(("tiny-random",), {"device": "cpu", "dtype": None})]
     ((demo, host, port),) = launched
     assert (host, port) == ("127.0.0.1", 7861)
     generate = [f for f in demo.fns.values() if f.name == "on_generate"]
@@ -367,7 +367,12 @@ def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--port", "70000"], "--port must lie in"), (["--size", "100"], "--size must be a positive multiple of 8")],
+    [
+        (["--port", "70000"], "--port must lie in"),
+        (["--width", "100"], "--width must be a positive multiple of 8"),
+        (["--size", "100"], "--width must be a positive multiple of 8"),  # the deprecated --size sets both
+        (["--device", "tpu9"], "--device 'tpu9' is not a device name"),
+    ],
 )
 def test_cli_demo_rejects_bad_arguments(args, message, capsys):
     assert main(["demo", *args]) == 2
