@@ -197,3 +197,32 @@ def a1111_sampler(scheduler) -> str:
     if cls_name == "DPMSolverMultistepScheduler" and getattr(scheduler.config, "use_karras_sigmas", False):
         name += " Karras"
     return name
+
+
+# --- models ----------------------------------------------------------------------------------------------------------
+BUILTIN_MODELS = ("toy", "tiny-random", "sdxl-random")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_model(model: str) -> None:
+    """Refuse, before loading, a model name that names nothing or a Hub id that offline mode cannot load."""
+    if model in BUILTIN_MODELS or Path(model).expanduser().exists():
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") != 1 or model.endswith((".safetensors", ".ckpt")):
+        raise UserError(
+            f"--model {model!r}: no such folder or file, and no Hub id of the form 'owner/name'; give a local SDXL "
+            "folder or .safetensors file, a Hub id, or --model toy (the embedded model)."
+        )
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            raise UserError(
+                f"--model {model}: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; unset "
+                "HF_HUB_OFFLINE to download it, give a local SDXL folder or .safetensors file, or use --model toy."
+            )

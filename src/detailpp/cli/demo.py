@@ -16,7 +16,7 @@ import logging
 import socket
 
 from detailpp.cli import UserError, add_deprecated_alias
-from detailpp.cli.common import DTYPE_NAMES, check_device, check_dtype, check_size, dtype_name
+from detailpp.cli.common import DTYPE_NAMES, check_device, check_dtype, check_model, check_size, dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from detailpp.loading import load_pipeline
 
     model = args.model or default_model()
+    check_model(model)
     if model == "tiny-random":
         logger.warning("Model 'tiny-random' has random weights: its images are noise (it checks the set-up only).")
     if args.host not in LOCAL_HOSTS:

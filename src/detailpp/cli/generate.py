@@ -27,6 +27,7 @@ from detailpp.cli.common import (
     a1111_sampler,
     check_device,
     check_dtype,
+    check_model,
     check_output_dir,
     check_size,
     default_steps,
@@ -180,6 +181,7 @@ def early_plan(args: argparse.Namespace, config: DetailConfig) -> DecompositionP
 def run(args: argparse.Namespace) -> int:
     config = check_args(args)
     model = args.model or default_model()
+    check_model(model)
     device = check_device(args.device)
     dtype = check_dtype(args.dtype, device)
     if model in ("toy",) or Path(model).is_dir():  # the model's recommended settings, readable before loading
