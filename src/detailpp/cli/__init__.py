@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_output_flags(p)
         module.add_arguments(p)
+        p.formatter_class = HelpFormatter  # a RawDescriptionHelpFormatter, with defaults and without backticks
         p.set_defaults(_run=module.run)
     return parser
 

@@ -58,7 +58,6 @@ def _output_dir_arg(p: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples of the description as written
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
 
     p = sub.add_parser("prompts", help="print a suite's prompts, one a line (or JSON)", formatter_class=HelpFormatter)
