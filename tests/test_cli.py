@@ -257,13 +257,14 @@ def test_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(detailpp.atomic.os, "fsync", full)
-    assert main(["generate", "a red circle", *FAST, "--output-dir", str(tmp_path)]) == 2
+    out = tmp_path / "out"
+    assert main(["generate", "a red circle", *FAST, "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"detailpp generate: error: The disk is full: cannot write {tmp_path / '00000-0-a-red-circle.png'}. "
+        f"detailpp generate: error: The disk is full: cannot write {out / '00000-0-a-red-circle.png'}. "
         "Free some space or choose another --output-dir.\n"
     )
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no temporary file, and no empty folder
 
 
 def test_mask_outline_is_visible_over_the_same_colour():

@@ -22,8 +22,13 @@ COMMANDS = {
 
 logger = logging.getLogger("detailpp")
 
-#: transformers' import-time notices that every command would print (the PIL image processors are all we use).
-_SILENCED = ("requires torchvision (not installed)",)
+#: logger -> messages the command drops: transformers' import-time notices that every command would print (the PIL
+#: image processors are all we use), and diffusers' "Couldn't connect to the Hub" (a failed load then says it in one
+#: line; a load from the cache needs no notice).
+_SILENCED = {
+    "transformers.utils.import_utils": ("requires torchvision (not installed)",),
+    "diffusers.pipelines.pipeline_utils": ("Couldn't connect to the Hub",),
+}
 
 
 class UserError(Exception):
@@ -116,14 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _DropNotices(logging.Filter):
+    def __init__(self, messages: tuple[str, ...]):
+        super().__init__()
+        self.messages = messages
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(s in message for s in _SILENCED)
+        return not any(s in message for s in self.messages)
 
 
-def silence_import_notices() -> None:
-    """Drop transformers' "requires torchvision" notices (it falls back to the PIL processors, all we need)."""
-    logging.getLogger("transformers.utils.import_utils").addFilter(_DropNotices())
+def silence_notices() -> None:
+    """Drop the library notices of :data:`_SILENCED` (once per logger, however often it is called)."""
+    for name, messages in _SILENCED.items():
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in target.filters):
+            target.addFilter(_DropNotices(messages))
 
 
 def describe_os_error(e: OSError) -> str:
@@ -139,7 +151,7 @@ def describe_os_error(e: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    silence_import_notices()
+    silence_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
