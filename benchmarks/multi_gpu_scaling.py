@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if "detailpp" in a.methods and a.plans and not a.plans.is_file():
-        raise SystemExit(f"no plans file {a.plans}: write it with `detailpp bench plans --suite {a.suite} --output ...`")
+        raise SystemExit(
+            f"no plans file {a.plans}: write it with `detailpp bench plans --suite {a.suite} --output ...`"
+        )
     env = child_env(a)
     skip = ("out", "timeout_s", "budget_s")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in skip}

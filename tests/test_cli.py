@@ -349,6 +349,21 @@ def test_a_prompt_past_the_token_window_is_one_line(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "tpu9"], "--device 'tpu9' is not a device name"),
+        (["--base-seed", "99999999999999999999999"], "--base-seed must lie in 0..9223372036854775807"),
+        (["--width", "0"], "--width must be positive, got 0."),
+    ],
+)
+def test_bench_generate_bad_input_before_loading(flags, message, tmp_path, capsys, no_load):
+    out = tmp_path / "run"
+    argv = ["bench", "generate", "--suite", "t2i-color", "--model", "tiny-random", "--output-dir", str(out)]
+    assert main([*argv, *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_run_json_resume_names_only_what_changed(tmp_path):
     from detailpp.bench import BenchError
     from detailpp.bench.manifest import check_or_write_json

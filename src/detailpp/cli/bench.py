@@ -365,7 +365,7 @@ def _suite_prompts(args: argparse.Namespace) -> tuple[Suite, list[str]]:
 
 def _generate(args: argparse.Namespace) -> int:
     from detailpp.bench.runner import check_run_identity, run_generation, run_identity
-    from detailpp.cli.common import check_device, check_dtype, default_steps, native_size
+    from detailpp.cli.common import check_device, check_dtype, default_steps, native_size, quiet_loading
 
     suite, prompts = _suite_prompts(args)
     # The model's native size, steps and guidance unless given (toy: 128x128, 20 steps, guidance 5).
@@ -380,9 +380,13 @@ def _generate(args: argparse.Namespace) -> int:
             raise BenchError(f"--{name} must be positive, got {getattr(args, name)}.")
     if args.images_per_prompt < 1:
         raise BenchError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
+    if not 0 <= args.base_seed <= 2**63 - 1:  # base + k for every image must stay a valid torch seed
+        raise BenchError(f"--base-seed must lie in 0..{2**63 - 1}, got {args.base_seed}.")
     if args.device is not None:
         check_device(args.device)
     args.dtype = check_dtype(args.dtype, args.device or check_device(None))
+    if args.quiet:
+        quiet_loading()
     fields = parse_detail_config(args.detail_config)
     if args.method == "sdxl" and fields:
         raise BenchError("--detail-config applies to --method detailpp only.")

@@ -39,6 +39,16 @@ def resolve_seeds(seeds: Iterable[int]) -> list[int]:
     return out
 
 
+def quiet_loading() -> None:
+    """No loading progress bars (diffusers' components, transformers' weights): for ``--quiet``."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def check_device(device: str | None) -> str:
     """The device to run on (the best available when ``None``); a name torch cannot use is refused here."""
     import torch

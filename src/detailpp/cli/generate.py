@@ -34,6 +34,7 @@ from detailpp.cli.common import (
     default_steps,
     dtype_name,
     numbered_stem,
+    quiet_loading,
     resolve_seeds,
     scheduler_name,
     set_scheduler,
@@ -198,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
 
     if model == "tiny-random":
         logger.warning("Model 'tiny-random' has random weights: its images are noise (it checks the set-up only).")
+    if args.quiet:
+        quiet_loading()
     started = time.perf_counter()
     pipe = load_pipeline(model, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - started
