@@ -434,7 +434,8 @@ def test_the_page_in_a_real_browser(tiny_pipe):
                 page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) else r.abort())
                 page.goto(url)
                 page.locator("#detailpp-prompt textarea").fill(PROMPT)
-                page.locator("#detailpp-parse").click()
+                page.locator("#detailpp-prompt textarea").press("Enter")  # Enter parses, as the Parse button does
+                expect(page.locator("#detailpp-prompt textarea")).to_have_value(PROMPT)  # no newline inserted
                 cell = page.locator('#detailpp-plan [data-testid="cell-2-1"]')
                 expect(cell).to_contain_text(PLAN.branches[1].prompt, timeout=30_000)
                 expect(page.locator('#detailpp-plan [data-testid="cell-0-1"]')).to_contain_text(PLAN.base)
