@@ -95,6 +95,8 @@ def test_old_flag_spellings_are_hidden_aliases(capsys, tmp_path):
     assert parser.parse_args(["bench", "plans", "--suite", "scb", "--out", "p.jsonl"]).output == Path("p.jsonl")
     assert parser.parse_args(["bench", "report", "a", "--out", "r"]).output_dir == Path("r")
     assert parser.parse_args(["demo", "--size", "512"]).size == 512
+    assert parser.parse_args(["bench", "toy", "--work-dir", "w"]).work_dir == Path("w")
+    assert parser.parse_args(["bench", "toy", "--output-dir", "w"]).work_dir == Path("w")
     for argv in (["bench", "generate", "--help"], ["bench", "report", "--help"], ["demo", "--help"]):
         with pytest.raises(SystemExit):
             main(argv)

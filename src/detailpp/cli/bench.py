@@ -224,7 +224,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (1)")
     p.add_argument("--judge-scenes", type=int, default=400, help="perturbed renders to measure the judge on (400)")
     p.add_argument("--max-minutes", type=float, help="start no item after this long; report the finished ones")
-    p.add_argument("--work-dir", type=Path, default=Path("outputs/toy-binding"), help="records and grid images")
+    p.add_argument(
+        "--output-dir", dest="work_dir", type=Path, default=Path("outputs/toy-binding"), help="records and grid images"
+    )
+    add_deprecated_alias(p, "--work-dir", "--output-dir", dest="work_dir", type=Path)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/toy_binding.json"), help="results file")
     p.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
     p.add_argument("--grid", type=Path, help="write the picture grid (prompt, plain, Detail++, masks, p1) here")
