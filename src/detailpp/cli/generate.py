@@ -181,6 +181,17 @@ def early_plan(args: argparse.Namespace, config: DetailConfig) -> DecompositionP
 
 
 def run(args: argparse.Namespace) -> int:
+    existed = args.output_dir.exists()
+    try:
+        return _run(args)
+    except BaseException:
+        if not existed:  # a failure before the first file (a full disk...) leaves no empty folder
+            with contextlib.suppress(OSError):
+                args.output_dir.rmdir()
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     config = check_args(args)
     model = args.model or default_model()
     check_model(model)
@@ -220,92 +231,85 @@ def run(args: argparse.Namespace) -> int:
     if not plan.branches:
         logger.info("No detail branch for %r: the image is plain SDXL sampling.", prompt)
     sampler = a1111_sampler(pipe.scheduler)
-    existed = args.output_dir.exists()
-    try:
-        for seed in args.seed:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            t0 = time.perf_counter()
-            out = pipe(
-                prompt=prompt,
-                negative_prompt=args.negative_prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=args.height,
-                width=args.width,
-                generator=generator,
-                detail_config=config,
-                plan=plan,
-                return_branch_images=args.save_branches,
-                return_masks=args.save_masks,
-            )
-            seconds = time.perf_counter() - t0
-            image = out.images[0]
-            stem = numbered_stem(args.output_dir, seed, prompt)
-            settings = {
-                "prompt": prompt,
-                "negative_prompt": args.negative_prompt,
-                "model": model,
-                "seed": seed,
-                "steps": steps,
-                "guidance_scale": guidance_scale,
-                "width": image.width,
-                "height": image.height,
-                "scheduler": type(pipe.scheduler).__name__,
-                "sampler": sampler,
-                "dtype": str(pipe.unet.dtype).removeprefix("torch."),
-                "compiled": args.compile,
-                "detail_config": config.to_dict(),
-                "plan": plan.to_dict(),
-            }
-            params = a1111_parameters(
-                prompt,
-                args.negative_prompt,
-                steps,
-                sampler,
-                guidance_scale,
-                seed,
-                image.width,
-                image.height,
-                model,
-                {
-                    "Detail++ tau": config.mask_threshold,
-                    "Detail++ share steps": config.share_steps,
-                    "Detail++ nursing": config.nursing,
-                    "Detail++ branches": len(plan.branches),
-                },
-            )
-            files = {"image": f"{stem}.png"}
-            if args.save_branches:
-                captions = [f"p0: {plan.prompt}", f"p1: {plan.base}"]
-                captions += [f"p{i + 2}: {b.prompt}" for i, b in enumerate(plan.branches)]
-                grid = captioned_grid(out.branch_images, captions)
-                files["branches"] = f"{stem}-branches.png"
-                save_png(grid, files["branches"], {"detailpp": dumps(settings)})
-            if args.save_masks and out.masks is not None:
-                for i, (branch, mask) in enumerate(zip(plan.branches, out.masks, strict=True)):
-                    key = f"mask-{i}"
-                    files[key] = f"{stem}-mask-{i}-{slug(branch.subject, 24)}.png"
-                    save_png(
-                        mask_overlay(image, mask > config.mask_threshold),
-                        files[key],
-                        {"subject": branch.subject, "prompt": branch.prompt},
-                    )
-            files["sidecar"] = f"{stem}.json"
-            settings["timings"] = {"load_seconds": round(load_seconds, 3), "generate_seconds": round(seconds, 3)}
-            settings["nursing"] = [
-                {"step": r.step, "updates": r.updates, "losses": [round(x, 4) for x in r.losses]}
-                for r in out.nursing or []
-            ]
-            settings["files"] = files
-            save_png(image, files["image"], {"parameters": params, "detailpp": dumps(settings)})
-            atomic_write_text(files["sidecar"], dumps(settings) + "\n")
-            logger.info("seed %d: %d file(s) in %s (%.1f s)", seed, len(files), args.output_dir, seconds)
-            extra = [v for k, v in files.items() if k not in ("image", "sidecar")]
-            for path in [files["image"], *extra, files["sidecar"]]:
-                print(path)
-    except BaseException:
-        if not existed:  # a failure before the first file (a full disk...) leaves no empty folder
-            with contextlib.suppress(OSError):
-                args.output_dir.rmdir()
-        raise
+    for seed in args.seed:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        t0 = time.perf_counter()
+        out = pipe(
+            prompt=prompt,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            height=args.height,
+            width=args.width,
+            generator=generator,
+            detail_config=config,
+            plan=plan,
+            return_branch_images=args.save_branches,
+            return_masks=args.save_masks,
+        )
+        seconds = time.perf_counter() - t0
+        image = out.images[0]
+        stem = numbered_stem(args.output_dir, seed, prompt)
+        settings = {
+            "prompt": prompt,
+            "negative_prompt": args.negative_prompt,
+            "model": model,
+            "seed": seed,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "width": image.width,
+            "height": image.height,
+            "scheduler": type(pipe.scheduler).__name__,
+            "sampler": sampler,
+            "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+            "compiled": args.compile,
+            "detail_config": config.to_dict(),
+            "plan": plan.to_dict(),
+        }
+        params = a1111_parameters(
+            prompt,
+            args.negative_prompt,
+            steps,
+            sampler,
+            guidance_scale,
+            seed,
+            image.width,
+            image.height,
+            model,
+            {
+                "Detail++ tau": config.mask_threshold,
+                "Detail++ share steps": config.share_steps,
+                "Detail++ nursing": config.nursing,
+                "Detail++ branches": len(plan.branches),
+            },
+        )
+        files = {"image": f"{stem}.png"}
+        if args.save_branches:
+            captions = [f"p0: {plan.prompt}", f"p1: {plan.base}"]
+            captions += [f"p{i + 2}: {b.prompt}" for i, b in enumerate(plan.branches)]
+            grid = captioned_grid(out.branch_images, captions)
+            files["branches"] = f"{stem}-branches.png"
+            save_png(grid, files["branches"], {"detailpp": dumps(settings)})
+        if args.save_masks and out.masks is not None:
+            for i, (branch, mask) in enumerate(zip(plan.branches, out.masks, strict=True)):
+                key = f"mask-{i}"
+                files[key] = f"{stem}-mask-{i}-{slug(branch.subject, 24)}.png"
+                save_png(
+                    mask_overlay(image, mask > config.mask_threshold),
+                    files[key],
+                    {"subject": branch.subject, "prompt": branch.prompt},
+                )
+        files["sidecar"] = f"{stem}.json"
+        settings["timings"] = {"load_seconds": round(load_seconds, 3), "generate_seconds": round(seconds, 3)}
+        settings["nursing"] = [
+            {"step": r.step, "updates": r.updates, "losses": [round(x, 4) for x in r.losses]}
+            for r in out.nursing or []
+        ]
+        settings["files"] = files
+        save_png(image, files["image"], {"parameters": params, "detailpp": dumps(settings)})
+        atomic_write_text(files["sidecar"], dumps(settings) + "\n")
+        logger.info("seed %d: %d file(s) in %s (%.1f s)", seed, len(files), args.output_dir, seconds)
+        extra = [v for k, v in files.items() if k not in ("image", "sidecar")]
+        for path in [files["image"], *extra, files["sidecar"]]:
+            print(path)
     return 0
