@@ -366,6 +366,14 @@ def test_bench_generate_bad_input_before_loading(flags, message, tmp_path, capsy
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_bench_score_and_toy_check_the_device(tmp_path, capsys):
+    (tmp_path / "run.json").write_text("{}")
+    assert main(["bench", "score", str(tmp_path), "--device", "tpu9"]) == 2
+    assert "--device 'tpu9' is not a device name" in capsys.readouterr().err
+    assert main(["bench", "toy", "--device", "tpu9", "--output-dir", str(tmp_path / "toy")]) == 2
+    assert "--device 'tpu9' is not a device name" in capsys.readouterr().err and not (tmp_path / "toy").exists()
+
+
 def test_run_json_resume_names_only_what_changed(tmp_path):
     from detailpp.bench import BenchError
     from detailpp.bench.manifest import check_or_write_json

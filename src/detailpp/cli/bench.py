@@ -485,6 +485,10 @@ def _score(args: argparse.Namespace) -> int:
         raise BenchError(f"{args.dir} is not a folder; give the --out folder of `detailpp bench generate`.")
     if args.batch_size < 1:
         raise BenchError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.device is not None:
+        from detailpp.cli.common import check_device
+
+        check_device(args.device)
     run_info = load_json(args.dir / RUN_FILE, "the run's settings")
     metric_name = args.metric or ("scb" if run_info.get("suite") == "scb" else "blip-vqa")
     shard = resolve_shard(args.shard_index, args.num_shards, args.device)
@@ -533,6 +537,10 @@ def _toy(args: argparse.Namespace) -> int:
     for name in ("prompts", "seeds", "steps"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.device is not None:
+        from detailpp.cli.common import check_device
+
+        check_device(args.device)
     diagnostics: tuple[str, ...] = tuple(binding.DIAGNOSTICS)
     if args.no_diagnostic_settings:
         diagnostics = ()
