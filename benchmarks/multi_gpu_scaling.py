@@ -4,7 +4,7 @@ Runs the same command twice on the same prompts, each into its own folder under 
 
 1. one process: ``python -m detailpp.cli bench generate ... --out OUT/gpus-1``;
 2. ``python -m torch.distributed.run --standalone --nproc_per_node N -m detailpp.cli bench generate ...
-   --out OUT/gpus-N`` (each rank takes the items ``i % N == rank``; Accelerate gives each its GPU).
+   --output-dir OUT/gpus-N`` (each rank takes the items ``i % N == rank``; Accelerate gives each its GPU).
 
 The model is ``sdxl-random`` by default: SDXL base at full size with random weights (:mod:`detailpp.sdxl_random`),
 a speed/memory stand-in whose images are noise. With random weights nursing never stops early, so Detail++ runs
@@ -94,7 +94,7 @@ def bench_args(a: argparse.Namespace, method: str, out: Path) -> list[str]:
     args = ["bench", "generate", "--suite", a.suite, "--max-prompts", str(a.prompts)]
     args += ["--images-per-prompt", str(a.images_per_prompt), "--method", method, "--model", a.model]
     args += ["--steps", str(a.steps), "--height", str(a.size), "--width", str(a.size), "--dtype", a.dtype]
-    args += ["--out", str(out), "--no-progress"]
+    args += ["--output-dir", str(out), "--quiet"]
     if method == "detailpp" and a.plans:
         args += ["--plans", str(a.plans)]
     if a.device:
@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if "detailpp" in a.methods and a.plans and not a.plans.is_file():
-        raise SystemExit(f"no plans file {a.plans}: write it with `detailpp bench plans --suite {a.suite} --out ...`")
+        raise SystemExit(
+            f"no plans file {a.plans}: write it with `detailpp bench plans --suite {a.suite} --output ...`"
+        )
     env = child_env(a)
     skip = ("out", "timeout_s", "budget_s")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in skip}

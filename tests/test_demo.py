@@ -355,7 +355,7 @@ def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
     monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: loaded.append((a, k)) or FakePipe())
     monkeypatch.setattr(detailpp.demo, "launch", lambda demo, host, port: launched.append((demo, host, port)))
     assert main(["demo", "--model", "tiny-random", "--port", "7861", "--steps", "3", "--size", "128"]) == 0
-    assert loaded == [(("tiny-random",), {"device": None, "dtype": None})]
+    assert loaded == [(("tiny-random",), {"device": "cpu", "dtype": None})]
     ((demo, host, port),) = launched
     assert (host, port) == ("127.0.0.1", 7861)
     generate = [f for f in demo.fns.values() if f.name == "on_generate"]
@@ -367,7 +367,12 @@ def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--port", "70000"], "--port must lie in"), (["--size", "100"], "--size must be a positive multiple of 8")],
+    [
+        (["--port", "70000"], "--port must lie in"),
+        (["--width", "100"], "--width must be a positive multiple of 8"),
+        (["--size", "100"], "--width must be a positive multiple of 8"),  # the deprecated --size sets both
+        (["--device", "tpu9"], "--device 'tpu9' is not a device name"),
+    ],
 )
 def test_cli_demo_rejects_bad_arguments(args, message, capsys):
     assert main(["demo", *args]) == 2
@@ -429,7 +434,8 @@ def test_the_page_in_a_real_browser(tiny_pipe):
                 page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) else r.abort())
                 page.goto(url)
                 page.locator("#detailpp-prompt textarea").fill(PROMPT)
-                page.locator("#detailpp-parse").click()
+                page.locator("#detailpp-prompt textarea").press("Enter")  # Enter parses, as the Parse button does
+                expect(page.locator("#detailpp-prompt textarea")).to_have_value(PROMPT)  # no newline inserted
                 cell = page.locator('#detailpp-plan [data-testid="cell-2-1"]')
                 expect(cell).to_contain_text(PLAN.branches[1].prompt, timeout=30_000)
                 expect(page.locator('#detailpp-plan [data-testid="cell-0-1"]')).to_contain_text(PLAN.base)

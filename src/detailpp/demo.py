@@ -458,6 +458,8 @@ def build_demo(
     initial_prompt: str | None = None,
     default_steps: int | None = None,
     default_size: int | None = None,
+    default_width: int | None = None,
+    default_height: int | None = None,
     max_queue_size: int = 16,
 ) -> Any:
     """The demo page, as a ``gradio.Blocks`` with its queue set (one generation at a time); see the module doc.
@@ -468,7 +470,8 @@ def build_demo(
         initial_prompt: the prompt the page opens with (default: the first example prompt for the model); its plan
             fills the table when the pipeline is loaded.
         default_steps, default_size: the page's initial steps and height/width (default: 30 steps on the embedded
-            models and 50 otherwise; the model's native size).
+            models and 50 otherwise; the model's native size); default_width, default_height: the initial width and
+            height when they differ (default: default_size).
         max_queue_size: requests waiting beyond this many are refused with a message.
 
     Launch it with :func:`launch` (localhost, no share link, no analytics).
@@ -484,6 +487,7 @@ def build_demo(
         initial_prompt = examples[0]
     steps0 = default_steps or session.default_steps()
     size0 = default_size or session.default_size()
+    width0, height0 = default_width or size0, default_height or size0
     config0 = session.initial_config()  # tau, share steps, nursing, granularity: the model's recommendation
     rows0: list[list[str]] = []
     table_prompt0 = None
@@ -593,7 +597,7 @@ def build_demo(
         with gr.Row():
             with gr.Column(scale=5):
                 prompt = gr.Textbox(
-                    value=initial_prompt, label="Prompt", lines=2, elem_id="detailpp-prompt", placeholder="a red ..."
+                    value=initial_prompt, label="Prompt", lines=1, elem_id="detailpp-prompt", placeholder="a red ..."
                 )
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="detailpp-negative")
                 with gr.Row():
@@ -635,8 +639,8 @@ def build_demo(
                     )
                     nursing = gr.Checkbox(value=config0.nursing, label="Attention nursing", elem_id="detailpp-nursing")
                 with gr.Row():
-                    width = gr.Number(value=size0, precision=0, step=8, label="Width", elem_id="detailpp-width")
-                    height = gr.Number(value=size0, precision=0, step=8, label="Height", elem_id="detailpp-height")
+                    width = gr.Number(value=width0, precision=0, step=8, label="Width", elem_id="detailpp-width")
+                    height = gr.Number(value=height0, precision=0, step=8, label="Height", elem_id="detailpp-height")
                     compare = gr.Checkbox(value=True, label="Also plain SDXL, same seed", elem_id="detailpp-compare")
                 generate = gr.Button("Generate", variant="primary", elem_id="detailpp-generate")
                 error = gr.HTML(visible=False, elem_id="detailpp-error")

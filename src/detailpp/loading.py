@@ -129,8 +129,11 @@ def load_pipeline(
     except Exception as e:  # every loader failure gets the same clear way out
         if type(e).__name__ == "DetailInputError":  # the folder's detail_config.json: its own clear message
             raise
+        # diffusers' own message may point at a stack trace that is not shown: drop that sentence
+        cause = str(e).splitlines()[0] if str(e) else ""
+        cause = cause.replace(" Please check out the root cause in the stacktrace above.", "").rstrip(".")
         raise ModelLoadError(
-            f"Cannot load the model {model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            f"Cannot load the model {model!r}: {type(e).__name__}: {cause}. "
             "Give a local SDXL folder or checkpoint (--model PATH), a Hub id you can reach (with network access "
             "and, for gated models, `hf auth login`), or --model tiny-random to check the set-up without weights."
         ) from e

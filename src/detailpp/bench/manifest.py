@@ -174,6 +174,7 @@ def check_or_write_json(path: Path, content: dict, what: str, hint: str) -> None
         except (OSError, json.JSONDecodeError) as e:
             raise BenchError(f"{path} is unreadable ({e}); it records {what}. Move it away to start afresh.") from e
         if canonical_json(existing) != canonical_json(content):
+            content = json.loads(canonical_json(content))  # tuples as the lists JSON reads back: only real changes
             diffs = sorted(k for k in set(existing) | set(content) if existing.get(k) != content.get(k))
             details = "; ".join(f"{k}: {existing.get(k)!r} there, {content.get(k)!r} now" for k in diffs[:4])
             raise BenchError(f"{path.parent} holds {what} made with other settings ({details}). {hint}")

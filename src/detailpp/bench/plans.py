@@ -96,7 +96,7 @@ def record_run_plans(out: Path, plans: Mapping[str, DecompositionPlan], write: b
     if changed:
         raise BenchError(
             f"{out} was generated with other plans for {len(changed)} prompt(s) (first: {changed[0]!r}; see {path}). "
-            "Use another --out folder, or the plans recorded there."
+            "Use another --output-dir folder, or the plans recorded there."
         )
     new = {p: plan for p, plan in plans.items() if p not in before}
     if write and new:

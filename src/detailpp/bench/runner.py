@@ -305,7 +305,7 @@ def check_run_identity(out_dir: str | Path, identity: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_or_write_json(
-        out / RUN_FILE, identity, "images", "Use another --out folder, or the same settings to resume the run."
+        out / RUN_FILE, identity, "images", "Use another --output-dir folder, or the same settings to resume the run."
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import logging
+import re
 import sys
 
 from detailpp.plan import PlanError
@@ -20,40 +22,153 @@ COMMANDS = {
 
 logger = logging.getLogger("detailpp")
 
+#: logger -> messages the command drops: transformers' import-time notices that every command would print (the PIL
+#: image processors are all we use), and diffusers' "Couldn't connect to the Hub" (a failed load then says it in one
+#: line; a load from the cache needs no notice).
+_SILENCED = {
+    "transformers.utils.import_utils": ("requires torchvision (not installed)",),
+    "diffusers.pipelines.pipeline_utils": ("Couldn't connect to the Hub",),
+}
+
 
 class UserError(Exception):
     """An error caused by the command's input: printed as one line, exit code 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every help shows its default; descriptions keep their layout; no reStructuredText backticks.
+
+    ``(default: X)`` is added to an option's help unless the help already names its default, the default is ``None``
+    (the help then says in words what is chosen) or the option is an on/off flag.
+    """
+
+    @staticmethod
+    def _plain(text: str) -> str:
+        return re.sub(r"`([^`]+)`", r"'\1'", re.sub(r"``([^`]+)``", r"\1", text))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = self._plain(action.help or "")
+        shows_default = "default" in help_text.lower() or "%(default)" in help_text
+        flag = action.nargs == 0
+        no_default = action.default in (None, argparse.SUPPRESS)
+        if action.option_strings and not shows_default and not flag and not no_default:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(self._plain(text))
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option, hidden from the help, still accepted; the command logs a notice once."""
+
+    def __init__(self, option_strings, dest, new: str, const=None, nargs=None, **kwargs):
+        self.new = new
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, nargs=nargs, const=const, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        notices = getattr(namespace, "_deprecated", None) or []
+        notices.append(f"{option_string} is deprecated; use {self.new}.")
+        namespace._deprecated = notices
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs) -> None:
+    """``old`` as a hidden alias of the option ``new`` (stored in ``dest``)."""
+    parser.add_argument(old, dest=dest, action=DeprecatedAlias, new=new, default=argparse.SUPPRESS, **kwargs)
+
+
+def add_output_flags(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """``-v/--verbose`` and ``-q/--quiet``, before or after the sub-command (``top``: on the main parser)."""
+    default = False if top else argparse.SUPPRESS  # a sub-command's flag must not reset the main parser's
+    parser.add_argument("--verbose", "-v", action="store_true", default=default, help="log debug messages too")
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", default=default, help="no progress bar; warnings and errors only"
+    )
 
 
 def _available_commands() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
 
 
+def _version() -> str:
+    from detailpp import __version__
+
+    return f"detailpp {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detailpp", description="Detail++ for SDXL: progressive detail injection.")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog="detailpp",
+        description="Detail++ for SDXL: progressive detail injection.",
+        epilog="detailpp COMMAND --help shows each command's options.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    add_output_flags(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in _available_commands().items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        p = sub.add_parser(
+            name, help=help_text, description=(module.__doc__ or help_text).strip(), formatter_class=HelpFormatter
+        )
+        add_output_flags(p)
         module.add_arguments(p)
+        p.formatter_class = HelpFormatter  # a RawDescriptionHelpFormatter, with defaults and without backticks
         p.set_defaults(_run=module.run)
     return parser
 
 
+class _DropNotices(logging.Filter):
+    def __init__(self, messages: tuple[str, ...]):
+        super().__init__()
+        self.messages = messages
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(s in message for s in self.messages)
+
+
+def silence_notices() -> None:
+    """Drop the library notices of :data:`_SILENCED` (once per logger, however often it is called)."""
+    for name, messages in _SILENCED.items():
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in target.filters):
+            target.addFilter(_DropNotices(messages))
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OSError as one line that names the file (a full disk names the file it could not write)."""
+    if type(e) is not OSError and not isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError)):
+        return str(e)  # our own subclasses (ModelLoadError...) carry their message
+    if e.errno == errno.ENOSPC:
+        where = f" {e.filename}" if e.filename else ""
+        return f"The disk is full: cannot write{where}. Free some space or choose another --output-dir."
+    if e.filename and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
+    silence_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for notice in getattr(args, "_deprecated", None) or []:
+        logger.warning(notice)
     try:
         return int(args._run(args) or 0)
     except (UserError, PlanError, ValueError, OSError, FloatingPointError) as e:
         # Input problems get one clear line, not a traceback; --verbose shows the traceback too.
         if args.verbose:
             logger.exception("failed")
-        print(f"detailpp {args.command}: error: {e}", file=sys.stderr)
+        message = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        print(f"detailpp {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"detailpp {args.command}: interrupted", file=sys.stderr)

@@ -2,11 +2,12 @@
 
 examples:
   detailpp bench prompts --suite scb
-  detailpp bench generate --suite t2i-color --method detailpp --out runs/color-detailpp
-  detailpp bench plans --suite t2i-color --out color-plans.jsonl      # then: generate ... --plans color-plans.jsonl
-  torchrun --nproc_per_node 2 --no-python detailpp bench generate --suite t2i-color --method sdxl --out runs/c-sdxl
+  detailpp bench generate --suite t2i-color --method detailpp --output-dir runs/color-detailpp
+  detailpp bench plans --suite t2i-color --output color-plans.jsonl   # then: generate ... --plans color-plans.jsonl
+  torchrun --nproc_per_node 2 --no-python detailpp bench generate --suite t2i-color --method sdxl \
+      --output-dir runs/c-sdxl
   detailpp bench score runs/color-detailpp --metric blip-vqa
-  detailpp bench report runs/color-sdxl runs/color-detailpp --out runs/report --paper
+  detailpp bench report runs/color-sdxl runs/color-detailpp --output-dir runs/report --paper
   detailpp bench toy --prompts 200 --seeds 4 --workers 8 --device cuda --grid docs/img/toy-binding.png
 
 See docs/benchmarks.md for the protocols, the default models and every flag.
@@ -29,6 +30,7 @@ from detailpp.bench.metrics import METRIC_NAMES, make_metric
 from detailpp.bench.models import default_device
 from detailpp.bench.sharding import resolve_shard
 from detailpp.bench.suites import BASE_SEED, DEFAULT_IMAGES_PER_PROMPT, SUITE_NAMES, Suite, load_suite
+from detailpp.cli import HelpFormatter, add_deprecated_alias, add_output_flags
 from detailpp.plan import GRANULARITIES
 
 logger = logging.getLogger(__name__)
@@ -46,37 +48,56 @@ def _suite_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-index", type=int, help="this process's shard (with --num-shards; not under torchrun)")
     p.add_argument("--num-shards", type=int, help="how many shards the items are split into (item i -> i %% N)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_deprecated_alias(p, "--no-progress", "--quiet", dest="quiet", nargs=0, const=True)
+
+
+def _output_dir_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--output-dir", type=Path, help=help_text)
+    add_deprecated_alias(g, "--out", "--output-dir", dest="output_dir", type=Path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples of the description as written
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
 
-    p = sub.add_parser("prompts", help="print a suite's prompts, one a line (or JSON)")
+    p = sub.add_parser("prompts", help="print a suite's prompts, one a line (or JSON)", formatter_class=HelpFormatter)
+    add_output_flags(p)
     _suite_args(p)
     p.add_argument("--json", action="store_true", help="print JSON (SCB: with each prompt's components)")
     p.set_defaults(_bench=_prompts)
 
-    p = sub.add_parser("generate", help="generate a suite's images (resumable; sharded under torchrun/accelerate)")
+    p = sub.add_parser(
+        "generate",
+        help="generate a suite's images (resumable; sharded under torchrun/accelerate)",
+        formatter_class=HelpFormatter,
+    )
+    add_output_flags(p)
     _suite_args(p)
     p.add_argument("--method", choices=METHODS, default="detailpp", help="plain SDXL or Detail++ (default)")
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Hub id, local folder, tiny-random, or sdxl-random (full size, random weights: timing only) "
-        f"({DEFAULT_MODEL})",
+        help="Hub id, local folder, toy (the embedded model), tiny-random (random weights: plumbing only), or "
+        f"sdxl-random (full size, random weights: timing only) (default: {DEFAULT_MODEL})",
     )
-    p.add_argument("--out", type=Path, required=True, help="the run's folder (one method and setting per folder)")
-    p.add_argument("--images-per-prompt", type=int, default=DEFAULT_IMAGES_PER_PROMPT, help="default: 10")
-    p.add_argument("--base-seed", type=int, default=BASE_SEED, help="image k of each prompt uses base + k (42)")
+    _output_dir_arg(p, "the run's folder (one method and setting per folder)")
+    p.add_argument("--images-per-prompt", type=int, default=DEFAULT_IMAGES_PER_PROMPT)
+    p.add_argument("--base-seed", type=int, default=BASE_SEED, help="image k of each prompt uses base + k")
     p.add_argument("--max-prompts", type=int, help="only the first N prompts (a run can be extended later)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (paper's tables: 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (7.5)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument(
+        "--steps", type=int, help="denoising steps (default: 50 as in the paper's tables; 20 on the embedded models)"
+    )
+    p.add_argument(
+        "--guidance-scale", type=float, help="classifier-free guidance (default: 7.5 as in the paper; 5.0 on toy)"
+    )
+    p.add_argument("--height", type=int, help="pixels (default: the model's size: 1024 for SDXL, 128 for toy)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's size: 1024 for SDXL, 128 for toy)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: the launcher's or the best available)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default: the loader's choice")
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="(default: float16 on CUDA, float32 elsewhere; float16 on the CPU falls back to float32)",
+    )
     p.add_argument("--detail-config", help="DetailConfig fields as JSON or a JSON file (method detailpp)")
     p.add_argument(
         "--plans", type=Path, help="precomputed plans (from `bench plans`): no spaCy needed (method detailpp)"
@@ -92,18 +113,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _shard_args(p)
     p.set_defaults(_bench=_generate)
 
-    p = sub.add_parser("plans", help="write the Detail++ plans of a suite's prompts (spaCy), for `generate --plans`")
+    p = sub.add_parser(
+        "plans",
+        help="write the Detail++ plans of a suite's prompts (spaCy), for `generate --plans`",
+        formatter_class=HelpFormatter,
+    )
+    add_output_flags(p)
     _suite_args(p)
     p.add_argument("--max-prompts", type=int, help="only the first N prompts")
-    p.add_argument("--granularity", choices=GRANULARITIES, default="subject", help="as DetailConfig (subject)")
-    p.add_argument("--out", type=Path, required=True, help="the plans file to write (JSON Lines, one plan a line)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="subject", help="as DetailConfig")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--output", type=Path, help="the plans file to write (JSON Lines, one plan a line)")
+    add_deprecated_alias(g, "--out", "--output", dest="output", type=Path)
     p.set_defaults(_bench=_plans)
 
-    p = sub.add_parser("score", help="score a run's images (resumable; sharded like generate)")
+    p = sub.add_parser(
+        "score",
+        help="score a run's images (resumable; sharded like generate)",
+        formatter_class=HelpFormatter,
+    )
+    add_output_flags(p)
     p.add_argument("dir", type=Path, help="a folder made by `detailpp bench generate`")
     p.add_argument("--metric", choices=METRIC_NAMES, help="default: blip-vqa for T2I-CompBench, scb for SCB")
     p.add_argument("--device", help="default: the launcher's, else cuda when available, else cpu")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--rescore", action="store_true", help="score again with new settings (old scores ignored)")
     p.add_argument("--blip-model", default=_blip.DEFAULT_MODEL, help=f"BLIP VQA checkpoint ({_blip.DEFAULT_MODEL})")
     p.add_argument("--clip-model", default=_scb.DEFAULT_CLIP_MODEL, help=f"SCB: CLIP ({_scb.DEFAULT_CLIP_MODEL})")
@@ -124,15 +157,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _shard_args(p)
     p.set_defaults(_bench=_score)
 
-    p = sub.add_parser("report", help="Table 1 (Markdown + CSV), a bar chart and the worst prompts per method")
+    p = sub.add_parser(
+        "report",
+        help="Table 1 (Markdown + CSV), a bar chart and the worst prompts per method",
+        formatter_class=HelpFormatter,
+    )
+    add_output_flags(p)
     p.add_argument("dirs", type=Path, nargs="+", help="run folders (one per method and suite)")
-    p.add_argument("--out", type=Path, required=True, help="where to write the report")
+    _output_dir_arg(p, "where to write the report")
     p.add_argument("--paper", action="store_true", help="add the paper's Table 1 rows for comparison")
     p.add_argument("--worst", type=int, default=8, help="prompts per gallery (8)")
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt in the gallery (4)")
     p.set_defaults(_bench=_report)
 
-    p = sub.add_parser("toy", help="binding accuracy on the toy model: plain sampling, Detail++ and its ablation")
+    p = sub.add_parser(
+        "toy",
+        help="binding accuracy on the toy model: plain sampling, Detail++ and its ablation",
+        formatter_class=HelpFormatter,
+    )
+    add_output_flags(p)
     p.add_argument("--prompts", type=int, default=200, help="held-out 2-/3-object prompts (200)")
     p.add_argument(
         "--split",
@@ -181,7 +224,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (1)")
     p.add_argument("--judge-scenes", type=int, default=400, help="perturbed renders to measure the judge on (400)")
     p.add_argument("--max-minutes", type=float, help="start no item after this long; report the finished ones")
-    p.add_argument("--work-dir", type=Path, default=Path("outputs/toy-binding"), help="records and grid images")
+    p.add_argument(
+        "--output-dir", dest="work_dir", type=Path, default=Path("outputs/toy-binding"), help="records and grid images"
+    )
+    add_deprecated_alias(p, "--work-dir", "--output-dir", dest="work_dir", type=Path)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/toy_binding.json"), help="results file")
     p.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
     p.add_argument("--grid", type=Path, help="write the picture grid (prompt, plain, Detail++, masks, p1) here")
@@ -322,11 +368,28 @@ def _suite_prompts(args: argparse.Namespace) -> tuple[Suite, list[str]]:
 
 def _generate(args: argparse.Namespace) -> int:
     from detailpp.bench.runner import check_run_identity, run_generation, run_identity
+    from detailpp.cli.common import check_device, check_dtype, default_steps, native_size, quiet_loading
 
     suite, prompts = _suite_prompts(args)
+    # The model's native size, steps and guidance unless given (toy: 128x128, 20 steps, guidance 5).
+    size = native_size(args.model)
+    args.height = size if args.height is None else args.height
+    args.width = size if args.width is None else args.width
+    args.steps = default_steps(args.model) if args.steps is None else args.steps
+    if args.guidance_scale is None:
+        args.guidance_scale = 5.0 if args.model == "toy" else 7.5
     for name in ("steps", "height", "width"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.images_per_prompt < 1:
+        raise BenchError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
+    if not 0 <= args.base_seed <= 2**63 - 1:  # base + k for every image must stay a valid torch seed
+        raise BenchError(f"--base-seed must lie in 0..{2**63 - 1}, got {args.base_seed}.")
+    if args.device is not None:
+        check_device(args.device)
+    args.dtype = check_dtype(args.dtype, args.device or check_device(None))
+    if args.quiet:
+        quiet_loading()
     fields = parse_detail_config(args.detail_config)
     if args.method == "sdxl" and fields:
         raise BenchError("--detail-config applies to --method detailpp only.")
@@ -368,19 +431,19 @@ def _generate(args: argparse.Namespace) -> int:
     if plans is not None:
         from detailpp.bench.plans import record_run_plans
 
-        check_run_identity(args.out, identity)  # the folder's settings first, then its plans.jsonl
-        record_run_plans(args.out, plans, write=shard.is_main or shard.launcher == "manual")
+        check_run_identity(args.output_dir, identity)  # the folder's settings first, then its plans.jsonl
+        record_run_plans(args.output_dir, plans, write=shard.is_main or shard.launcher == "manual")
     generate_fn = PipelineGenerator(
         args.method, args.model, shard.device, args.dtype, settings, detail_config, plans, args.compile
     )
     summary = run_generation(
-        args.out,
+        args.output_dir,
         suite,
         identity,
         generate_fn,
         max_prompts=args.max_prompts,
         shard=shard,
-        progress=args.progress,
+        progress=not args.quiet,
         prepare=generate_fn.load,
     )
     if summary.made:
@@ -402,13 +465,13 @@ def _plans(args: argparse.Namespace) -> int:
 
     _, prompts = _suite_prompts(args)
     plans = decompose_many(prompts, args.granularity)
-    write_plans(args.out, plans)
+    write_plans(args.output, plans)
     logger.info(
         "wrote %d plan(s) (%s granularity, %d with detail branches) to %s",
         len(plans),
         args.granularity,
         sum(1 for p in plans if p.branches),
-        args.out,
+        args.output,
     )
     return 0
 
@@ -422,6 +485,10 @@ def _score(args: argparse.Namespace) -> int:
         raise BenchError(f"{args.dir} is not a folder; give the --out folder of `detailpp bench generate`.")
     if args.batch_size < 1:
         raise BenchError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.device is not None:
+        from detailpp.cli.common import check_device
+
+        check_device(args.device)
     run_info = load_json(args.dir / RUN_FILE, "the run's settings")
     metric_name = args.metric or ("scb" if run_info.get("suite") == "scb" else "blip-vqa")
     shard = resolve_shard(args.shard_index, args.num_shards, args.device)
@@ -433,7 +500,7 @@ def _score(args: argparse.Namespace) -> int:
         metric_name, device, args.blip_model, scb_settings, args.image_reward_model, args.image_reward_root
     )
     summary = run_scoring(
-        args.dir, metric, shard=shard, batch_size=args.batch_size, rescore=args.rescore, progress=args.progress
+        args.dir, metric, shard=shard, batch_size=args.batch_size, rescore=args.rescore, progress=not args.quiet
     )
     logger.info(
         "%s: %d image(s) scored now, %d before, of %d.", metric_name, summary.made, summary.done_before, summary.total
@@ -447,7 +514,7 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.worst < 1 or args.per_prompt < 1:
         raise BenchError("--worst and --per-prompt must be at least 1.")
-    paths = write_report(args.dirs, args.out, paper=args.paper, worst=args.worst, per_prompt=args.per_prompt)
+    paths = write_report(args.dirs, args.output_dir, paper=args.paper, worst=args.worst, per_prompt=args.per_prompt)
     logger.info("report written: %s", ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -470,6 +537,10 @@ def _toy(args: argparse.Namespace) -> int:
     for name in ("prompts", "seeds", "steps"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.device is not None:
+        from detailpp.cli.common import check_device
+
+        check_device(args.device)
     diagnostics: tuple[str, ...] = tuple(binding.DIAGNOSTICS)
     if args.no_diagnostic_settings:
         diagnostics = ()

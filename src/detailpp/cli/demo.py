@@ -15,7 +15,8 @@ import argparse
 import logging
 import socket
 
-from detailpp.cli import UserError
+from detailpp.cli import UserError, add_deprecated_alias
+from detailpp.cli.common import DTYPE_NAMES, check_device, check_dtype, check_model, check_size, dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,6 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
         "--model",
         default=None,
@@ -31,13 +31,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the embedded toy model, else tiny-random)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
-    p.add_argument("--device", default=None, help="cuda, cpu, mps... (default: the best available)")
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16 on CUDA)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.add_argument(
-        "--steps", type=int, default=None, help="the page's initial steps (default 50, 30 on embedded models)"
+        "--dtype",
+        type=dtype_name,
+        choices=DTYPE_NAMES,
+        default=None,
+        help="(default: float16 on CUDA, float32 elsewhere; float16 on the CPU falls back to float32)",
     )
-    p.add_argument("--size", type=int, default=None, help="the page's initial width and height (default: the model's)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="the page's initial steps (default: 50, 30 on embedded models)"
+    )
+    p.add_argument("--width", type=int, default=None, help="the page's initial width (default: the model's size)")
+    p.add_argument("--height", type=int, default=None, help="the page's initial height (default: the model's size)")
+    add_deprecated_alias(p, "--size", "--width and --height", dest="size", type=int)
 
 
 def check_port(host: str, port: int) -> None:
@@ -63,8 +71,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must lie in [0, 65535], got {args.port}.")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}.")
-    if args.size is not None and (args.size <= 0 or args.size % 8):
-        raise UserError(f"--size must be a positive multiple of 8, got {args.size}.")
+    size = getattr(args, "size", None)  # the deprecated --size: both
+    args.width = args.width if args.width is not None else size
+    args.height = args.height if args.height is not None else size
+    for name in ("width", "height"):
+        check_size(name, getattr(args, name))
+    device = check_device(args.device)
+    dtype = check_dtype(args.dtype, device)
     check_port(args.host, args.port)
     try:
         import gradio  # noqa: F401
@@ -76,13 +89,16 @@ def run(args: argparse.Namespace) -> int:
     from detailpp.loading import load_pipeline
 
     model = args.model or default_model()
+    check_model(model)
     if model == "tiny-random":
         logger.warning("Model 'tiny-random' has random weights: its images are noise (it checks the set-up only).")
     if args.host not in LOCAL_HOSTS:
         logger.warning("Listening on %s: anyone who can reach this address can use the demo and its GPU.", args.host)
-    pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    demo = build_demo(pipe, model_name=model, default_steps=args.steps, default_size=args.size)
+    demo = build_demo(
+        pipe, model_name=model, default_steps=args.steps, default_width=args.width, default_height=args.height
+    )
     logger.info("Starting the demo on http://%s:%d (Ctrl+C stops it)", args.host, args.port)
     launch(demo, host=args.host, port=args.port)
     return 0

@@ -1,21 +1,45 @@
 """Generate images with Detail++ and write them with their parameters.
 
-For each seed: ``<name>-<seed>.png`` (A1111 ``parameters`` chunk and the full Detail++ settings as JSON in a
-``detailpp`` chunk), ``<name>-<seed>.json`` (the same settings, the plan and timings), with ``--save-branches``
-``<name>-<seed>-branches.png`` (every branch captioned with its sub-prompt) and with ``--save-masks``
-``<name>-<seed>-mask-<i>.png`` (each subject's mask over the image).
+Every image gets A1111's running number, its seed and the prompt's first words: NNNNN-SEED-PROMPT.png (an
+A1111 parameters chunk and the full Detail++ settings as JSON in a detailpp chunk) and NNNNN-SEED-PROMPT.json
+(the same settings, the plan and timings); with --save-branches NNNNN-SEED-PROMPT-branches.png (every branch
+captioned with its sub-prompt) and with --save-masks NNNNN-SEED-PROMPT-mask-I-SUBJECT.png (each subject's mask
+outlined over the image). No file is ever overwritten: the next image takes the next number.
+
+Examples:
+  detailpp generate "a red circle next to a striped blue square" --steps 12 --save-branches --save-masks
+  detailpp generate "a red dog with sunglasses and a blue cat with a necklace" \\
+      --model stabilityai/stable-diffusion-xl-base-1.0 --device cuda --dtype float16 --seed 0 1 -1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import re
 import time
 from pathlib import Path
 
 from detailpp.atomic import atomic_write_text
 from detailpp.cli import UserError
+from detailpp.cli.common import (
+    DTYPE_NAMES,
+    SCHEDULERS,
+    a1111_sampler,
+    check_device,
+    check_dtype,
+    check_model,
+    check_output_dir,
+    check_size,
+    default_steps,
+    dtype_name,
+    numbered_stem,
+    quiet_loading,
+    resolve_seeds,
+    scheduler_name,
+    set_scheduler,
+    slug,
+)
 from detailpp.config import DetailConfig
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
 from detailpp.plan import GRANULARITIES, DecompositionPlan, load_plan
@@ -37,38 +61,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Hub id, local folder, .safetensors file, 'toy' or 'tiny-random' "
         "(default: the embedded toy model, else tiny-random)",
     )
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one image per seed (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 20 on the embedded models)")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument(
+        "--seed", type=int, nargs="+", default=[0], help="one image per seed; -1: a random seed, recorded (default: 0)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; 20 on the embedded models)")
+    p.add_argument(
+        "--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the model's, 5.0)"
+    )
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--negative-prompt", default=None)
-    # Detail++ settings: left out, the model's recommendation (its detail_config.json) or DetailConfig's default
-    p.add_argument("--tau", type=float, default=None, help="mask threshold tau of eq. 3, in (0, 1) (0.5)")
     p.add_argument(
-        "--share-steps", type=float, default=None, help="fraction of steps with shared attention and ALM (0.8)"
+        "--scheduler",
+        type=scheduler_name,
+        choices=tuple(SCHEDULERS),
+        default=None,
+        help="the sampler (default: the model's own, Euler on the embedded models)",
     )
-    p.add_argument("--nursing", action=argparse.BooleanOptionalAction, default=None, help="attention nursing (on)")
-    p.add_argument("--centroid-alignment", action=argparse.BooleanOptionalAction, default=None, help="(on)")
-    p.add_argument("--granularity", choices=GRANULARITIES, default=None, help="(subject)")
-    p.add_argument("--plan", type=Path, default=None, help="a plan JSON file (as `detailpp decompose --json`)")
+    # Detail++ settings: left out, the model's recommendation (its detail_config.json) or DetailConfig's default
+    p.add_argument("--tau", type=float, default=None, help="mask threshold tau of eq. 3, in (0, 1) (default: 0.5)")
+    p.add_argument(
+        "--share-steps", type=float, default=None, help="fraction of steps sharing attention, with ALM (default: 0.8)"
+    )
+    p.add_argument(
+        "--nursing", action=argparse.BooleanOptionalAction, default=None, help="attention nursing (default: on)"
+    )
+    p.add_argument("--centroid-alignment", action=argparse.BooleanOptionalAction, default=None, help="(default: on)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default=None, help="(default: subject)")
+    p.add_argument("--plan", type=Path, default=None, help="a plan JSON file (as 'detailpp decompose --json')")
     p.add_argument("--save-branches", action="store_true", help="also write a grid of every branch")
     p.add_argument("--save-masks", action="store_true", help="also write each subject's mask over the image")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs"))
-    p.add_argument("--device", default=None, help="cuda, cpu, mps... (default: the best available)")
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16 on CUDA)")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="(default: outputs)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument(
+        "--dtype",
+        type=dtype_name,
+        choices=DTYPE_NAMES,
+        default=None,
+        help="(default: float16 on CUDA, float32 elsewhere; float16 on the CPU falls back to float32)",
+    )
     p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): about 10 s of compilation in the "
         "first image, then about 1.1x faster on a GPU (H200, full-size SDXL); not useful on CPU",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def slug(text: str, limit: int = 48) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:limit].rstrip("-") or "image"
 
 
 def flag_fields(args: argparse.Namespace) -> dict:
@@ -83,6 +120,22 @@ def flag_fields(args: argparse.Namespace) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def check_token_window(text: str, what: str) -> None:
+    """Refuse a prompt longer than CLIP's window (SDXL's text encoders would silently drop its end)."""
+    from detailpp.plan import CLIP_MAX_TOKENS
+    from detailpp.resources import load_clip_tokenizer
+
+    tokenizer = load_clip_tokenizer()
+    ids = tokenizer(text, truncation=False, verbose=False).input_ids[1:-1]
+    window = CLIP_MAX_TOKENS - 2
+    if len(ids) > window:
+        dropped = tokenizer.decode(ids[window : window + 6]).strip()
+        raise UserError(
+            f"The {what} is {len(ids)} CLIP tokens long; SDXL's text encoders read only the first {window} "
+            f"(about 50 words): everything from {dropped!r}... would be ignored. Shorten it."
+        )
+
+
 def check_args(args: argparse.Namespace) -> DetailConfig:
     """Every argument checked before the model is loaded."""
     if args.prompt is None and args.plan is None:
@@ -90,53 +143,94 @@ def check_args(args: argparse.Namespace) -> DetailConfig:
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("The prompt is empty; write what the image should show.")
     for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 8):
-            raise UserError(f"--{name} must be a positive multiple of 8, got {value}.")
+        check_size(name, getattr(args, name))
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}.")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise UserError(f"--guidance-scale must be at least 0, got {args.guidance_scale}.")
+    args.seed = resolve_seeds(args.seed)
     try:
         config = DetailConfig(**flag_fields(args))
     except ValueError as e:
         raise UserError(str(e).replace("mask_threshold (tau)", "--tau").replace("share_steps", "--share-steps")) from e
-    try:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        probe = args.output_dir / ".detailpp-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"Cannot write to the output folder {str(args.output_dir)!r} ({e.strerror}); "
-            "choose another with --output-dir."
-        ) from e
+    check_output_dir(args.output_dir)
     return config
 
 
+def early_plan(args: argparse.Namespace, config: DetailConfig) -> DecompositionPlan:
+    """The plan (given or parsed), validated with SDXL's packaged CLIP tokenizer before the model is loaded."""
+    from detailpp.plan import validate_plan
+    from detailpp.resources import load_clip_tokenizer
+
+    tokenizer = load_clip_tokenizer()
+    if args.plan is not None:
+        plan = load_plan(args.plan)
+    else:
+        from detailpp.decompose import decompose
+
+        check_token_window(args.prompt, "prompt")
+        plan = decompose(args.prompt, config.granularity, tokenizer=tokenizer)
+    plan = validate_plan(plan, tokenizer, args.prompt)
+    for text, what in [(plan.prompt, "prompt"), (plan.base, "base prompt")] + [
+        (b.prompt, f"sub-prompt of {b.subject!r}") for b in plan.branches
+    ]:
+        check_token_window(text, what)
+    if args.negative_prompt:
+        check_token_window(args.negative_prompt, "negative prompt")
+    return plan
+
+
 def run(args: argparse.Namespace) -> int:
+    existed = args.output_dir.exists()
+    try:
+        return _run(args)
+    except BaseException:
+        if not existed:  # a failure before the first file (a full disk...) leaves no empty folder
+            with contextlib.suppress(OSError):
+                args.output_dir.rmdir()
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     config = check_args(args)
-    plan: DecompositionPlan | None = load_plan(args.plan) if args.plan is not None else None
-    prompt = args.prompt if args.prompt is not None else plan.prompt
+    model = args.model or default_model()
+    check_model(model)
+    device = check_device(args.device)
+    dtype = check_dtype(args.dtype, device)
+    if model in ("toy",) or Path(model).is_dir():  # the model's recommended settings, readable before loading
+        from detailpp.loading import model_detail_defaults
+
+        config = DetailConfig(**{**model_detail_defaults(model), **flag_fields(args)})
+    plan = early_plan(args, config)
+    prompt = plan.prompt
 
     import torch
 
     from detailpp.loading import load_pipeline
 
-    model = args.model or default_model()
     if model == "tiny-random":
         logger.warning("Model 'tiny-random' has random weights: its images are noise (it checks the set-up only).")
+    if args.quiet:
+        quiet_loading()
     started = time.perf_counter()
-    pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=args.quiet)
+    if args.scheduler is not None:
+        set_scheduler(pipe, args.scheduler)
     config = pipe.make_detail_config(**flag_fields(args))
     if args.compile:
         pipe.compile_detail()
         logger.info("The first image compiles the UNet's blocks (about 10 s on a GPU); the later ones reuse them.")
-    steps = args.steps or (20 if model in ("toy", "tiny-random") else 50)
-    # Validate the plan (tokenizer, 77-token window) before any denoising, once for every seed.
+    steps = args.steps or default_steps(model)
+    guidance_scale = args.guidance_scale if args.guidance_scale is not None else 5.0
+    if args.plan is None and plan.granularity != config.granularity:  # the Hub model recommends another granularity
+        plan = None
+    # Validate the plan against the model's own tokenizer, once for every seed.
     plan = pipe.prepare_plan(prompt, plan, config)
     if not plan.branches:
         logger.info("No detail branch for %r: the image is plain SDXL sampling.", prompt)
+    sampler = a1111_sampler(pipe.scheduler)
     for seed in args.seed:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         t0 = time.perf_counter()
@@ -144,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
             prompt=prompt,
             negative_prompt=args.negative_prompt,
             num_inference_steps=steps,
-            guidance_scale=args.guidance_scale,
+            guidance_scale=guidance_scale,
             height=args.height,
             width=args.width,
             generator=generator,
@@ -155,17 +249,18 @@ def run(args: argparse.Namespace) -> int:
         )
         seconds = time.perf_counter() - t0
         image = out.images[0]
-        stem = args.output_dir / f"{slug(prompt)}-{seed}"
+        stem = numbered_stem(args.output_dir, seed, prompt)
         settings = {
             "prompt": prompt,
             "negative_prompt": args.negative_prompt,
             "model": model,
             "seed": seed,
             "steps": steps,
-            "guidance_scale": args.guidance_scale,
+            "guidance_scale": guidance_scale,
             "width": image.width,
             "height": image.height,
             "scheduler": type(pipe.scheduler).__name__,
+            "sampler": sampler,
             "dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "compiled": args.compile,
             "detail_config": config.to_dict(),
@@ -175,8 +270,8 @@ def run(args: argparse.Namespace) -> int:
             prompt,
             args.negative_prompt,
             steps,
-            settings["scheduler"],
-            args.guidance_scale,
+            sampler,
+            guidance_scale,
             seed,
             image.width,
             image.height,
@@ -204,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
                     files[key],
                     {"subject": branch.subject, "prompt": branch.prompt},
                 )
+        files["sidecar"] = f"{stem}.json"
         settings["timings"] = {"load_seconds": round(load_seconds, 3), "generate_seconds": round(seconds, 3)}
         settings["nursing"] = [
             {"step": r.step, "updates": r.updates, "losses": [round(x, 4) for x in r.losses]}
@@ -211,7 +307,9 @@ def run(args: argparse.Namespace) -> int:
         ]
         settings["files"] = files
         save_png(image, files["image"], {"parameters": params, "detailpp": dumps(settings)})
-        atomic_write_text(f"{stem}.json", dumps(settings) + "\n")
-        logger.info("wrote %s (%.1f s)", files["image"], seconds)
-        print(files["image"])
+        atomic_write_text(files["sidecar"], dumps(settings) + "\n")
+        logger.info("seed %d: %d file(s) in %s (%.1f s)", seed, len(files), args.output_dir, seconds)
+        extra = [v for k, v in files.items() if k not in ("image", "sidecar")]
+        for path in [files["image"], *extra, files["sidecar"]]:
+            print(path)
     return 0

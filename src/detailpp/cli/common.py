@@ -1,0 +1,238 @@
+"""Checks and conventions shared by the sub-commands: device, dtype, seeds, model defaults, output file names.
+
+Everything here runs before the model is loaded, so that bad input costs no loading time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+
+from detailpp.cli import UserError
+
+logger = logging.getLogger(__name__)
+
+#: torch.Generator.manual_seed's range; -1 asks for a random seed (A1111's convention).
+SEED_MIN, SEED_MAX = 0, 2**64 - 1
+RANDOM_SEED = -1
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+#: the built-in models' native size; a diffusers folder's own size is read from its config.
+BUILTIN_SIZES = {"tiny-random": 256, "sdxl-random": 1024}
+EMBEDDED_MODELS = ("toy", "tiny-random")
+
+
+def resolve_seeds(seeds: Iterable[int]) -> list[int]:
+    """The seeds to use: ``-1`` becomes a random seed (logged and recorded like a given one)."""
+    out = []
+    for seed in seeds:
+        if seed == RANDOM_SEED:
+            seed = secrets.randbelow(2**32)
+            logger.info("--seed -1: random seed %d", seed)
+        elif not SEED_MIN <= seed <= SEED_MAX:
+            raise UserError(f"--seed must lie in 0..{SEED_MAX} (or -1 for a random seed), got {seed}.")
+        out.append(seed)
+    return out
+
+
+def quiet_loading() -> None:
+    """No loading progress bars (diffusers' components, transformers' weights): for ``--quiet``."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def check_device(device: str | None) -> str:
+    """The device to run on (the best available when ``None``); a name torch cannot use is refused here."""
+    import torch
+
+    from detailpp.loading import resolve_device
+
+    if device is None:
+        return resolve_device(None)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(
+            f"--device {device!r} is not a device name; use cpu, cuda, cuda:1, mps... or leave it out for the best "
+            "available."
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu, or leave --device out."
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {device}: there is no GPU {parsed.index} (this machine has {torch.cuda.device_count()}); "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}."
+            )
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"--device {device}: MPS is not available here; use --device cpu.")
+    elif parsed.type != "cpu":
+        raise UserError(f"--device {device}: only cpu, cuda[:N] and mps are supported.")
+    return device
+
+
+def check_dtype(dtype: str | None, device: str) -> str | None:
+    """``dtype``, or float32 with a notice where float16 cannot run (the CPU)."""
+    if dtype is None:
+        return None
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
+    if dtype == "float16" and device.startswith("cpu"):
+        logger.warning(
+            "--dtype float16 is not supported on the CPU (it runs ~15x slower and may fail); using float32. Use "
+            "--dtype float16 with --device cuda."
+        )
+        return "float32"
+    return dtype
+
+
+def native_size(model: str) -> int:
+    """The model's native image size in pixels, read before it is loaded (1024 for a Hub id: SDXL)."""
+    if model in BUILTIN_SIZES:
+        return BUILTIN_SIZES[model]
+    folder = Path(model)
+    if model == "toy":
+        from detailpp.loading import TOY_MODEL_DIR as folder
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1024
+
+
+def default_steps(model: str) -> int:
+    return 20 if model in EMBEDDED_MODELS else 50
+
+
+def check_size(name: str, value: int | None) -> None:
+    if value is not None and (value <= 0 or value % 8):
+        raise UserError(f"--{name} must be a positive multiple of 8, got {value}.")
+
+
+def check_output_dir(folder: Path) -> None:
+    """Fail early when ``folder`` cannot be created or written, without creating it (an error leaves nothing)."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    problem = None
+    if not probe.is_dir():
+        problem = "Not a directory" if probe != folder else "it is a file"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problem = "Permission denied"
+    if problem:
+        raise UserError(
+            f"Cannot write to the output folder {str(folder)!r} ({problem}); choose another with --output-dir."
+        )
+
+
+# --- output file names -----------------------------------------------------------------------------------------------
+_NUMBERED = re.compile(r"^(\d{5,})-")
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe slug of ``text``; letters of every script are kept (a Chinese prompt keeps its words)."""
+    s = re.sub(r"[\W_]+", "-", text.lower()).strip("-")
+    return s[:limit].rstrip("-") or "image"
+
+
+def next_number(folder: Path) -> int:
+    """A1111's running number: one more than the highest ``NNNNN-`` prefix in ``folder`` (0 when none)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    numbers = [int(m.group(1)) for name in names if (m := _NUMBERED.match(name))]
+    return max(numbers, default=-1) + 1
+
+
+def numbered_stem(folder: Path, seed: int, text: str) -> Path:
+    """``folder/NNNNN-<seed>-<slug>``: the stem of an image and of every file that goes with it."""
+    return folder / f"{next_number(folder):05d}-{seed}-{slug(text)}"
+
+
+def dtype_name(text: str) -> str:
+    """argparse type of ``--dtype``: the aliases fp16/bf16/fp32 as their full names."""
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
+    return aliases.get(text.lower(), text.lower())
+
+
+# --- schedulers ------------------------------------------------------------------------------------------------------
+#: --scheduler name -> (diffusers class, from_config overrides, A1111's sampler name)
+SCHEDULERS: dict[str, tuple[str, dict, str]] = {
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "dpm++-2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}, "DPM++ 2M"),
+    "dpm++-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+_A1111_NAMES = {cls: name for cls, kw, name in SCHEDULERS.values() if not kw.get("use_karras_sigmas")}
+
+
+def scheduler_name(text: str) -> str:
+    """argparse type of ``--scheduler``: 'DPM++ 2M Karras', 'dpm++_2m_karras' and 'dpm++-2m-karras' are one name."""
+    return re.sub(r"[\s_]+", "-", text.strip().lower()).replace("euler-ancestral", "euler-a")
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap ``pipe``'s scheduler for ``name`` (a key of :data:`SCHEDULERS`), keeping the model's schedule config."""
+    import diffusers
+
+    cls_name, overrides, _ = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+
+
+def a1111_sampler(scheduler) -> str:
+    """The ``Sampler:`` name A1111 writes for a diffusers scheduler (its class name when A1111 has none)."""
+    cls_name = type(scheduler).__name__
+    name = _A1111_NAMES.get(cls_name, cls_name)
+    if cls_name == "DPMSolverMultistepScheduler" and getattr(scheduler.config, "use_karras_sigmas", False):
+        name += " Karras"
+    return name
+
+
+# --- models ----------------------------------------------------------------------------------------------------------
+BUILTIN_MODELS = ("toy", "tiny-random", "sdxl-random")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_model(model: str) -> None:
+    """Refuse, before loading, a model name that names nothing or a Hub id that offline mode cannot load."""
+    if model in BUILTIN_MODELS or Path(model).expanduser().exists():
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") != 1 or model.endswith((".safetensors", ".ckpt")):
+        raise UserError(
+            f"--model {model!r}: no such folder or file, and no Hub id of the form 'owner/name'; give a local SDXL "
+            "folder or .safetensors file, a Hub id, or --model toy (the embedded model)."
+        )
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            raise UserError(
+                f"--model {model}: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; unset "
+                "HF_HUB_OFFLINE to download it, give a local SDXL folder or .safetensors file, or use --model toy."
+            )
