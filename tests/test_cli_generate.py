@@ -179,3 +179,32 @@ def test_generate_takes_the_model_folders_detail_defaults_under_its_flags(tmp_pa
         config = json.loads(sidecar.read_text())["detail_config"]
         assert config["nursing_step_size"] == 12.5  # the model's recommendation ...
         assert config["mask_threshold"] == tau  # ... under the flags given, and only those
+
+
+def test_preset_authors_reaches_the_pipeline_and_the_metadata(tmp_path, monkeypatch):
+    from detailpp.config import ReferenceBehaviour
+    from detailpp.pipeline import DetailPlusPlusPipeline
+
+    seen = []
+    real_call = DetailPlusPlusPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["detail_config"])
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(DetailPlusPlusPipeline, "__call__", spy)
+    out = tmp_path / "out"
+    assert main(["generate", PROMPT, *FAST, "--preset", "authors", "--tau", "0.4", "--output-dir", str(out)]) == 0
+    (config,) = seen
+    assert config.reference == ReferenceBehaviour.authors() and config.reference_attention
+    assert config.mask_threshold == 0.4 and not config.scale_thresholds
+    chunks = read_png_text(str(next(out.glob("*.png"))))
+    assert "Detail++ preset: authors" in chunks["parameters"]
+    assert json.loads(chunks["detailpp"])["detail_config"]["reference"]["aliased_mask_sum"] is True
+
+
+def test_unknown_preset_is_refused_by_argparse(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", PROMPT, "--preset", "paper", "--output-dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and "invalid choice: 'paper'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

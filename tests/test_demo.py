@@ -137,6 +137,8 @@ def test_settings_become_a_detail_config():
     s = check_settings(**GOOD | {"seed": 7.0, "height": "128", "nursing": True, "granularity": "attribute"})
     assert (s.seed, s.steps, s.height, s.width, s.guidance_scale) == (7, 2, 128, 64, 5.0)
     assert s.config == DetailConfig(mask_threshold=0.5, share_steps=0.8, nursing=True, granularity="attribute")
+    authors = check_settings(**GOOD | {"nursing": True, "granularity": "subject", "preset": "authors"})
+    assert authors.config == DetailConfig.reference_preset(mask_threshold=0.5, share_steps=0.8, nursing=True)
 
 
 @pytest.mark.parametrize(
@@ -154,6 +156,7 @@ def test_settings_become_a_detail_config():
         ({"tau": 1.0}, "tau must lie in (0, 1)"),
         ({"share_steps": 2}, "share-steps must lie in [0, 1]"),
         ({"granularity": "word"}, "Granularity must be one of"),
+        ({"preset": "paper"}, "Unknown preset 'paper'; use one of ('detailpp', 'authors')."),
     ],
 )
 def test_bad_settings_get_one_clear_sentence(change, message):
@@ -188,8 +191,8 @@ class FakePipe:
     def prepare_plan(self, prompt, plan, config):
         return plan
 
-    def make_detail_config(self, **fields):
-        return DetailConfig(**fields)
+    def make_detail_config(self, preset="detailpp", **fields):
+        return DetailConfig.preset(preset, **fields)
 
     def __call__(self, **kwargs):
         import PIL.Image
@@ -319,8 +322,8 @@ class AttributePipe(FakePipe):
         self.parsed.append(granularity)
         return super().decompose(prompt, granularity)
 
-    def make_detail_config(self, **fields):
-        return DetailConfig(**{"granularity": "attribute", "mask_threshold": 0.02, **fields})
+    def make_detail_config(self, preset="detailpp", **fields):
+        return DetailConfig.preset(preset, **{"granularity": "attribute", "mask_threshold": 0.02, **fields})
 
 
 def test_the_initial_parse_and_a_lazy_models_settings_follow_its_recommendation(tmp_path, caplog):

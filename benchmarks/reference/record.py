@@ -273,7 +273,8 @@ def deviation_table(authors_path: Path, steps: int, size: int) -> list[dict[str,
             ours = run_ours(pipe, scenario, config, latents)
             return float((ours["latents"][-1] - final).abs().max())
 
-        row = {"reference preset": effect(scenario.detail_config())}
+        row = {"(latent scale: max abs of the authors' final latent)": float(final.abs().max())}
+        row["reference preset"] = effect(scenario.detail_config())
         for name, change in deviations():
             row[name] = effect(config_with(scenario, change))
         default = DetailConfig(**{k: v for k, v in scenario.config.items()})
@@ -284,32 +285,53 @@ def deviation_table(authors_path: Path, steps: int, size: int) -> list[dict[str,
     return table
 
 
-def print_table(table: list[dict[str, Any]]) -> None:
+def table_markdown(table: list[dict[str, Any]]) -> str:
     names = [s.name for s in SCENARIOS]
-    print(
-        "| deviation of our default, alone | "
-        + " | ".join(f"{n}: max abs diff of the final latent" for n in names)
-        + " |"
-    )
-    print("|---|" + "---|" * len(names))
+    lines = ["| deviation of our default, alone | " + " | ".join(n.replace("_", " ") for n in names) + " |"]
+    lines.append("|---|" + "---|" * len(names))
     for row in table:
-        print(f"| {row['deviation']} | " + " | ".join(f"{row[n]:.3g}" for n in names) + " |")
+        lines.append(f"| {row['deviation']} | " + " | ".join(f"{row[n]:.3g}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+DOC_START, DOC_END = "<!-- deviation table: record.py --deviations --update-doc -->", "<!-- end of deviation table -->"
+
+
+def update_doc(path: Path, markdown: str) -> None:
+    """Replace the table between the markers in ``path`` (docs/method.md) with ``markdown``."""
+    from detailpp.atomic import atomic_write_text
+
+    text = path.read_text(encoding="utf-8")
+    if DOC_START not in text or DOC_END not in text:
+        raise SystemExit(f"{path} has no deviation-table markers ({DOC_START} ... {DOC_END}).")
+    head, rest = text.split(DOC_START, 1)
+    _, tail = rest.split(DOC_END, 1)
+    atomic_write_text(path, f"{head}{DOC_START}\n{markdown}\n{DOC_END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--authors", type=Path, required=True, help="a checkout of clf28/Detail-plus-plus at e73155b")
+    parser.add_argument("--authors", type=Path, help="a checkout of clf28/Detail-plus-plus at e73155b")
+    parser.add_argument("--report", type=Path, help="print the GPU table of a --gpu results file (no checkout needed)")
     parser.add_argument("--out", type=Path, default=FIXTURE, help="where the fixture goes (default: %(default)s)")
     parser.add_argument("--deviations", action="store_true", help="print the deviation table instead of recording")
     parser.add_argument("--steps", type=int, default=16, help="--deviations: denoising steps (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="--deviations: image size (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the deviation table or GPU results as JSON here")
+    parser.add_argument("--update-doc", type=Path, help="--deviations: write the table into this file's markers")
     parser.add_argument("--gpu", action="store_true", help="full-size fp16 parity and timing on the GPU")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.report:
+        from gpu import markdown
+
+        print(markdown(json.loads(args.report.read_text(encoding="utf-8"))))
+        return 0
+    if args.authors is None:
+        parser.error("--authors CHECKOUT is needed (a checkout of clf28/Detail-plus-plus at e73155b)")
     try:
         check_checkout(args.authors)
     except CheckoutError as e:
@@ -323,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         return gpu_main(args)
     if args.deviations:
         table = deviation_table(args.authors, args.steps, args.size)
-        print_table(table)
+        markdown = table_markdown(table)
+        print(markdown)
+        if args.update_doc:
+            update_doc(args.update_doc, markdown)
         if args.json:
             args.json.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     else:

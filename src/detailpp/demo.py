@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from detailpp.config import DetailConfig
+from detailpp.config import PRESETS, DetailConfig
 from detailpp.images import mask_overlay
 from detailpp.plan import GRANULARITIES, Branch, DecompositionPlan, PlanError, find_subject_span
 
@@ -196,8 +196,13 @@ def check_settings(
     share_steps: Any,
     nursing: bool,
     granularity: str,
+    preset: str = "detailpp",
 ) -> Settings:
-    """Every setting checked before anything runs; :class:`DemoInputError` says which one and why."""
+    """Every setting checked before anything runs; :class:`DemoInputError` says which one and why.
+
+    ``preset``: ``"detailpp"`` (our defaults) or ``"authors"`` (the authors' code, see
+    :meth:`DetailConfig.reference_preset`).
+    """
     seed_value = _as_int("The seed", seed)
     if not 0 <= seed_value < 2**63:
         raise DemoInputError(f"The seed must lie in [0, 2^63), got {seed_value}.")
@@ -221,7 +226,8 @@ def check_settings(
     if granularity not in GRANULARITIES:
         raise DemoInputError(f"Granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     try:
-        config = DetailConfig(
+        config = DetailConfig.preset(
+            preset,
             mask_threshold=float(tau),
             share_steps=float(share_steps),
             nursing=bool(nursing),
@@ -401,7 +407,7 @@ class DemoSession:
             pipe = self.pipe
             try:
                 # the demo's fields over the model's recommended settings (the toy model's nursing step size)
-                config = pipe.make_detail_config(**_demo_fields(settings.config))
+                config = pipe.make_detail_config(settings.config.preset_name, **_demo_fields(settings.config))
                 plan = pipe.prepare_plan(plan.prompt, plan, config)
             except (PlanError, ValueError) as e:
                 raise DemoInputError(str(e)) from e
@@ -536,6 +542,7 @@ def build_demo(
         height: Any,
         width: Any,
         compare: bool,
+        preset: str = "detailpp",
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects progress through this default)
     ) -> tuple:
         keep = (gr.update(),) * 7  # the last result stays; the error says why nothing new came
@@ -550,6 +557,7 @@ def build_demo(
                 share_steps=share_steps,
                 nursing=nursing,
                 granularity=granularity,
+                preset=preset,
             )
             result = session.generate(
                 prompt,
@@ -642,6 +650,12 @@ def build_demo(
                     width = gr.Number(value=width0, precision=0, step=8, label="Width", elem_id="detailpp-width")
                     height = gr.Number(value=height0, precision=0, step=8, label="Height", elem_id="detailpp-height")
                     compare = gr.Checkbox(value=True, label="Also plain SDXL, same seed", elem_id="detailpp-compare")
+                    preset = gr.Radio(
+                        list(PRESETS),
+                        value="detailpp",
+                        label="Preset (authors: reproduce the authors' code)",
+                        elem_id="detailpp-preset",
+                    )
                 generate = gr.Button("Generate", variant="primary", elem_id="detailpp-generate")
                 error = gr.HTML(visible=False, elem_id="detailpp-error")
                 status = gr.Markdown(elem_id="detailpp-status")
@@ -672,7 +686,7 @@ def build_demo(
         generate.click(
             on_generate,
             [prompt, table, table_prompt, negative, seed, steps, guidance, tau, share, nursing, granularity]
-            + [height, width, compare],
+            + [height, width, compare, preset],
             [image, plain, branches, masks, plan_json, table, table_prompt, error, status],
             concurrency_limit=1,
             concurrency_id="detailpp-generate",

@@ -189,9 +189,10 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
             raise DetailInputError(str(e)) from e
         self.detail_defaults = MappingProxyType(dict(fields))
 
-    def make_detail_config(self, **fields: Any) -> DetailConfig:
-        """A DetailConfig of ``fields`` over the model's :attr:`detail_defaults` (over DetailConfig's defaults)."""
-        return DetailConfig(**{**self.detail_defaults, **fields})
+    def make_detail_config(self, preset: str = "detailpp", **fields: Any) -> DetailConfig:
+        """A DetailConfig of ``fields`` over the model's :attr:`detail_defaults` over the ``preset``'s defaults
+        (``"detailpp"``: ours; ``"authors"``: :meth:`DetailConfig.reference_preset`)."""
+        return DetailConfig.preset(preset, **{**self.detail_defaults, **fields})
 
     def decompose(self, prompt: str, granularity: str = "subject") -> DecompositionPlan:
         """The plan for ``prompt``, from the spaCy parser (:func:`detailpp.decompose.decompose`)."""

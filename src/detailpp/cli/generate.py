@@ -40,7 +40,7 @@ from detailpp.cli.common import (
     set_scheduler,
     slug,
 )
-from detailpp.config import DetailConfig
+from detailpp.config import PRESETS, DetailConfig
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
 from detailpp.plan import GRANULARITIES, DecompositionPlan, load_plan
 
@@ -78,7 +78,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the sampler (default: the model's own, Euler on the embedded models)",
     )
-    # Detail++ settings: left out, the model's recommendation (its detail_config.json) or DetailConfig's default
+    # Detail++ settings: left out, the model's recommendation (its detail_config.json) or the preset's default
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="detailpp",
+        help="detailpp: our defaults; authors: reproduce the authors' code (clf28/Detail-plus-plus at e73155b), "
+        "every deviation of ours undone, see docs/method.md (default: detailpp)",
+    )
     p.add_argument("--tau", type=float, default=None, help="mask threshold tau of eq. 3, in (0, 1) (default: 0.5)")
     p.add_argument(
         "--share-steps", type=float, default=None, help="fraction of steps sharing attention, with ALM (default: 0.8)"
@@ -149,12 +156,17 @@ def check_args(args: argparse.Namespace) -> DetailConfig:
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise UserError(f"--guidance-scale must be at least 0, got {args.guidance_scale}.")
     args.seed = resolve_seeds(args.seed)
-    try:
-        config = DetailConfig(**flag_fields(args))
-    except ValueError as e:
-        raise UserError(str(e).replace("mask_threshold (tau)", "--tau").replace("share_steps", "--share-steps")) from e
+    config = make_config(args)
     check_output_dir(args.output_dir)
     return config
+
+
+def make_config(args: argparse.Namespace, model_fields: dict | None = None) -> DetailConfig:
+    """The call's DetailConfig: the flags over the model's recommendation over the preset; errors in flag names."""
+    try:
+        return DetailConfig.preset(args.preset, **{**(model_fields or {}), **flag_fields(args)})
+    except ValueError as e:
+        raise UserError(str(e).replace("mask_threshold (tau)", "--tau").replace("share_steps", "--share-steps")) from e
 
 
 def early_plan(args: argparse.Namespace, config: DetailConfig) -> DecompositionPlan:
@@ -200,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
     if model in ("toy",) or Path(model).is_dir():  # the model's recommended settings, readable before loading
         from detailpp.loading import model_detail_defaults
 
-        config = DetailConfig(**{**model_detail_defaults(model), **flag_fields(args)})
+        config = make_config(args, model_detail_defaults(model))
     plan = early_plan(args, config)
     prompt = plan.prompt
 
@@ -218,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.scheduler is not None:
         set_scheduler(pipe, args.scheduler)
-    config = pipe.make_detail_config(**flag_fields(args))
+    config = make_config(args, dict(pipe.detail_defaults))
     if args.compile:
         pipe.compile_detail()
         logger.info("The first image compiles the UNet's blocks (about 10 s on a GPU); the later ones reuse them.")
@@ -280,6 +292,7 @@ def _run(args: argparse.Namespace) -> int:
                 "Detail++ tau": config.mask_threshold,
                 "Detail++ share steps": config.share_steps,
                 "Detail++ nursing": config.nursing,
+                "Detail++ preset": config.preset_name,
                 "Detail++ branches": len(plan.branches),
             },
         )
