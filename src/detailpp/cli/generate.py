@@ -42,6 +42,7 @@ from detailpp.cli.common import (
 )
 from detailpp.config import PRESETS, DetailConfig
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
+from detailpp.lora import LoraError, apply_loras, check_peft, parse_lora
 from detailpp.plan import GRANULARITIES, DecompositionPlan, load_plan
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--centroid-alignment", action=argparse.BooleanOptionalAction, default=None, help="(default: on)")
     p.add_argument("--granularity", choices=GRANULARITIES, default=None, help="(default: subject)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA .safetensors file (or a folder holding one) and its scale; repeatable; needs peft "
+        "(default: none)",
+    )
     p.add_argument("--plan", type=Path, default=None, help="a plan JSON file (as 'detailpp decompose --json')")
     p.add_argument("--save-branches", action="store_true", help="also write a grid of every branch")
     p.add_argument("--save-masks", action="store_true", help="also write each subject's mask over the image")
@@ -156,6 +165,12 @@ def check_args(args: argparse.Namespace) -> DetailConfig:
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise UserError(f"--guidance-scale must be at least 0, got {args.guidance_scale}.")
     args.seed = resolve_seeds(args.seed)
+    try:
+        args.lora_specs = [parse_lora(text) for text in args.lora]
+        if args.lora_specs:
+            check_peft()
+    except LoraError as e:
+        raise UserError(str(e)) from e
     config = make_config(args)
     check_output_dir(args.output_dir)
     return config
@@ -230,6 +245,10 @@ def _run(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.scheduler is not None:
         set_scheduler(pipe, args.scheduler)
+    try:
+        apply_loras(pipe, args.lora_specs)
+    except LoraError as e:
+        raise UserError(str(e)) from e
     config = make_config(args, dict(pipe.detail_defaults))
     if args.compile:
         pipe.compile_detail()
@@ -276,6 +295,7 @@ def _run(args: argparse.Namespace) -> int:
             "dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "compiled": args.compile,
             "detail_config": config.to_dict(),
+            "loras": [{"path": str(s.path), "scale": s.scale} for s in args.lora_specs],
             "plan": plan.to_dict(),
         }
         params = a1111_parameters(

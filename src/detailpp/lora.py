@@ -1,0 +1,80 @@
+"""LoRA files for a Detail++ pipeline: ``--lora PATH[:SCALE]``, checked before the model loads, applied after.
+
+diffusers' LoRA support (``load_lora_weights`` / ``set_adapters`` / ``fuse_lora`` / ``unload_lora_weights``, through
+``peft``) wraps the UNet's and text encoders' linear layers, not the attention processors, so it composes with
+Detail++'s processors as it is: every branch sees the LoRA'd weights, and a plan with no branch is plain SDXL with
+the same LoRA. This module only parses the command-line form and turns diffusers' failures into one clear sentence.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class LoraError(ValueError):
+    """A LoRA argument or file that cannot be used; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to load: a ``.safetensors`` file or a folder holding ``pytorch_lora_weights.safetensors``."""
+
+    path: Path
+    scale: float = 1.0
+
+    @property
+    def adapter_name(self) -> str:
+        return "".join(c if c.isalnum() else "_" for c in self.path.stem) or "lora"
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """``PATH`` or ``PATH:SCALE`` (scale a number, default 1.0), checked without loading anything."""
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = text  # a ':' that is part of the path
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LoraError(f"--lora {text}: no such file or folder {str(p)!r}.")
+    if p.is_file() and p.suffix != ".safetensors":
+        raise LoraError(f"--lora {text}: expected a .safetensors file (or a folder holding one), got {p.name!r}.")
+    return LoraSpec(p, scale)
+
+
+def check_peft() -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise LoraError("LoRA needs the peft package: pip install peft (or pip install 'detailpp[lora]').")
+
+
+def apply_loras(pipe: Any, specs: list[LoraSpec]) -> None:
+    """Load every LoRA into ``pipe`` under its own adapter name and set their scales; clear errors on mismatch."""
+    if not specs:
+        return
+    check_peft()
+    names = []
+    for spec in specs:
+        try:
+            pipe.load_lora_weights(str(spec.path), adapter_name=spec.adapter_name)
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LoraError(
+                f"The LoRA {str(spec.path)!r} does not fit this model ({first[:300]}); is it a LoRA for this "
+                "model family (SDXL LoRAs for SDXL models)?"
+            ) from e
+        if not any(spec.adapter_name in names for names in pipe.get_list_adapters().values()):
+            raise LoraError(
+                f"The LoRA {str(spec.path)!r} matches no layer of this model's UNet or text encoders; is it a LoRA "
+                "for this model family (SDXL LoRAs for SDXL models)?"
+            )
+        names.append(spec.adapter_name)
+    pipe.set_adapters(names, adapter_weights=[s.scale for s in specs])
+    logger.info("LoRA: %s", ", ".join(f"{s.path} x {s.scale}" for s in specs))
