@@ -1,0 +1,106 @@
+"""Which model family a diffusers folder or Hub repo is, read from its ``model_index.json`` before anything loads.
+
+``model_index.json`` names the pipeline class it was saved from (``_class_name``). Detail++ needs a UNet with
+cross-attention at several resolutions and a CLIP-tokenised prompt: SDXL (with or without ControlNet) and Stable
+Diffusion 1.x / 2.x qualify; transformer-based families (SD3, FLUX, PixArt, Sana...) and prior/decoder families
+(Kandinsky, Wuerstchen, Stable Cascade) do not, and get a clear :class:`UnsupportedModelError` instead of a failure
+deep inside loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class UnsupportedModelError(ValueError):
+    """The model is of a family Detail++ cannot run on; the message names the family and what is supported."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A family Detail++ knows: ``"sdxl"`` or ``"sd"`` (1.x / 2.x), with or without ControlNet."""
+
+    name: str
+    controlnet: bool = False
+
+    @property
+    def label(self) -> str:
+        base = {"sdxl": "Stable Diffusion XL", "sd": "Stable Diffusion 1.x/2.x"}[self.name]
+        return base + (" + ControlNet" if self.controlnet else "")
+
+
+#: ``_class_name`` prefixes of the supported families (diffusers' text-to-image, img2img, inpaint... classes).
+SUPPORTED = (
+    ("StableDiffusionXLControlNet", ModelFamily("sdxl", True)),
+    ("StableDiffusionXL", ModelFamily("sdxl")),
+    ("StableDiffusionControlNet", ModelFamily("sd", True)),
+    ("StableDiffusion", ModelFamily("sd")),
+    ("DetailPlusPlusControlNet", ModelFamily("sdxl", True)),
+    ("DetailPlusPlusSD", ModelFamily("sd")),
+    ("DetailPlusPlus", ModelFamily("sdxl")),
+)
+
+#: Families seen in the wild that Detail++ cannot run on, by ``_class_name`` prefix, with the reason.
+UNSUPPORTED = (
+    ("StableDiffusion3", "Stable Diffusion 3 (a transformer, MMDiT, with no UNet cross-attention)"),
+    ("Flux", "FLUX (a transformer with joint attention, no UNet cross-attention)"),
+    ("PixArt", "PixArt (a transformer)"),
+    ("Sana", "Sana (a linear-attention transformer)"),
+    ("HunyuanDiT", "Hunyuan-DiT (a transformer)"),
+    ("Lumina", "Lumina (a transformer)"),
+    ("AuraFlow", "AuraFlow (a transformer)"),
+    ("Kandinsky", "Kandinsky (a prior and a decoder, no CLIP-tokenised UNet prompt)"),
+    ("Wuerstchen", "Wuerstchen (a prior and a decoder)"),
+    ("StableCascade", "Stable Cascade (a prior and a decoder)"),
+    ("IF", "DeepFloyd IF (pixel-space cascade with a T5 prompt)"),
+)
+
+
+def family_of_class(class_name: str) -> ModelFamily:
+    """The family of a pipeline class name, or :class:`UnsupportedModelError` saying why not."""
+    for prefix, reason in UNSUPPORTED:
+        if class_name.startswith(prefix):
+            raise UnsupportedModelError(
+                f"{class_name} is {reason}: Detail++ runs on UNet models with CLIP prompts, i.e. Stable Diffusion XL "
+                "and Stable Diffusion 1.x/2.x (with or without ControlNet)."
+            )
+    for prefix, family in SUPPORTED:
+        if class_name.startswith(prefix):
+            return family
+    raise UnsupportedModelError(
+        f"{class_name} is not a model family Detail++ knows; it runs on Stable Diffusion XL and Stable Diffusion "
+        "1.x/2.x (with or without ControlNet)."
+    )
+
+
+def read_model_index(model: str | os.PathLike, **hub_kwargs: Any) -> dict | None:
+    """The model's ``model_index.json`` (a local folder's, or a Hub repo's fetched into the cache), or ``None``."""
+    name = os.fspath(model)
+    if os.path.isdir(name):
+        path = Path(name) / "model_index.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if os.path.exists(name):  # a single-file checkpoint: no index
+        return None
+    from huggingface_hub import hf_hub_download
+
+    from detailpp.config import _hub_misses
+
+    try:
+        return json.loads(Path(hf_hub_download(name, "model_index.json", **hub_kwargs)).read_text(encoding="utf-8"))
+    except _hub_misses():
+        return None
+
+
+def model_family(model: str | os.PathLike, **hub_kwargs: Any) -> ModelFamily | None:
+    """The family of a model folder or Hub id from its ``model_index.json``; ``None`` when it has none to read."""
+    index = read_model_index(model, **hub_kwargs)
+    if index is None:
+        return None
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, str):
+        raise UnsupportedModelError(f"{model}'s model_index.json names no pipeline class (_class_name).")
+    return family_of_class(class_name)
