@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 
 from detailpp.config import PRESETS, DetailConfig
+from detailpp.errors import DetailError
 from detailpp.images import mask_overlay
 from detailpp.plan import GRANULARITIES, Branch, DecompositionPlan, PlanError, find_subject_span
 
@@ -74,7 +74,7 @@ CSS = """
 """
 
 
-class DemoInputError(ValueError):
+class DemoInputError(DetailError, ValueError):
     """Input the demo cannot run with; the message is shown in the page as it is."""
 
 
@@ -409,7 +409,7 @@ class DemoSession:
                 # the demo's fields over the model's recommended settings (the toy model's nursing step size)
                 config = pipe.make_detail_config(settings.config.preset_name, **_demo_fields(settings.config))
                 plan = pipe.prepare_plan(plan.prompt, plan, config)
-            except (PlanError, ValueError) as e:
+            except (DetailError, ValueError) as e:
                 raise DemoInputError(str(e)) from e
             started = time.perf_counter()
             if on_step is not None:
@@ -426,8 +426,7 @@ class DemoSession:
             )
             plain = None
             if compare:
-                plain = StableDiffusionXLPipeline.__call__(
-                    pipe,
+                plain = pipe.plain_sdxl()(
                     prompt=plan.prompt,
                     generator=torch.Generator(device="cpu").manual_seed(settings.seed),
                     callback_on_step_end=callback("plain SDXL", settings.steps),
