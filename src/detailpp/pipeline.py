@@ -38,9 +38,9 @@ except ImportError:  # diffusers < 0.40: no offload-aware helper
 from detailpp.attention import HookError
 from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, DetailConfig, check_detail_fields, read_detail_defaults
 from detailpp.engine import BranchLayout, Conditioning, DetailEngine, StopUNet, frozen_parameters, stop_after
-from detailpp.errors import DetailError
+from detailpp.inputs import DetailInputError, check_image_side
 from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
-from detailpp.plan import BranchTokens, DecompositionPlan, load_plan, validate_plan
+from detailpp.plan import BranchTokens, DecompositionPlan, check_prompt_text, load_plan, validate_plan
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,6 @@ UNSUPPORTED = {
     "ip_adapter_image_embeds": "IP-Adapter is not wired into the branch batch yet",
     "denoising_end": "the last branch must be denoised to the end",
 }
-
-
-class DetailInputError(DetailError, ValueError):
-    """A call argument Detail++ cannot use; raised before any denoising starts."""
 
 
 class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
@@ -180,8 +176,7 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         if plan is None:
             if prompt is None or not isinstance(prompt, str):
                 raise DetailInputError("Give `prompt` as one string (Detail++ runs one prompt per call), or a `plan`.")
-            if not prompt.strip():
-                raise DetailInputError("The prompt is empty; write what the image should show.")
+            check_prompt_text(prompt)
             plan = self.decompose(prompt, config.granularity)
         else:
             plan = load_plan(plan)
@@ -290,9 +285,8 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         config = detail_config if detail_config is not None else self.make_detail_config()
         if not isinstance(config, DetailConfig):
             raise DetailInputError(f"`detail_config` must be a DetailConfig, got {type(config).__name__}.")
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % 8:
-                raise DetailInputError(f"`{name}` must be a positive multiple of 8, got {value!r}.")
+        check_image_side("`height`", height)
+        check_image_side("`width`", width)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         plan = self.prepare_plan(prompt, plan, config)

@@ -127,6 +127,13 @@ class DecompositionPlan:
         return cls.from_dict(data)
 
 
+def check_prompt_text(text: Any, what: str = "The prompt", example: str = "") -> str:
+    """The rule for a prompt's text, wherever it is entered: words to draw. Raises :class:`PlanError`."""
+    if not isinstance(text, str) or not text.strip():
+        raise PlanError(f"{what} is empty; write what the image should show{example}.")
+    return text
+
+
 def load_plan(source: DecompositionPlan | Mapping[str, Any] | str | Path) -> DecompositionPlan:
     """A plan from a :class:`DecompositionPlan`, a dict, a JSON string or the path of a JSON file."""
     if isinstance(source, DecompositionPlan):
@@ -217,8 +224,7 @@ def validate_plan(plan: DecompositionPlan, tokenizer: Any, prompt: str | None = 
         raise PlanError(
             f"The plan was made for the prompt {plan.prompt!r}, not {prompt!r}; pass the plan's prompt or none."
         )
-    if not plan.prompt.strip():
-        raise PlanError("The plan's prompt is empty; write what the image should show.")
+    check_prompt_text(plan.prompt, "The plan's prompt")
     branches = []
     for b in plan.branches:
         if not b.prompt.strip():
