@@ -256,20 +256,21 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
 
     def check_detail_inputs(
         self,
-        prompt: str | None,
         plan: DecompositionPlan | dict | str | None,
         detail_config: DetailConfig | None,
+        kwargs: dict[str, Any],
+        *,
+        prompt: str | None,
         height: int,
         width: int,
         num_inference_steps: int,
-        kwargs: dict[str, Any],
         negative_prompt: str | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> tuple[DetailConfig, DecompositionPlan]:
         """Every check of the call, before anything is encoded: fail early, with the fix in the message.
 
-        Returns the call's DetailConfig (the model's :attr:`detail_defaults` when none is given) and its validated
-        plan.
+        ``kwargs`` are the call's arguments beyond its signature. Returns the call's DetailConfig (the model's
+        :attr:`detail_defaults` when none is given) and its validated plan.
         """
         for name, value in kwargs.items():
             if value is None:
@@ -464,17 +465,8 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         sdxl_kwargs = {name: value for name, value in locals().items() if name in SDXL_ARGUMENTS}
 
         # 1. Check every input, once; the plan (parsed from the prompt when absent).
-        config, plan = self.check_detail_inputs(
-            prompt,
-            plan,
-            detail_config,
-            height,
-            width,
-            num_inference_steps,
-            kwargs,
-            negative_prompt,
-            callback_on_step_end_tensor_inputs,
-        )
+        checked = _arguments_of(self.check_detail_inputs, sdxl_kwargs)
+        config, plan = self.check_detail_inputs(plan, detail_config, kwargs, **checked)
         if not plan.branches:
             return self._plain_sdxl(plan, sdxl_kwargs, return_branch_images)
         self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
