@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from detailpp.errors import DetailError
+
 logger = logging.getLogger(__name__)
 
 
-class HookError(RuntimeError):
+class HookError(DetailError, RuntimeError):
     """A Detail++ attention hook did not fire as expected: results would silently be plain SDXL."""
 
 

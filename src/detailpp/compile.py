@@ -1,7 +1,9 @@
 """Regional ``torch.compile`` of the UNet for Detail++: the repeated transformer blocks, attention processors included.
 
-The same as diffusers' ``unet.compile_repeated_blocks()``: every ``BasicTransformerBlock`` is compiled and, as they
-share one ``forward``, they share dynamo's graphs. Detail++'s processors (:mod:`detailpp.attention`) are traced into
+:func:`compile_detail` is diffusers' ``unet.compile_repeated_blocks()`` (every ``BasicTransformerBlock`` is compiled
+and, as they share one ``forward``, they share dynamo's graphs) plus what Detail++ needs on top: dynamo's recompile
+limit raised so that every variant stays compiled, and the compiled modules' names returned. Detail++'s processors
+(:mod:`detailpp.attention`) are traced into
 those graphs; they are written so that one graph serves every layer and every call:
 
 - the mask layers of a resolution level share one processor instance, which keeps no per-layer state (no layer name
@@ -38,7 +40,7 @@ def recompile_limit_key() -> str:
 
 
 def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **compile_kwargs: Any) -> list[str]:
-    """Compile each repeated transformer block of ``unet`` in place (``module.compile(**compile_kwargs)``).
+    """Compile ``unet``'s repeated transformer blocks in place: ``unet.compile_repeated_blocks(**compile_kwargs)``.
 
     Args:
         unet: the pipeline's UNet.
@@ -57,13 +59,14 @@ def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **co
     names = [name for name, m in unet.named_modules() if m.__class__.__name__ in classes]
     if not names:
         raise ValueError(f"The UNet has no {' or '.join(classes)} module to compile.")
+    if not getattr(unet, "_repeated_blocks", None) or not hasattr(unet, "compile_repeated_blocks"):
+        raise ValueError(f"{type(unet).__name__} is no diffusers model naming its `_repeated_blocks`.")
     if recompile_limit is not None:
         key = recompile_limit_key()
         if getattr(torch._dynamo.config, key) < recompile_limit:
             logger.info("torch._dynamo.config.%s raised to %d for Detail++'s block variants.", key, recompile_limit)
             setattr(torch._dynamo.config, key, recompile_limit)
-    for name in names:
-        unet.get_submodule(name).compile(**compile_kwargs)
+    unet.compile_repeated_blocks(**compile_kwargs)
     logger.info("Compiled %d %s modules.", len(names), "/".join(classes))
     return names
 

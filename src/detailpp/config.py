@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from detailpp.errors import DetailError
+
 logger = logging.getLogger(__name__)
 
 #: Loss thresholds under which nursing stops early, by denoising step (authors' code).
 DEFAULT_NURSING_THRESHOLDS: tuple[float, ...] = (26.0, 25.0, 24.0, 23.0, 22.5, 22.0)
 
 
-class ConfigError(ValueError):
+class ConfigError(DetailError, ValueError):
     """A Detail++ setting out of its range; the message names the field, the value and the valid range."""
 
 

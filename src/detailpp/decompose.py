@@ -137,6 +137,7 @@ from detailpp.plan import (
     Branch,
     DecompositionPlan,
     PlanError,
+    check_prompt_text,
     check_token_window,
     token_indices_for_span,
 )
@@ -1014,9 +1015,7 @@ def _render(analysis: _Analysis, removed: set[int]) -> str:
 def _check_prompt(prompt: Any) -> str:
     if not isinstance(prompt, str):
         raise PlanError(f"A prompt must be text, got {type(prompt).__name__}.")
-    if not prompt.strip():
-        raise PlanError("The prompt is empty; write what the image should show (e.g. 'a red car and a blue bench').")
-    return prompt
+    return check_prompt_text(prompt, example=" (e.g. 'a red car and a blue bench')")
 
 
 def _check_granularity(granularity: str) -> None:

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 
 from detailpp.config import PRESETS, DetailConfig
+from detailpp.errors import DetailError
 from detailpp.images import mask_overlay
-from detailpp.plan import GRANULARITIES, Branch, DecompositionPlan, PlanError, find_subject_span
+from detailpp.inputs import DetailInputError, check_image_side
+from detailpp.plan import GRANULARITIES, Branch, DecompositionPlan, PlanError, check_prompt_text, find_subject_span
 
 # Gradio phones home for analytics and a version check unless told not to; the demo must work offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -74,7 +75,7 @@ CSS = """
 """
 
 
-class DemoInputError(ValueError):
+class DemoInputError(DetailError, ValueError):
     """Input the demo cannot run with; the message is shown in the page as it is."""
 
 
@@ -156,9 +157,10 @@ def rows_to_plan(prompt: str, rows: Any, granularity: str = "subject") -> Decomp
 
 
 def check_prompt(prompt: Any) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise DemoInputError("The prompt is empty; write what the image should show.")
-    return prompt.strip()
+    try:
+        return check_prompt_text(prompt).strip()
+    except PlanError as e:
+        raise DemoInputError(str(e)) from None
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -212,8 +214,10 @@ def check_settings(
     sizes = {}
     for name, value in (("Height", height), ("Width", width)):
         side = _as_int(name, value)
-        if side <= 0 or side % 8:
-            raise DemoInputError(f"{name} must be a positive multiple of 8 (e.g. 512, 768, 1024), got {side}.")
+        try:
+            check_image_side(name, side, hint=" (e.g. 512, 768, 1024)")
+        except DetailInputError as e:
+            raise DemoInputError(str(e)) from None
         if side > MAX_SIDE:
             raise DemoInputError(f"{name} must be at most {MAX_SIDE} pixels, got {side}.")
         sizes[name] = side
@@ -409,7 +413,7 @@ class DemoSession:
                 # the demo's fields over the model's recommended settings (the toy model's nursing step size)
                 config = pipe.make_detail_config(settings.config.preset_name, **_demo_fields(settings.config))
                 plan = pipe.prepare_plan(plan.prompt, plan, config)
-            except (PlanError, ValueError) as e:
+            except (DetailError, ValueError) as e:
                 raise DemoInputError(str(e)) from e
             started = time.perf_counter()
             if on_step is not None:
@@ -426,8 +430,7 @@ class DemoSession:
             )
             plain = None
             if compare:
-                plain = StableDiffusionXLPipeline.__call__(
-                    pipe,
+                plain = pipe.plain_sdxl()(
                     prompt=plan.prompt,
                     generator=torch.Generator(device="cpu").manual_seed(settings.seed),
                     callback_on_step_end=callback("plain SDXL", settings.steps),

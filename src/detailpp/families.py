@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from detailpp.errors import DetailError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(DetailError, ValueError):
     """The model is of a family Detail++ cannot run on; the message names the family and what is supported."""
 
 

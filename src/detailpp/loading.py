@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from detailpp.errors import DetailError
 from detailpp.resources import DATA_DIR
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(DetailError, OSError):
     """The model could not be loaded; the message names it and the ways out."""
 
 

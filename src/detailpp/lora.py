@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from detailpp.errors import DetailError
+
 logger = logging.getLogger(__name__)
 
 
-class LoraError(ValueError):
+class LoraError(DetailError, ValueError):
     """A LoRA argument or file that cannot be used; the message names it and the fix."""
 
 

@@ -14,22 +14,18 @@ one UNet batch from the same initial noise:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
-    rescale_noise_cfg,
-    retrieve_timesteps,
-)
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
 try:
     from diffusers.utils.torch_utils import get_module_execution_device
@@ -39,27 +35,12 @@ except ImportError:  # diffusers < 0.40: no offload-aware helper
         return module.device
 
 
-from detailpp.attention import AttentionState, CaptureSpec, HookError, detail_processors, find_mask_layers
-from detailpp.config import (
-    DETAIL_DEFAULTS_FILE,
-    ConfigError,
-    DetailConfig,
-    check_detail_fields,
-    read_detail_defaults,
-)
-from detailpp.latent_modification import FIRST_DETAIL_BRANCH, accumulate_latents
-from detailpp.masks import MaskAccumulator, binary_masks, normalized_maps
-from detailpp.nursing import NursingRecord, max_iterations, nurse_latent, nursing_loss, step_size
+from detailpp.attention import HookError
+from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, DetailConfig, check_detail_fields, read_detail_defaults
+from detailpp.engine import BranchLayout, Conditioning, DetailEngine, StopUNet, frozen_parameters, stop_after
+from detailpp.inputs import DetailInputError, check_image_side
 from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
-from detailpp.plan import (
-    CLIP_MAX_TOKENS,
-    DecompositionPlan,
-    PlanError,
-    load_plan,
-    subject_occurrence,
-    subject_token_indices,
-    validate_plan,
-)
+from detailpp.plan import BranchTokens, DecompositionPlan, check_prompt_text, load_plan, validate_plan
 
 logger = logging.getLogger(__name__)
 
@@ -95,32 +76,6 @@ UNSUPPORTED = {
     "ip_adapter_image_embeds": "IP-Adapter is not wired into the branch batch yet",
     "denoising_end": "the last branch must be denoised to the end",
 }
-
-
-class DetailInputError(ValueError):
-    """A call argument Detail++ cannot use; raised before any denoising starts."""
-
-
-class _StopUNet(Exception):
-    """Raised by a forward hook to end a nursing pass once every mask layer has run."""
-
-
-@contextmanager
-def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
-    """Parameters of ``module`` stop requiring gradients for the block, then get their flags back.
-
-    Nursing needs the gradient of the latent only. Weights that require gradients (the default for a loaded model)
-    make autograd keep every linear and convolution's input alive for weight gradients that are never computed; frozen,
-    the pass keeps only what the latent's gradient needs. The gradient itself is the same.
-    """
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
@@ -194,6 +149,20 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         (``"detailpp"``: ours; ``"authors"``: :meth:`DetailConfig.reference_preset`)."""
         return DetailConfig.preset(preset, **{**self.detail_defaults, **fields})
 
+    def plain_sdxl(self) -> StableDiffusionXLPipeline:
+        """Plain SDXL on this pipeline's components (no weight is copied): ``StableDiffusionXLPipeline.from_pipe``,
+        with this pipeline's dtype and progress-bar settings.
+
+        ``from_pipe`` casts every module to one dtype (float32 unless told): it is given this pipeline's, which every
+        pipeline :func:`detailpp.loading.load_pipeline` makes holds throughout. (For a pipeline whose modules hold
+        different dtypes, build ``StableDiffusionXLPipeline(**pipe.components)`` instead.)
+        """
+        from detailpp.loading import dtype_kwarg
+
+        plain = StableDiffusionXLPipeline.from_pipe(self, **dtype_kwarg(self.dtype))
+        plain.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return plain
+
     def decompose(self, prompt: str, granularity: str = "subject") -> DecompositionPlan:
         """The plan for ``prompt``, from the spaCy parser (:func:`detailpp.decompose.decompose`)."""
         from detailpp.decompose import decompose
@@ -207,31 +176,11 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         if plan is None:
             if prompt is None or not isinstance(prompt, str):
                 raise DetailInputError("Give `prompt` as one string (Detail++ runs one prompt per call), or a `plan`.")
-            if not prompt.strip():
-                raise DetailInputError("The prompt is empty; write what the image should show.")
+            check_prompt_text(prompt)
             plan = self.decompose(prompt, config.granularity)
         else:
             plan = load_plan(plan)
         return validate_plan(plan, self.tokenizer, prompt)
-
-    def check_detail_inputs(self, height: int, width: int, num_inference_steps: int, kwargs: dict[str, Any]) -> None:
-        """Fail early, with the fix in the message, on arguments Detail++ cannot run with."""
-        for name, value in kwargs.items():
-            if value is None:
-                continue
-            if name in UNSUPPORTED:
-                raise DetailInputError(f"`{name}` is not supported by DetailPlusPlusPipeline: {UNSUPPORTED[name]}.")
-            if name == "num_images_per_prompt" and value != 1:
-                raise DetailInputError(
-                    "Detail++ makes one image per call; call it once per seed (each with its own generator)."
-                )
-            if name not in ("num_images_per_prompt", "callback", "callback_steps"):
-                raise DetailInputError(f"Unknown argument `{name}`.")
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % 8:
-                raise DetailInputError(f"`{name}` must be a positive multiple of 8, got {value!r}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
 
     def compile_detail(self, recompile_limit: int | None = 32, **compile_kwargs: Any) -> list[str]:
         """Regional ``torch.compile`` of the UNet's transformer blocks, Detail++'s processors included.
@@ -299,18 +248,160 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
             image = self.watermark.apply_watermark(image)
         return self.image_processor.postprocess(image, output_type=output_type)
 
-    @contextmanager
-    def _stop_after(self, block_name: str) -> Iterator[None]:
-        """End UNet forwards after ``block_name`` (nursing needs nothing computed later)."""
+    def _stop_after(self, block_name: str):
+        """End UNet forwards after ``block_name`` (:func:`detailpp.engine.stop_after`)."""
+        return stop_after(self.unet, block_name)
 
-        def hook(module, args, output):
-            raise _StopUNet
+    # ------------------------------------------------------------------ the call's stages
 
-        handle = self.unet.get_submodule(block_name).register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
+    def check_detail_inputs(
+        self,
+        plan: DecompositionPlan | dict | str | None,
+        detail_config: DetailConfig | None,
+        kwargs: dict[str, Any],
+        *,
+        prompt: str | None,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        negative_prompt: str | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> tuple[DetailConfig, DecompositionPlan]:
+        """Every check of the call, before anything is encoded: fail early, with the fix in the message.
+
+        ``kwargs`` are the call's arguments beyond its signature. Returns the call's DetailConfig (the model's
+        :attr:`detail_defaults` when none is given) and its validated plan.
+        """
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            if name in UNSUPPORTED:
+                raise DetailInputError(f"`{name}` is not supported by DetailPlusPlusPipeline: {UNSUPPORTED[name]}.")
+            if name == "num_images_per_prompt" and value != 1:
+                raise DetailInputError(
+                    "Detail++ makes one image per call; call it once per seed (each with its own generator)."
+                )
+            if name not in ("num_images_per_prompt", "callback", "callback_steps"):
+                raise DetailInputError(f"Unknown argument `{name}`.")
+        config = detail_config if detail_config is not None else self.make_detail_config()
+        if not isinstance(config, DetailConfig):
+            raise DetailInputError(f"`detail_config` must be a DetailConfig, got {type(config).__name__}.")
+        check_image_side("`height`", height)
+        check_image_side("`width`", width)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        plan = self.prepare_plan(prompt, plan, config)
+        if plan.branches:  # (plain SDXL checks its own)
+            self.check_inputs(
+                plan.prompt,
+                None,
+                height,
+                width,
+                None,
+                negative_prompt=negative_prompt,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
+        return config, plan
+
+    def _plain_sdxl(self, plan: DecompositionPlan, sdxl_kwargs: dict[str, Any], return_branch_images: bool) -> Any:
+        """A plan without detail branch: SDXL's own ``__call__`` with the call's SDXL arguments."""
+        logger.info("The plan has no detail branch: running plain SDXL on %r.", plan.prompt)
+        names = [n for n in sdxl_kwargs["callback_on_step_end_tensor_inputs"] if n != "masks"]
+        sdxl_kwargs = {**sdxl_kwargs, "prompt": plan.prompt, "callback_on_step_end_tensor_inputs": names}
+        out = StableDiffusionXLPipeline.__call__(self, **{**sdxl_kwargs, "return_dict": True})
+        if not sdxl_kwargs["return_dict"]:
+            return (out.images,)
+        branch_images = out.images if return_branch_images else None
+        return DetailPlusPlusPipelineOutput(
+            images=out.images, plan=plan, branch_images=branch_images, masks=None, nursing=[]
+        )
+
+    def branch_prompts(self, plan: DecompositionPlan, config: DetailConfig) -> list[str]:
+        """The prompts the branches are encoded with: p0, p1, p2..pn (normalised in the authors' preset)."""
+        if config.reference.normalize_prompts:  # the authors' preprocess_prompts
+            return [p.lower().strip().strip(".").strip() for p in plan.prompts]
+        return plan.prompts
+
+    def encode_branches(
+        self,
+        prompts: list[str],
+        device: torch.device,
+        height: int,
+        width: int,
+        negative_prompt: str | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+    ) -> Conditioning:
+        """SDXL's conditioning of the branch batch: every branch's prompt through both text encoders (one negative
+        prompt for all), the pooled embeddings and the size and crop ids, rows ``[uncond x B, cond x B]`` with CFG."""
+        n, cfg = len(prompts), self.do_classifier_free_guidance
+        embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt=prompts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=[negative_prompt] * n if negative_prompt is not None else None,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"),
+            clip_skip=clip_skip,
+        )
+        projection_dim = (
+            int(pooled.shape[-1]) if self.text_encoder_2 is None else self.text_encoder_2.config.projection_dim
+        )
+        time_ids = self._get_add_time_ids(
+            original_size or (height, width),
+            crops_coords_top_left,
+            target_size or (height, width),
+            dtype=embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        )
+        negative_time_ids = time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_time_ids = self._get_add_time_ids(
+                negative_original_size,
+                negative_crops_coords_top_left,
+                negative_target_size,
+                dtype=embeds.dtype,
+                text_encoder_projection_dim=projection_dim,
+            )
+        time_ids = time_ids.repeat(n, 1)
+        if cfg:
+            embeds, pooled = torch.cat([negative_embeds, embeds]), torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([negative_time_ids.repeat(n, 1), time_ids])
+        added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device)}
+        return Conditioning(embeds.to(device), added)
+
+    def guidance_embedding(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The guidance-scale embedding of guidance-distilled UNets (``time_cond_proj_dim``), else ``None``."""
+        if self.unet.config.time_cond_proj_dim is None:
+            return None
+        scale = torch.tensor(self.guidance_scale - 1).repeat(1)
+        embedding = self.get_guidance_scale_embedding(scale, embedding_dim=self.unet.config.time_cond_proj_dim)
+        return embedding.to(device=device, dtype=dtype)
+
+    def _step_end(
+        self,
+        callback: Callable[..., dict],
+        names: list[str],
+        i: int,
+        t: torch.Tensor,
+        latents: torch.Tensor,
+        masks: torch.Tensor | None,
+        conditioning: Conditioning,
+    ) -> torch.Tensor:
+        """``callback_on_step_end`` with the tensors it asked for; returns the latents it may have replaced."""
+        tensors = {"latents": latents, "prompt_embeds": conditioning.encoder_hidden_states, "masks": masks}
+        tensors |= {
+            "add_text_embeds": conditioning.added["text_embeds"],
+            "add_time_ids": conditioning.added["time_ids"],
+        }
+        outputs = callback(self, i, t, {k: tensors[k] for k in names if k in tensors})
+        return outputs.pop("latents", latents)
 
     # ------------------------------------------------------------------ the call
 
@@ -369,323 +460,104 @@ class DetailPlusPlusPipeline(StableDiffusionXLPipeline):
         Returns:
             :class:`DetailPlusPlusPipelineOutput` (or ``(images,)`` with ``return_dict=False``).
         """
-        config = detail_config if detail_config is not None else self.make_detail_config()
-        if not isinstance(config, DetailConfig):
-            raise DetailInputError(f"`detail_config` must be a DetailConfig, got {type(config).__name__}.")
         height = self.default_sample_size * self.vae_scale_factor if height is None else height
         width = self.default_sample_size * self.vae_scale_factor if width is None else width
-        self.check_detail_inputs(height, width, num_inference_steps, kwargs)
-        plan = self.prepare_plan(prompt, plan, config)
+        sdxl_kwargs = {name: value for name, value in locals().items() if name in SDXL_ARGUMENTS}
 
+        # 1. Check every input, once; the plan (parsed from the prompt when absent).
+        checked = _arguments_of(self.check_detail_inputs, sdxl_kwargs)
+        config, plan = self.check_detail_inputs(plan, detail_config, kwargs, **checked)
         if not plan.branches:
-            logger.info("The plan has no detail branch: running plain SDXL on %r.", plan.prompt)
-            out = StableDiffusionXLPipeline.__call__(
-                self,
-                prompt=plan.prompt,
-                negative_prompt=negative_prompt,
-                height=height,
-                width=width,
-                num_inference_steps=num_inference_steps,
-                timesteps=timesteps,
-                sigmas=sigmas,
-                guidance_scale=guidance_scale,
-                guidance_rescale=guidance_rescale,
-                eta=eta,
-                generator=generator,
-                latents=latents,
-                output_type=output_type,
-                cross_attention_kwargs=cross_attention_kwargs,
-                original_size=original_size,
-                crops_coords_top_left=crops_coords_top_left,
-                target_size=target_size,
-                negative_original_size=negative_original_size,
-                negative_crops_coords_top_left=negative_crops_coords_top_left,
-                negative_target_size=negative_target_size,
-                clip_skip=clip_skip,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=[n for n in callback_on_step_end_tensor_inputs if n != "masks"],
-            )
-            if not return_dict:
-                return (out.images,)
-            return DetailPlusPlusPipelineOutput(
-                images=out.images,
-                plan=plan,
-                branch_images=out.images if return_branch_images else None,
-                masks=None,
-                nursing=[],
-            )
-
-        self.check_inputs(
-            plan.prompt,
-            None,
-            height,
-            width,
-            None,
-            negative_prompt=negative_prompt,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._denoising_end = None
-        self._interrupt = False
+            return self._plain_sdxl(plan, sdxl_kwargs, return_branch_images)
+        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs = clip_skip, cross_attention_kwargs
+        self._denoising_end, self._interrupt = None, False
         device = self._execution_device
-        cfg = self.do_classifier_free_guidance
-        prompts = plan.prompts
-        if config.reference.normalize_prompts:  # the authors' preprocess_prompts
-            prompts = [p.lower().strip().strip(".").strip() for p in prompts]
-        n_branches = len(prompts)
+        prompts = self.branch_prompts(plan, config)
+        layout = BranchLayout(len(prompts), self.do_classifier_free_guidance)
 
-        # 1. Every branch's prompt through both text encoders; one negative prompt for all.
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
-        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
-            prompt=prompts,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=cfg,
-            negative_prompt=[negative_prompt] * n_branches if negative_prompt is not None else None,
-            lora_scale=lora_scale,
-            clip_skip=clip_skip,
-        )
+        # 2. Every branch's conditioning.
+        conditioning = self.encode_branches(prompts, device, **_arguments_of(self.encode_branches, sdxl_kwargs))
+        previous = DetailEngine.needs_previous_tokens(config, len(plan.branches), return_masks)
+        tokens = BranchTokens.of(plan, self.tokenizer, prompts, previous=previous)
+
+        # 3. Timesteps.
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas
         )
 
-        # 2. One initial noise, repeated for every branch.
+        # 4. One initial noise, repeated for every branch.
+        dtype = conditioning.encoder_hidden_states.dtype
         latents = self.prepare_latents(
-            1, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+            1, self.unet.config.in_channels, height, width, dtype, device, generator, latents
         )
-        latents = latents.repeat(n_branches, 1, 1, 1)
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        latents = latents.repeat(layout.n_branches, 1, 1, 1)
+        conditioning.timestep_cond = self.guidance_embedding(latents.dtype, device)
 
-        projection_dim = (
-            int(pooled.shape[-1]) if self.text_encoder_2 is None else self.text_encoder_2.config.projection_dim
+        # 5. The Detail++ engine of this call.
+        engine = DetailEngine(
+            self.unet,
+            self.scheduler,
+            config,
+            layout,
+            conditioning,
+            tokens,
+            num_inference_steps=num_inference_steps,
+            latent_hw=(latents.shape[-2], latents.shape[-1]),
+            device=device,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            cross_attention_kwargs=cross_attention_kwargs,
+            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
+            keep_all=return_branch_images,
+            return_masks=return_masks,
         )
-        add_time_ids = self._get_add_time_ids(
-            original_size or (height, width),
-            crops_coords_top_left,
-            target_size or (height, width),
-            dtype=prompt_embeds.dtype,
-            text_encoder_projection_dim=projection_dim,
-        )
-        negative_add_time_ids = add_time_ids
-        if negative_original_size is not None and negative_target_size is not None:
-            negative_add_time_ids = self._get_add_time_ids(
-                negative_original_size,
-                negative_crops_coords_top_left,
-                negative_target_size,
-                dtype=prompt_embeds.dtype,
-                text_encoder_projection_dim=projection_dim,
-            )
-        cond = {
-            "encoder_hidden_states": prompt_embeds,
-            "text_embeds": pooled,
-            "time_ids": add_time_ids.repeat(n_branches, 1),
-        }
-        if cfg:
-            cond = {
-                "encoder_hidden_states": torch.cat([negative_prompt_embeds, prompt_embeds]),
-                "text_embeds": torch.cat([negative_pooled, pooled]),
-                "time_ids": torch.cat([negative_add_time_ids.repeat(n_branches, 1), cond["time_ids"]]),
-            }
-        cond = {k: v.to(device) for k, v in cond.items()}
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(self.guidance_scale - 1).repeat(1)
-            timestep_cond = self.get_guidance_scale_embedding(
-                scale, embedding_dim=self.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
 
-        def rows_of(branches: list[int]) -> list[int]:
-            """Batch rows of these branches: their unconditional rows, then their conditional rows."""
-            return branches + [n_branches + b for b in branches] if cfg else list(branches)
-
-        conditioning_cache: dict[tuple[int, ...], dict[str, Any]] = {}
-
-        def conditioning(rows: list[int]) -> dict[str, Any]:
-            """The UNet's conditioning arguments for these batch rows, gathered once per row set (not per step)."""
-            key = tuple(rows)
-            if key not in conditioning_cache:
-                picked = {k: v[list(key)] for k, v in cond.items()}
-                conditioning_cache[key] = {
-                    "encoder_hidden_states": picked["encoder_hidden_states"],
-                    "timestep_cond": None if timestep_cond is None else timestep_cond.expand(len(key), -1),
-                    "added_cond_kwargs": {"text_embeds": picked["text_embeds"], "time_ids": picked["time_ids"]},
-                }
-            return conditioning_cache[key]
-
-        def predict(branches: list[int], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            """Guided noise prediction of ``branches`` (latents ``x``, one row per branch)."""
-            model_input = torch.cat([x, x]) if cfg else x
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            eps = self.unet(
-                model_input,
-                t,
-                cross_attention_kwargs=cross_attention_kwargs,
-                return_dict=False,
-                **conditioning(rows_of(branches)),
-            )[0]
-            if cfg:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-                if guidance_rescale > 0.0:
-                    eps = rescale_noise_cfg(eps, eps_text, guidance_rescale=guidance_rescale)
-            return eps
-
-        # 3. What each step does.
-        layers = find_mask_layers(self.unet, share=config.share_layers if config.share_attention else "lowest")
-        latent_hw = (latents.shape[-2], latents.shape[-1])
-        state = AttentionState(layers, layers.token_grid(*latent_hw), layers.expected_tokens(*latent_hw))
-        num_keys = cond["encoder_hidden_states"].shape[1]
-        share_steps = config.num_share_steps(num_inference_steps)
-        n_detail = n_branches - FIRST_DETAIL_BRANCH
-        detail_branches = list(range(FIRST_DETAIL_BRANCH, n_branches))
-        want_masks = n_detail > 0 and (config.latent_modification or return_masks)
-        capture = None
-        if want_masks:
-            if config.resolved_mask_source == "full":
-                cap_rows = [rows_of([0])[-1]] * n_detail
-                cap_tokens = [list(b.subject_token_indices) for b in plan.branches]
-            else:
-                cap_rows = [rows_of([i - 1])[-1] for i in detail_branches]
-                cap_tokens = [
-                    self._tokens_in(prompts[i - 1], b, plan)
-                    for i, b in zip(detail_branches, plan.branches, strict=True)
-                ]
-            capture = CaptureSpec(rows=cap_rows, tokens=cap_tokens)
-        share = []
-        if config.share_attention:
-            share = [(n_branches, 2 * n_branches)] if cfg else [(0, n_branches)]
-            if cfg and config.share_halves == "both":
-                share.insert(0, (0, n_branches))
-        nursing_steps = config.nursing_steps if (config.nursing and n_detail > 0) else 0
-        if nursing_steps and not (config.entropy_loss or config.centroid_alignment):
-            nursing_steps = 0
-        prompt_length = min(len(self.tokenizer(prompts[0], truncation=False).input_ids) - 2, CLIP_MAX_TOKENS - 2)
-        nursing_tokens = [list(b.subject_token_indices) for b in plan.branches]
-        uses_processors = bool(share) or capture is not None or nursing_steps > 0 or config.reference_attention
-        reference = config.reference
-        accumulator = MaskAccumulator(
-            config.mask_average, aliased=reference.aliased_mask_sum and config.resolved_mask_source == "previous"
-        )
-        modify_steps = config.num_modify_steps(num_inference_steps)
-        nursing_history: dict[str, Any] = {"sum": None, "passes": 0}  # reference.nursing_maps_all_passes
-        last_maps: torch.Tensor | None = None
-        nursing_records: list[NursingRecord] = []
-        keep_all = return_branch_images or not config.prune_branches
-        last = n_branches - 1
-
-        nursing_capture = CaptureSpec(rows=[0], tokens=[], full=True)
-
-        def nursing_loss_of(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-            rows = rows_of([0])[-1:]
-
-            def loss_of(z0: torch.Tensor) -> torch.Tensor:
-                state.begin(capture=nursing_capture, device=device, num_keys=num_keys)
-                try:
-                    with self._stop_after(layers.last_block):
-                        self.unet(
-                            z0 if reference.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t),
-                            t,
-                            cross_attention_kwargs=cross_attention_kwargs,
-                            return_dict=False,
-                            **conditioning(rows),
-                        )
-                except _StopUNet:
-                    pass
-                state.end(expect_self=False)
-                probs = state.mean_full_probs()
-                if reference.nursing_maps_all_passes:  # one store for every pass; the gradient flows through this one
-                    total = probs if nursing_history["sum"] is None else nursing_history["sum"] + probs
-                    nursing_history["sum"], nursing_history["passes"] = total.detach(), nursing_history["passes"] + 1
-                    probs = total / nursing_history["passes"]
-                return nursing_loss(probs, nursing_tokens, prompt_length, state.grid, config)
-
-            return loss_of
-
-        # 4. The denoising loop.
+        # 6. The denoising loop.
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
-        processors = detail_processors(self.unet, state, config.reference_attention) if uses_processors else None
-        with processors or nullcontext(), self.progress_bar(total=num_inference_steps) as progress_bar:
+        with engine.attention(), self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                in_window = i < share_steps
-                if i < nursing_steps:
-                    record = NursingRecord(step=i)
-                    started = time.perf_counter()
-                    with frozen_parameters(self.unet):
-                        latents[0:1] = nurse_latent(
-                            latents[0:1],
-                            nursing_loss_of(t),
-                            iterations=max_iterations(config, float(t), self.scheduler.config.num_train_timesteps),
-                            threshold=config.threshold_at(i, n_detail, state.num_tokens),
-                            alpha=step_size(config, i, num_inference_steps, self.scheduler.config.num_train_timesteps),
-                            record=record,
-                            update_then_test=reference.update_then_test,
-                        )
-                    logger.debug("nursing at step %d took %.3f s", i, time.perf_counter() - started)
-                    nursing_records.append(record)
-
-                if in_window:
-                    state.begin(share=share, capture=capture, device=device, num_keys=num_keys)
-                    eps = predict(list(range(n_branches)), latents, t)
-                    state.end()
-                    if capture is not None:
-                        last_maps = accumulator.update(state.mean_maps())
-                elif keep_all and reference.one_batch_after_window:
-                    eps = predict(list(range(n_branches)), latents, t)  # the authors' code: one batch to the end
-                else:
-                    # After the window only the last branch feeds the final image. It always runs on its own, so
-                    # that neither pruning nor asking for the other branches' images can change it.
-                    eps = predict([last], latents[last:], t)
-                    if keep_all:
-                        eps = torch.cat([predict(list(range(last)), latents[:last], t), eps])
-                    else:
-                        eps = eps.expand_as(latents).clone()
-
-                dtype = latents.dtype
-                latents = self.scheduler.step(eps, t, latents, **extra_step_kwargs, return_dict=False)[0]
-                masks = None
-                if i < modify_steps and config.latent_modification and last_maps is not None:
-                    normalized = normalized_maps(last_maps, state.grid, latent_hw)
-                    masks = binary_masks(normalized, config.mask_threshold, relative=reference.relative_mask_threshold)
-                    latents = accumulate_latents(latents, masks, blend=reference.blend_latents)
-                latents = latents.to(dtype)
-
+                latents, masks = engine.step(i, t, latents)
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": cond["encoder_hidden_states"], "masks": masks}
-                    tensors |= {"add_text_embeds": cond["text_embeds"], "add_time_ids": cond["time_ids"]}
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs if k in tensors}
+                    latents = self._step_end(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, masks, conditioning
                     )
-                    latents = outputs.pop("latents", latents)
                 progress_bar.update()
 
-        # 5. Decode the last branch (and the others when asked).
-        decoded = self._postprocess(latents if return_branch_images else latents[last:], output_type)
-        image = decoded[-1:]
-        branch_images = decoded if return_branch_images else None
-        masks_out = None
-        if return_masks and last_maps is not None:
-            masks_out = normalized_maps(last_maps, state.grid, latent_hw).cpu()
+        # 7. Decode the last branch (and the others when asked).
+        decoded = self._postprocess(latents if return_branch_images else latents[layout.last :], output_type)
+        masks_out = engine.masks() if return_masks else None
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (image,)
+            return (decoded[-1:],)
         return DetailPlusPlusPipelineOutput(
-            images=image, plan=plan, branch_images=branch_images, masks=masks_out, nursing=nursing_records
+            images=decoded[-1:],
+            plan=plan,
+            branch_images=decoded if return_branch_images else None,
+            masks=masks_out,
+            nursing=engine.nursing_records,
         )
 
-    def _tokens_in(self, prompt: str, branch: Any, plan: DecompositionPlan) -> list[int]:
-        """Token positions of ``branch``'s subject in another branch's ``prompt`` (same occurrence as in p0)."""
-        occurrence = subject_occurrence(plan.prompt, branch.subject, branch.subject_token_indices, self.tokenizer)
-        try:
-            return list(subject_token_indices(prompt, branch.subject, self.tokenizer, occurrence))
-        except PlanError:
-            return list(subject_token_indices(prompt, branch.subject, self.tokenizer, 0))
+
+#: The arguments of :meth:`DetailPlusPlusPipeline.__call__` that plain SDXL takes too (a plan without branches
+#: passes them on).
+SDXL_ARGUMENTS = (
+    frozenset(inspect.signature(DetailPlusPlusPipeline.__call__).parameters)
+    & frozenset(inspect.signature(StableDiffusionXLPipeline.__call__).parameters)
+) - {"self", "kwargs"}
 
 
-__all__ = ["DetailPlusPlusPipeline", "DetailInputError", "HookError"]
+def _arguments_of(function: Callable, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The items of ``kwargs`` that ``function`` takes."""
+    names = inspect.signature(function).parameters
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+#: The former private names (benchmarks/gpu_benchmark.py uses them).
+_StopUNet = StopUNet
+
+__all__ = ["DetailPlusPlusPipeline", "DetailInputError", "HookError", "frozen_parameters"]

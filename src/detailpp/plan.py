@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from detailpp.errors import DetailError
+
 Granularity = Literal["subject", "attribute"]
 GRANULARITIES: tuple[str, ...] = ("subject", "attribute")
 
@@ -21,7 +23,7 @@ GRANULARITIES: tuple[str, ...] = ("subject", "attribute")
 CLIP_MAX_TOKENS = 77
 
 
-class PlanError(ValueError):
+class PlanError(DetailError, ValueError):
     """A plan (or a prompt) that cannot be used; the message names the problem and the fix."""
 
 
@@ -125,6 +127,13 @@ class DecompositionPlan:
         return cls.from_dict(data)
 
 
+def check_prompt_text(text: Any, what: str = "The prompt", example: str = "") -> str:
+    """The rule for a prompt's text, wherever it is entered: words to draw. Raises :class:`PlanError`."""
+    if not isinstance(text, str) or not text.strip():
+        raise PlanError(f"{what} is empty; write what the image should show{example}.")
+    return text
+
+
 def load_plan(source: DecompositionPlan | Mapping[str, Any] | str | Path) -> DecompositionPlan:
     """A plan from a :class:`DecompositionPlan`, a dict, a JSON string or the path of a JSON file."""
     if isinstance(source, DecompositionPlan):
@@ -215,8 +224,7 @@ def validate_plan(plan: DecompositionPlan, tokenizer: Any, prompt: str | None = 
         raise PlanError(
             f"The plan was made for the prompt {plan.prompt!r}, not {prompt!r}; pass the plan's prompt or none."
         )
-    if not plan.prompt.strip():
-        raise PlanError("The plan's prompt is empty; write what the image should show.")
+    check_prompt_text(plan.prompt, "The plan's prompt")
     branches = []
     for b in plan.branches:
         if not b.prompt.strip():
@@ -228,3 +236,46 @@ def validate_plan(plan: DecompositionPlan, tokenizer: Any, prompt: str | None = 
         check_token_window(b.subject, indices)
         branches.append(replace(b, subject_token_indices=indices))
     return replace(plan, branches=tuple(branches))
+
+
+def tokens_in_prompt(plan: DecompositionPlan, branch: Branch, prompt: str, tokenizer: Any) -> tuple[int, ...]:
+    """Token positions of ``branch``'s subject in another ``prompt`` of the plan (the same occurrence as in p0, else
+    the first one)."""
+    occurrence = subject_occurrence(plan.prompt, branch.subject, branch.subject_token_indices, tokenizer)
+    try:
+        return subject_token_indices(prompt, branch.subject, tokenizer, occurrence)
+    except PlanError:
+        return subject_token_indices(prompt, branch.subject, tokenizer, 0)
+
+
+@dataclass(frozen=True)
+class BranchTokens:
+    """The token positions one Detail++ call reads, computed once from a validated plan and the prompts it encodes.
+
+    Attributes:
+        in_full: each detail branch's subject tokens in p0 (masks from ``"full"``, and the nursing loss).
+        in_previous: each detail branch's subject tokens in the previous branch's prompt (masks from ``"previous"``):
+            branch 2's subject in p1, branch 3's in p2, ...
+        prompt_length: how many of p0's own tokens CLIP reads (start and end tokens excluded; at most 75).
+    """
+
+    in_full: tuple[tuple[int, ...], ...]
+    in_previous: tuple[tuple[int, ...], ...]
+    prompt_length: int
+
+    @classmethod
+    def of(
+        cls, plan: DecompositionPlan, tokenizer: Any, prompts: Sequence[str] | None = None, previous: bool = True
+    ) -> BranchTokens:
+        """The positions for ``plan`` (validated) whose branches are encoded with ``prompts`` (default:
+        :attr:`DecompositionPlan.prompts`; the authors' preset encodes them normalised). ``previous=False`` leaves
+        :attr:`in_previous` empty (the masks come from p0, and a branch's subject need not occur in the prompt
+        before it)."""
+        prompts = list(plan.prompts if prompts is None else prompts)
+        in_previous = ()
+        if previous:  # branch j + 2's previous branch is j + 1
+            in_previous = tuple(
+                tokens_in_prompt(plan, b, prompts[j + 1], tokenizer) for j, b in enumerate(plan.branches)
+            )
+        length = min(len(tokenizer(prompts[0], truncation=False).input_ids) - 2, CLIP_MAX_TOKENS - 2)
+        return cls(tuple(b.subject_token_indices for b in plan.branches), in_previous, length)

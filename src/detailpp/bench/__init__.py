@@ -14,8 +14,10 @@ One module per concern:
 
 from __future__ import annotations
 
+from detailpp.errors import DetailError
 
-class BenchError(ValueError):
+
+class BenchError(DetailError, ValueError):
     """A benchmark input that cannot be used (unknown suite, bad prompt file, model that cannot be loaded, ...).
 
     The message names the problem and the fix; the command line prints it as one line.

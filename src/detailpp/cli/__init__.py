@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 
-from detailpp.plan import PlanError
+from detailpp.errors import DetailError
 
 #: sub-command -> module of this package defining ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
@@ -31,7 +31,7 @@ _SILENCED = {
 }
 
 
-class UserError(Exception):
+class UserError(DetailError):
     """An error caused by the command's input: printed as one line, exit code 2."""
 
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning(notice)
     try:
         return int(args._run(args) or 0)
-    except (UserError, PlanError, ValueError, OSError, FloatingPointError) as e:
+    except (DetailError, ValueError, OSError, FloatingPointError) as e:
         # Input problems get one clear line, not a traceback; --verbose shows the traceback too.
         if args.verbose:
             logger.exception("failed")

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from detailpp.cli import UserError
+from detailpp.inputs import DetailInputError, check_image_side
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,12 @@ def default_steps(model: str) -> int:
 
 
 def check_size(name: str, value: int | None) -> None:
-    if value is not None and (value <= 0 or value % 8):
-        raise UserError(f"--{name} must be a positive multiple of 8, got {value}.")
+    if value is None:
+        return
+    try:
+        check_image_side(f"--{name}", value)
+    except DetailInputError as e:
+        raise UserError(str(e)) from None
 
 
 def check_output_dir(folder: Path) -> None:

@@ -43,7 +43,7 @@ from detailpp.cli.common import (
 from detailpp.config import PRESETS, DetailConfig
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
 from detailpp.lora import LoraError, apply_loras, check_peft, parse_lora
-from detailpp.plan import GRANULARITIES, DecompositionPlan, load_plan
+from detailpp.plan import GRANULARITIES, DecompositionPlan, PlanError, check_prompt_text, load_plan
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,11 @@ def check_args(args: argparse.Namespace) -> DetailConfig:
     """Every argument checked before the model is loaded."""
     if args.prompt is None and args.plan is None:
         raise UserError("Give a prompt, or a plan with --plan PLAN.json.")
-    if args.prompt is not None and not args.prompt.strip():
-        raise UserError("The prompt is empty; write what the image should show.")
+    if args.prompt is not None:
+        try:
+            check_prompt_text(args.prompt)
+        except PlanError as e:
+            raise UserError(str(e)) from None
     for name in ("height", "width"):
         check_size(name, getattr(args, name))
     if args.steps is not None and args.steps < 1:
