@@ -25,3 +25,17 @@ def test_the_product_cli_has_no_toy_benchmark(capsys):
     bench = sub.choices["bench"]
     bench_sub = next(a for a in bench._actions if getattr(a, "choices", None) and "score" in a.choices)
     assert "toy" not in bench_sub.choices
+
+
+def test_the_help_shows_defaults_and_has_no_backticks():
+    import argparse
+
+    parser = build_parser()
+    assert "`" not in parser.format_help()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.nargs == 0:
+            continue
+        if action.default is None or action.dest in ("help", "version"):
+            continue
+        assert "default" in formatter._expand_help(action).lower(), action.option_strings
