@@ -30,7 +30,7 @@ def average_gradients(params: list[torch.nn.Parameter], stop: bool, world: int) 
     The stop flag rides along with the gradients (as the last element of the flat buffer), so the processes agree
     on when to end a time-limited run without another synchronisation. (Not ``DistributedDataParallel``: what is
     compiled and trained is a function of three modules, text encoders and UNet, and the stop flag has to travel
-    with the step; run 8's 6.7-6.9 it/s on 4 H100s include this one all-reduce of ~10 M values a step.)
+    with the step; run 8's speed, in BENCHMARKS.md, includes this one all-reduce a step.)
     """
     import torch.distributed as dist
 
