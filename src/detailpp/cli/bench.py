@@ -105,9 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): about 10 s of compilation in each "
-        "process's first image, then about 1.1x faster on a GPU (H200, full-size SDXL); not useful on CPU. A speed "
-        "setting like --device: not part of the run's identity",
+        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): some seconds of compilation in "
+        "each process's first image, then somewhat faster on a GPU (figures: BENCHMARKS.md); not useful on CPU. A "
+        "speed setting like --device: not part of the run's identity",
     )
     _shard_args(p)
     p.set_defaults(_bench=_generate)
