@@ -95,8 +95,6 @@ def test_old_flag_spellings_are_hidden_aliases(capsys, tmp_path):
     assert parser.parse_args(["bench", "plans", "--suite", "scb", "--out", "p.jsonl"]).output == Path("p.jsonl")
     assert parser.parse_args(["bench", "report", "a", "--out", "r"]).output_dir == Path("r")
     assert parser.parse_args(["demo", "--size", "512"]).size == 512
-    assert parser.parse_args(["bench", "toy", "--work-dir", "w"]).work_dir == Path("w")
-    assert parser.parse_args(["bench", "toy", "--output-dir", "w"]).work_dir == Path("w")
     for argv in (["bench", "generate", "--help"], ["bench", "report", "--help"], ["demo", "--help"]):
         with pytest.raises(SystemExit):
             main(argv)
@@ -117,7 +115,7 @@ def _parsers(parser: argparse.ArgumentParser, name: str = "detailpp"):
 
 def test_every_help_shows_defaults_and_has_no_backticks():
     parsers = list(_parsers(build_parser()))
-    assert len(parsers) == 11  # detailpp, its 4 commands, bench's 6 actions
+    assert len(parsers) == 10  # detailpp, its 4 commands, bench's 5 actions (toy: research/tests)
     for name, parser in parsers:
         text = parser.format_help()
         assert "`" not in text, name
@@ -366,12 +364,10 @@ def test_bench_generate_bad_input_before_loading(flags, message, tmp_path, capsy
     assert message in capsys.readouterr().err and not out.exists()
 
 
-def test_bench_score_and_toy_check_the_device(tmp_path, capsys):
+def test_bench_score_checks_the_device(tmp_path, capsys):
     (tmp_path / "run.json").write_text("{}")
     assert main(["bench", "score", str(tmp_path), "--device", "tpu9"]) == 2
     assert "--device 'tpu9' is not a device name" in capsys.readouterr().err
-    assert main(["bench", "toy", "--device", "tpu9", "--output-dir", str(tmp_path / "toy")]) == 2
-    assert "--device 'tpu9' is not a device name" in capsys.readouterr().err and not (tmp_path / "toy").exists()
 
 
 def test_run_json_resume_names_only_what_changed(tmp_path):

@@ -58,6 +58,17 @@ def toy_model_available() -> bool:
     return (TOY_MODEL_DIR / "model_index.json").is_file()
 
 
+def packaged_tokenizers(folder: str | Path) -> dict:
+    """``tokenizer=``/``tokenizer_2=`` for ``from_pretrained`` of a pipeline folder that ships no tokenizer (the
+    embedded toy model, on SDXL's vocabulary): the package's one copy of SDXL's CLIP tokenizer files
+    (:func:`~detailpp.resources.load_clip_tokenizer`); ``{}`` for a folder with its own ``tokenizer/``."""
+    if (Path(folder) / "tokenizer").is_dir():
+        return {}
+    from detailpp.resources import load_clip_tokenizer
+
+    return {"tokenizer": load_clip_tokenizer(), "tokenizer_2": load_clip_tokenizer(second=True)}
+
+
 def model_detail_defaults(model: str, **hub_kwargs) -> dict:
     """The Detail++ settings a model recommends: its ``detail_config.json`` (``"toy"``, a local folder, or a Hub id's
     repo, fetched into the Hugging Face cache with ``hub_kwargs``: ``revision``, ``cache_dir``, ``token``,
@@ -121,12 +132,15 @@ def load_pipeline(
             if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
                 raise FileNotFoundError(f"no folder {model!r} and it is no Hub id of the form 'owner/name'")
             variant = "fp16" if torch_dtype == torch.float16 and not path.exists() else None
+            extra = packaged_tokenizers(path) if model == "toy" else {}
             try:
-                pipe = pipeline_class.from_pretrained(str(source), variant=variant, **dtype_kwarg(torch_dtype))
+                pipe = pipeline_class.from_pretrained(
+                    str(source), variant=variant, **dtype_kwarg(torch_dtype), **extra
+                )
             except (OSError, ValueError):
                 if variant is None:
                     raise
-                pipe = pipeline_class.from_pretrained(str(source), **dtype_kwarg(torch_dtype))
+                pipe = pipeline_class.from_pretrained(str(source), **dtype_kwarg(torch_dtype), **extra)
     except Exception as e:  # every loader failure gets the same clear way out
         if type(e).__name__ == "DetailInputError":  # the folder's detail_config.json: its own clear message
             raise

@@ -8,7 +8,6 @@ examples:
       --output-dir runs/c-sdxl
   detailpp bench score runs/color-detailpp --metric blip-vqa
   detailpp bench report runs/color-sdxl runs/color-detailpp --output-dir runs/report --paper
-  detailpp bench toy --prompts 200 --seeds 4 --workers 8 --device cuda --grid docs/img/toy-binding.png
 
 See docs/benchmarks.md for the protocols, the default models and every flag.
 """
@@ -106,9 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): about 10 s of compilation in each "
-        "process's first image, then about 1.1x faster on a GPU (H200, full-size SDXL); not useful on CPU. A speed "
-        "setting like --device: not part of the run's identity",
+        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): some seconds of compilation in "
+        "each process's first image, then somewhat faster on a GPU (figures: BENCHMARKS.md); not useful on CPU. A "
+        "speed setting like --device: not part of the run's identity",
     )
     _shard_args(p)
     p.set_defaults(_bench=_generate)
@@ -169,70 +168,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--worst", type=int, default=8, help="prompts per gallery (8)")
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt in the gallery (4)")
     p.set_defaults(_bench=_report)
-
-    p = sub.add_parser(
-        "toy",
-        help="binding accuracy on the toy model: plain sampling, Detail++ and its ablation",
-        formatter_class=HelpFormatter,
-    )
-    add_output_flags(p)
-    p.add_argument("--prompts", type=int, default=200, help="held-out 2-/3-object prompts (200)")
-    p.add_argument(
-        "--split",
-        choices=("test", "validation"),
-        default="test",
-        help="test (default): the prompts results report; validation: disjoint prompts to choose hyperparameters on",
-    )
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt and method (4)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (20, the authors' code)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (7.5)")
-    p.add_argument(
-        "--model", default="toy", help="toy (default), a local diffusers folder, or tiny-random (plumbing only)"
-    )
-    p.add_argument("--height", type=int, help="default: the model's size (128 for toy)")
-    p.add_argument("--width", type=int, help="default: the model's size (128 for toy)")
-    p.add_argument("--device", help="cuda, cpu, ... (default: the best available)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32", help="float32")
-    p.add_argument("--methods", default=",".join(_toy_methods()), help="comma-separated subset of the methods")
-    p.add_argument(
-        "--detail-config",
-        help="DetailConfig fields as JSON or a JSON file, under every Detail++ method and diagnostic setting "
-        "(each method's own fields win: pdi keeps nursing off)",
-    )
-    p.add_argument(
-        "--diagnostic-prompts", type=int, default=0, help="seed 0 of the first N prompts also runs the diagnostics"
-    )
-    p.add_argument("--no-diagnostic-settings", action="store_true", help="diagnostic items keep branch images only")
-    p.add_argument(
-        "--diagnostic-settings",
-        help="comma-separated subset of the diagnostic settings (default: all; see docs/toy-binding.md)",
-    )
-    p.add_argument(
-        "--force-layout-steps",
-        type=int,
-        nargs="+",
-        default=[],
-        metavar="K",
-        help="also run Detail++ with every branch forced onto branch 0's latent for the first K steps, and its "
-        "control with ALM off, on the diagnostic items (a diagnostic, not the paper's method)",
-    )
-    p.add_argument("--plans", default="parser", help="parser (spaCy), scene (read off the scene) or a plans JSON")
-    p.add_argument(
-        "--write-plans", type=Path, help="only write the plans of the --prompts of the --split to this JSON file"
-    )
-    p.add_argument("--workers", type=int, default=0, help="worker processes (0: this process; 8 on one GPU)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (1)")
-    p.add_argument("--judge-scenes", type=int, default=400, help="perturbed renders to measure the judge on (400)")
-    p.add_argument("--max-minutes", type=float, help="start no item after this long; report the finished ones")
-    p.add_argument(
-        "--output-dir", dest="work_dir", type=Path, default=Path("outputs/toy-binding"), help="records and grid images"
-    )
-    add_deprecated_alias(p, "--work-dir", "--output-dir", dest="work_dir", type=Path)
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/toy_binding.json"), help="results file")
-    p.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
-    p.add_argument("--grid", type=Path, help="write the picture grid (prompt, plain, Detail++, masks, p1) here")
-    p.add_argument("--grid-prompts", type=int, default=8, help="prompts in the grid (8; seed 0)")
-    p.set_defaults(_bench=_toy)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -514,85 +449,4 @@ def _report(args: argparse.Namespace) -> int:
         raise BenchError("--worst and --per-prompt must be at least 1.")
     paths = write_report(args.dirs, args.output_dir, paper=args.paper, worst=args.worst, per_prompt=args.per_prompt)
     logger.info("report written: %s", ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-# --- toy -------------------------------------------------------------------------------------------------------------
-def _toy_methods() -> tuple[str, ...]:
-    from detailpp.toy.binding import METHODS
-
-    return tuple(METHODS)
-
-
-def _toy(args: argparse.Namespace) -> int:
-    from detailpp.toy import binding
-
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    known = {**binding.METHODS, **binding.DIAGNOSTICS}
-    unknown = [m for m in methods if m not in known]
-    if unknown or not methods:
-        raise BenchError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(known)}.")
-    for name in ("prompts", "seeds", "steps"):
-        if getattr(args, name) < 1:
-            raise BenchError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.device is not None:
-        from detailpp.cli.common import check_device
-
-        check_device(args.device)
-    diagnostics: tuple[str, ...] = tuple(binding.DIAGNOSTICS)
-    if args.no_diagnostic_settings:
-        diagnostics = ()
-    elif args.diagnostic_settings is not None:
-        diagnostics = tuple(d.strip() for d in args.diagnostic_settings.split(",") if d.strip())
-        wrong = [d for d in diagnostics if d not in binding.DIAGNOSTICS]
-        if wrong:
-            raise BenchError(
-                f"--diagnostic-settings: unknown {wrong}; choose from {', '.join(binding.DIAGNOSTICS)} "
-                "(or --no-diagnostic-settings for none)."
-            )
-    bad_k = [k for k in args.force_layout_steps if not 1 <= k <= args.steps]
-    if bad_k:
-        raise BenchError(f"--force-layout-steps: K must lie in 1..--steps ({args.steps}), got {bad_k}.")
-    diagnostics += binding.forced_settings(args.force_layout_steps)
-    overlay = parse_detail_config(args.detail_config)
-    if args.write_plans is not None:
-        specs = binding.split_prompts(args.prompts, args.split)
-        plans = binding.make_plans(specs, args.plans, binding._tokenizer(args.model), args.split)
-        args.write_plans.parent.mkdir(parents=True, exist_ok=True)
-        args.write_plans.write_text(json.dumps(plans, indent=1) + "\n", encoding="utf-8")
-        logger.info("wrote %d plans (%s split) to %s", len(plans), args.split, args.write_plans)
-        return 0
-    grid_prompts = args.grid_prompts if args.grid else 0
-    settings = binding.Settings(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        height=args.height,
-        width=args.width,
-        methods=methods,
-        diagnostics=diagnostics,
-        diagnostic_prompts=max(args.diagnostic_prompts, grid_prompts),
-        grid_prompts=grid_prompts,
-        threads=args.threads,
-        detail_config=overlay,
-    )
-    res = binding.run_benchmark(
-        args.prompts,
-        args.seeds,
-        settings,
-        args.work_dir,
-        args.results,
-        plans_source=args.plans,
-        workers=args.workers,
-        judge_scenes=args.judge_scenes,
-        max_minutes=args.max_minutes,
-        grid_path=args.grid,
-        markdown_path=args.markdown,
-        split=args.split,
-    )
-    import sys
-
-    sys.stdout.write(binding.markdown_table(res))
     return 0

@@ -1,7 +1,7 @@
 """Plain-sampling binding accuracy of a toy pipeline on held-out and seen prompts, judged by :mod:`~.judge`, and
 whether its layout follows the noise (the same seed with and without the prompts' colour and texture words).
 
-``python -m detailpp.toy.evaluate --prompts 48 --guidance 1 3 7.5`` measures the layout agreement of the packaged
+``python -m research.toy.evaluate --prompts 48 --guidance 1 3 7.5`` measures the layout agreement of the packaged
 model at several guidance scales (CPU: ~8 min per scale on 2 cores); ``--slots`` measures instead whether plain
 sampling follows the ``"slots"`` layout rule of the initial noise (:func:`slot_rule`, validation prompts);
 ``--step-counts 12 15 20 --guidance 5 --prompts 32``: plain accuracy by number of steps (:func:`accuracy_by_steps`);
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from detailpp.toy.judge import score_image
-from detailpp.toy.scenes import PromptSpec, compose_caption, held_out_prompts, seen_prompts
+from research.toy.judge import score_image
+from research.toy.scenes import PromptSpec, compose_caption, held_out_prompts, seen_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def score_prompts(images: Sequence[Image.Image], specs: Sequence[PromptSpec]) ->
         s = score_image(im, spec.objects)
         obj.extend(s["found"])
         img.append(s["image_correct"])
-        from detailpp.toy.judge import judge, match_objects
+        from research.toy.judge import judge, match_objects
 
         seen = judge(im)
         for a in attr:
@@ -75,8 +75,8 @@ def base_prompt(spec: PromptSpec) -> str:
 
 def layout_agreement(images_a: Sequence[Image.Image], images_b: Sequence[Image.Image]) -> dict:
     """Foreground IoU of the judged objects of paired images, and how often both show the same number of objects."""
-    from detailpp.toy.binding import foreground, iou
-    from detailpp.toy.judge import judge
+    from research.toy.binding import foreground, iou
+    from research.toy.judge import judge
 
     ious, same_count = [], []
     for a, b in zip(images_a, images_b, strict=True):
@@ -168,7 +168,7 @@ def accuracy_by_steps(
 
 def place_of(mask: np.ndarray) -> int:
     """The place of the ``"slots"`` layout (row-major index into the 3 x 3 grid) nearest a region's centre."""
-    from detailpp.toy.scenes import IMAGE_SIZE, SLOT_CENTRES
+    from research.toy.scenes import IMAGE_SIZE, SLOT_CENTRES
 
     ys, xs = np.nonzero(mask)
     centres = np.asarray(SLOT_CENTRES) * mask.shape[0] / IMAGE_SIZE
@@ -182,7 +182,7 @@ def slot_rule(
     """Does plain sampling put the objects where the ``"slots"`` layout rule says, from the initial noise alone?
 
     For each prompt (seeded ``seed + index``), the initial latent noise ranks the 3 x 3 places
-    (:func:`~detailpp.toy.scenes.slot_scores` of its layout field); the full prompt and its base prompt (no colour
+    (:func:`~research.toy.scenes.slot_scores` of its layout field); the full prompt and its base prompt (no colour
     or texture words) are sampled from that noise and judged. Per prompt kind: ``on_top_places`` = share of judged
     objects on the n best places (n objects prompted; ``chance`` = n / 9), ``in_named_order`` = share of prompted
     objects whose shape sits on the place of its rank in the caption (chance 1/9 per object); and ``same_places`` =
@@ -190,8 +190,8 @@ def slot_rule(
     """
     from diffusers.utils.torch_utils import randn_tensor
 
-    from detailpp.toy.judge import judge
-    from detailpp.toy.scenes import layout_field_of, slot_scores
+    from research.toy.judge import judge
+    from research.toy.scenes import layout_field_of, slot_scores
 
     c = pipe.unet.config.in_channels
     h = pipe.unet.config.sample_size
@@ -328,11 +328,11 @@ def coarse_error(pipe, n: int = 48, timesteps: Sequence[int] = (999, 900, 700), 
     ``n`` slots-world scenes (2 or 3 objects, ``seed``) are noised at each timestep with noise that carries the
     scene's own layout field (``matched``: the noise the layout was chosen from, as in training) or the next scene's
     (``mismatched``; the same residuals, only the field differs); the value is
-    :func:`~detailpp.toy.train.layout_loss` (the coarse x0 error) of the model's prediction, averaged over the scenes.
+    :func:`~research.toy.train.layout_loss` (the coarse x0 error) of the model's prediction, averaged over the scenes.
     A model that reads its layout off the noise has a far smaller matched error.
     """
-    from detailpp.toy.scenes import CaptionTokenizer, noise_with_layout_field, render, sample_scenes
-    from detailpp.toy.train import encode_text, layout_loss
+    from research.toy.scenes import CaptionTokenizer, noise_with_layout_field, render, sample_scenes
+    from research.toy.training.objectives import encode_text, layout_loss
 
     device = pipe.device
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -368,7 +368,7 @@ def coarse_error(pipe, n: int = 48, timesteps: Sequence[int] = (999, 900, 700), 
 def main(argv: list[str] | None = None) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
-    from detailpp.resources import DATA_DIR
+    from detailpp.loading import TOY_MODEL_DIR, packaged_tokenizers
 
     p = argparse.ArgumentParser(description="Does the toy model's layout follow the noise? (plain sampling)")
     p.add_argument("--model", default=None, help="pipeline folder (default: the packaged toy model)")
@@ -382,9 +382,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    pipe = StableDiffusionXLPipeline.from_pretrained(a.model or str(DATA_DIR / "toy-model")).to(a.device)
+    folder = a.model or TOY_MODEL_DIR
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), **packaged_tokenizers(folder)).to(a.device)
     pipe.set_progress_bar_config(disable=True)
-    from detailpp.toy.binding import validation_prompts
+    from research.toy.binding import validation_prompts
 
     if a.coarse_error:
         result = coarse_error(pipe, a.prompts)

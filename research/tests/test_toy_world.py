@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from detailpp.resources import DATA_DIR, load_clip_tokenizer
-from detailpp.toy.judge import (
+from research.toy.judge import (
     assign_objects,
     classify_errors,
     judge,
@@ -18,7 +18,7 @@ from detailpp.toy.judge import (
     match_objects,
     score_image,
 )
-from detailpp.toy.scenes import (
+from research.toy.scenes import (
     COLOUR_NAMES,
     COLOURS,
     HELD_OUT_PAIRS,
@@ -150,7 +150,7 @@ def test_slots_layout_puts_the_kth_named_object_on_the_kth_best_place():
 
 
 def test_scene_stream_order_is_deterministic_with_several_workers():
-    from detailpp.toy.train import SceneStream
+    from research.toy.train import SceneStream
 
     runs = []
     for _ in range(2):
@@ -362,7 +362,7 @@ def test_classify_errors_agree_with_the_scores():
 def test_training_script_writes_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from detailpp.toy.train import main
+    from research.toy.train import main
 
     out = tmp_path / "run"
     args = [
@@ -418,7 +418,7 @@ def test_training_script_writes_loadable_pipeline(tmp_path):
     )
     assert resumed["step"] == 3
     # going on from a saved pipeline (its EMA weights) when the raw checkpoint is gone
-    from detailpp.toy.train import checkpoint_from_pipeline
+    from research.toy.train import checkpoint_from_pipeline
 
     ckpt = checkpoint_from_pipeline(folder, step=2)
     for k, v in pipe.unet.state_dict().items():
@@ -452,7 +452,7 @@ def test_training_script_writes_loadable_pipeline(tmp_path):
 
 
 def test_layout_loss_is_the_coarse_x0_error():
-    from detailpp.toy.train import layout_loss
+    from research.toy.train import layout_loss
 
     g = torch.Generator().manual_seed(0)
     z0, noise, pred = (torch.randn(3, 4, 64, 64, generator=g) for _ in range(3))
@@ -475,8 +475,8 @@ def test_layout_loss_is_the_coarse_x0_error():
 def test_grow_unet_keeps_the_function_and_the_new_blocks_learn():
     from dataclasses import replace
 
-    from detailpp.toy.model import TINY, build_unet
-    from detailpp.toy.train import grow_unet
+    from research.toy.model import TINY, build_unet
+    from research.toy.train import grow_unet
 
     torch.manual_seed(0)
     small = build_unet(TINY)
@@ -520,8 +520,8 @@ def test_packaged_toy_model_fits_the_budget():
 def test_base_prompt_and_layout_agreement():
     from PIL import Image
 
-    from detailpp.toy.evaluate import base_prompt, layout_agreement
-    from detailpp.toy.scenes import PromptSpec, to_uint8
+    from research.toy.evaluate import base_prompt, layout_agreement
+    from research.toy.scenes import PromptSpec, to_uint8
 
     spec = PromptSpec(
         "a striped red circle next to an orange star",
@@ -546,7 +546,7 @@ class _RulePipe:
     def __init__(self, specs, follow: bool = True):
         from types import SimpleNamespace
 
-        from detailpp.toy.evaluate import base_prompt
+        from research.toy.evaluate import base_prompt
 
         self.by_prompt = {s.prompt: s for s in specs} | {base_prompt(s): s for s in specs}
         self.follow = follow
@@ -558,7 +558,7 @@ class _RulePipe:
 
         from PIL import Image
 
-        from detailpp.toy.scenes import SceneBatch, _place_on_slots, to_uint8
+        from research.toy.scenes import SceneBatch, _place_on_slots, to_uint8
 
         field = layout_field_of(latents).numpy().astype(np.float64)
         images = []
@@ -589,7 +589,7 @@ class _RulePipe:
 
 
 def test_slot_rule_reads_the_places_off_the_noise():
-    from detailpp.toy.evaluate import slot_rule
+    from research.toy.evaluate import slot_rule
 
     specs = held_out_prompts(12, seed=3)
     follows = slot_rule(_RulePipe(specs), specs, seed=5)
@@ -601,8 +601,8 @@ def test_slot_rule_reads_the_places_off_the_noise():
 
 
 def test_layout_divergence_compares_step_estimates():
-    from detailpp.toy.evaluate import foreground_strength, layout_divergence
-    from detailpp.toy.model import TINY, build_components, build_pipeline
+    from research.toy.evaluate import foreground_strength, layout_divergence
+    from research.toy.model import TINY, build_components, build_pipeline
 
     torch.manual_seed(0)
     pipe = build_pipeline(build_components(TINY))
@@ -624,8 +624,8 @@ def test_layout_divergence_compares_step_estimates():
 
 
 def test_coarse_error_compares_own_and_other_noise():
-    from detailpp.toy.evaluate import coarse_error
-    from detailpp.toy.model import TINY, build_components, build_pipeline
+    from research.toy.evaluate import coarse_error
+    from research.toy.model import TINY, build_components, build_pipeline
 
     torch.manual_seed(0)
     pipe = build_pipeline(build_components(TINY))

@@ -7,7 +7,7 @@ generated images do not fool it:
    from it (RGB distance), cleaned by a 3x3 majority vote, holes filled;
 2. objects = 8-connected components of at least ``min_area`` pixels;
 3. shape = the best intersection-over-union of the object's mask, stretched to a 32x32 box, with the six shapes'
-   templates (rendered by :mod:`detailpp.toy.scenes`, stretched likewise, sharp and at two blur levels);
+   templates (rendered by :mod:`research.toy.scenes`, stretched likewise, sharp and at two blur levels);
 4. colour = hue (or low saturation: white) of the object's bright pixels, after subtracting the background's tint
    (its deviation from neutral grey: the world's backgrounds are neutral);
 5. texture = share of the object's pixels darker than 0.75 of its bright level (plain if few) and whether the dark
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detailpp.toy.scenes import COLOURS, SHAPES, ObjectSpec, SceneBatch, render, sample_scenes, shape_inside
+from research.toy.scenes import COLOURS, SHAPES, ObjectSpec, SceneBatch, render, sample_scenes, shape_inside
 
 TEMPLATE_SIZE = 32
 _PALETTE_HUES = {name: colorsys.rgb_to_hsv(*rgb)[0] * 360.0 for name, rgb in COLOURS.items() if name != "white"}

@@ -6,7 +6,7 @@ For each prompted object, the map of its shape word's token (averaged over heads
 all steps, as Detail++ does) is min-max normalised, thresholded at ``tau`` and compared with the region the judge
 finds for that object: IoU, and whether the map's peak falls inside the object.
 
-    python -m detailpp.toy.attention_probe --model src/detailpp/data/toy-model --n 8 --out outputs/attn.png
+    python -m research.toy.attention_probe --n 8 --out outputs/attn.png
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from detailpp.toy.judge import judge
-from detailpp.toy.scenes import held_out_prompts
+from research.toy.judge import judge
+from research.toy.scenes import held_out_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="PNG of the maps")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    from detailpp.resources import DATA_DIR
+    from detailpp.loading import TOY_MODEL_DIR, packaged_tokenizers
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(a.model or str(DATA_DIR / "toy-model"))
+    folder = a.model or TOY_MODEL_DIR
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), **packaged_tokenizers(folder))
     pipe.set_progress_bar_config(disable=True)
     result, rows = probe(pipe, held_out_prompts(a.n, seed=1), a.steps, a.guidance_scale, a.tau)
     if a.out:

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_ARGS = ["--model", "tiny", "--device", "cpu", "--vae-steps", "2", "--vae-batch", "2", "--batch-size", "2"]
 TINY_ARGS += ["--log-every", "1", "--warmup", "1", "--data-workers", "1"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from detailpp.toy.train import main
+    from research.toy.train import main
 
     out = tmp_path_factory.mktemp("toy") / "run"
     main([*TINY_ARGS, "--output", str(out), "--steps", "3", "--max-steps", "2"])
@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory):
 def test_reinit_unet_keeps_vae_and_text_encoders_and_shards_the_unet(tiny_run, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from detailpp.toy.train import checkpoint_from_pipeline, main
+    from research.toy.train import checkpoint_from_pipeline, main
 
     out = tmp_path / "new"
     summary = main(
@@ -70,14 +70,14 @@ def test_reinit_unet_keeps_vae_and_text_encoders_and_shards_the_unet(tiny_run, t
     ],
 )
 def test_new_unet_options_are_checked(tmp_path, extra, message):
-    from detailpp.toy.train import main
+    from research.toy.train import main
 
     with pytest.raises(ValueError, match=message):
         main([*TINY_ARGS, "--output", str(tmp_path / "x"), "--steps", "1", *extra])
 
 
 def test_transformer_layers_refuse_a_resumed_unet(tiny_run, tmp_path):
-    from detailpp.toy.train import main
+    from research.toy.train import main
 
     with pytest.raises(ValueError, match="--grow-transformer-layers"):
         main(
@@ -95,9 +95,9 @@ def _free_port() -> int:
 def test_data_parallel_processes_train_one_model(tmp_path):
     """Two torchrun processes (gloo, CPU) on different scene streams: averaged gradients keep the copies equal."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    cmd += [str(ROOT / "benchmarks" / "train_toy.py"), *TINY_ARGS, "--output", str(out), "--steps", "3"]
+    cmd += ["-m", "research.toy.train", *TINY_ARGS, "--output", str(out), "--steps", "3"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from detailpp.toy import binding
-from detailpp.toy.judge import classify_errors
-from detailpp.toy.scenes import ObjectSpec, PromptSpec, held_out_prompts
+from research.toy import binding
+from research.toy.judge import classify_errors
+from research.toy.scenes import ObjectSpec, PromptSpec, held_out_prompts
 
 
 @dataclass
 class Seen:
-    """A fake judged object (what :func:`detailpp.toy.judge.judge` returns)."""
+    """A fake judged object (what :func:`research.toy.judge.judge` returns)."""
 
     shape: str
     colour: str
@@ -30,7 +30,7 @@ def box(y0, x0, y1, x1, size=16):
 
 
 RED_CIRCLE, BLUE_SQUARE = ObjectSpec("circle", "red"), ObjectSpec("square", "blue")
-# a correct image's failure kinds (their exact values are tested with the judge, tests/test_toy_world.py); the
+# a correct image's failure kinds (their exact values are tested with the judge, research/tests/test_toy_world.py); the
 # aggregation tests below lay their own kinds over it
 NO_ERRORS = classify_errors([RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE, BLUE_SQUARE])
 
@@ -166,7 +166,7 @@ def test_aggregate_counts_only_items_every_method_finished():
 
 
 def test_error_summary_shares_and_failure_table():
-    from detailpp.toy.judge import classify_errors
+    from research.toy.judge import classify_errors
 
     red, blue, green = ObjectSpec("circle", "red"), ObjectSpec("square", "blue"), ObjectSpec("star", "green")
     cases = [  # (expected, seen) of 4 images of one method
@@ -296,11 +296,11 @@ def test_detail_config_overlay_is_checked_for_every_method():
 
 
 def _toy_cli(tmp_path, *argv):
-    from detailpp.cli import main
+    from research.toy.bench import main
 
     common = ["--model", "tiny-random", "--device", "cpu", "--seeds", "1", "--steps", "2", "--height", "128"]
     common += ["--width", "128", "--judge-scenes", "0", "--work-dir", str(tmp_path / "work")]
-    return main(["bench", "toy", *common, "--results", str(tmp_path / "results.json"), *argv])
+    return main([*common, "--results", str(tmp_path / "results.json"), *argv])
 
 
 def test_toy_cli_validation_split_plans_file_and_detail_config(tmp_path, capsys):
@@ -333,24 +333,16 @@ def test_toy_cli_validation_split_plans_file_and_detail_config(tmp_path, capsys)
 
 
 def test_forced_layout_script_forces_every_branch_onto_branch_zero(tmp_path):
-    """benchmarks/toy_forced_layout.py: forcing every step with ALM and nursing off leaves the last branch equal to
+    """research/toy/forced_layout.py: forcing every step with ALM and nursing off leaves the last branch equal to
     branch 0, i.e. plain SDXL sampling; and the script runs end to end."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     import numpy as np
     import torch
     from diffusers import StableDiffusionXLPipeline
 
     from detailpp import DetailConfig
     from detailpp.tiny import build_tiny_pipeline
+    from research.toy import forced_layout as module
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_forced_layout.py"
-    spec = importlib.util.spec_from_file_location("toy_forced_layout", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
     pipe = build_tiny_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=3, height=64, width=64, output_type="np")

@@ -7,10 +7,10 @@ a way to see what the rest of the pipeline (masks, ALM) does once the layouts ag
 ALM off (``latent_modification=False``; the image is then the last branch alone), which shows how much of the
 result is branch 0's own picture carried over by the forcing.
 
-    python benchmarks/toy_forced_layout.py --prompts 16 --force-steps 2 5 --out outputs/toy_forced_layout.json
+    python -m research.toy.forced_layout --prompts 16 --force-steps 2 5 --out outputs/toy_forced_layout.json
 
-The same settings run inside the binding benchmark, with its workers, failure kinds and paired intervals, as
-``detailpp bench toy --diagnostic-prompts N --force-layout-steps K ...`` (``detailpp_forcedK`` / ``no_alm_forcedK``):
+The same settings run inside the binding benchmark, with its workers, failure kinds and paired intervals, as ``python
+-m research.toy.bench --diagnostic-prompts N --force-layout-steps K ...`` (``detailpp_forcedK`` / ``no_alm_forcedK``):
 use that for many prompts; this script reproduces the first small runs (benchmarks/results/toy_forced_layout*.json).
 
 Validation prompts (``--split validation``), seed 0 (the binding benchmark's image seeds), Euler 20 steps, guidance
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detailpp.toy.binding import force_layout as forcing  # the step-end callback: branch 0's latent everywhere
+from research.toy.binding import force_layout as forcing  # the step-end callback: branch 0's latent everywhere
 
 logger = logging.getLogger("toy_forced_layout")
 
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from detailpp.atomic import atomic_write_bytes
     from detailpp.loading import load_pipeline
-    from detailpp.toy.binding import _tokenizer, image_seed, scene_plan, split_prompts
-    from detailpp.toy.judge import score_image
+    from research.toy.binding import _tokenizer, image_seed, scene_plan, split_prompts
+    from research.toy.judge import score_image
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="toy")
