@@ -33,7 +33,6 @@ logger = logging.getLogger("toy_forced_layout")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from diffusers import StableDiffusionXLPipeline
 
     from detailpp.atomic import atomic_write_bytes
     from detailpp.loading import load_pipeline
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
                 generator=torch.Generator("cpu").manual_seed(image_seed(i, 0)),
             )
             if setting is None:
-                image = StableDiffusionXLPipeline.__call__(pipe, prompt=spec.prompt, **common).images[0]
+                image = pipe.plain_sdxl()(prompt=spec.prompt, **common).images[0]
             else:
                 fields, k = setting
                 out = pipe(

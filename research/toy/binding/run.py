@@ -69,7 +69,6 @@ def _spec(item: dict) -> PromptSpec:
 def run_item(pipe, item: dict, plan: dict, settings: Settings, grid_dir: Path | None = None, judge_fn=None):
     """Yield one record per method for one (prompt, seed) item."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
 
     if judge_fn is None:
         from research.toy.judge import judge as judge_fn
@@ -91,7 +90,7 @@ def run_item(pipe, item: dict, plan: dict, settings: Settings, grid_dir: Path | 
         generator = torch.Generator("cpu").manual_seed(seed)
         out = None
         if fields is None:
-            image = StableDiffusionXLPipeline.__call__(pipe, generator=generator, **common).images[0]
+            image = pipe.plain_sdxl()(generator=generator, **common).images[0]
         else:
             config = pipe.make_detail_config(**fields)  # over the model's recommended settings
             k = forced_steps(name)
