@@ -156,6 +156,14 @@ def tiny(scenario: Scenario, pipeline_class: Any = None) -> Any:
     return build_tiny_pipeline(scenario.component_seed, pipeline_class=pipeline_class)
 
 
+def authors_run(modules: Any, scenario: Scenario, latents: torch.Tensor) -> Any:
+    """Their pipeline on the scenario, on fresh tiny components (so their processors never reach ours)."""
+    components = tiny(scenario).components
+    return run_authors(
+        modules, components, scenario.sub_prompts, scenario.subjects, latents=latents, **authors_kwargs(scenario)
+    )
+
+
 def compare(ours: dict[str, Any], theirs: Any) -> dict[str, Any]:
     """Max abs latent difference (every branch, and the final one) and whether every step's masks are equal."""
     diff = (ours["latents"] - theirs.latents).abs()
@@ -189,14 +197,7 @@ def record(authors_path: Path, out: Path) -> None:
     scenarios = []
     for scenario in SCENARIOS:
         latents = initial_latent(scenario)
-        theirs = run_authors(
-            modules,
-            tiny(scenario).components,
-            scenario.sub_prompts,
-            scenario.subjects,
-            latents=latents,
-            **authors_kwargs(scenario),
-        )
+        theirs = authors_run(modules, scenario, latents)
         ours = run_ours(tiny(scenario), scenario, scenario.detail_config(), latents)
         result = compare(ours, theirs)
         logger.info("%s: %s", scenario.name, result)
@@ -258,14 +259,7 @@ def deviation_table(authors_path: Path, steps: int, size: int) -> list[dict[str,
     for scenario in SCENARIOS:
         scenario = dataclasses.replace(scenario, steps=steps, height=size, width=size)
         latents = initial_latent(scenario)
-        theirs = run_authors(
-            modules,
-            tiny(scenario).components,
-            scenario.sub_prompts,
-            scenario.subjects,
-            latents=latents,
-            **authors_kwargs(scenario),
-        )
+        theirs = authors_run(modules, scenario, latents)
         pipe = tiny(scenario)
         final = theirs.latents[-1]
 
