@@ -143,7 +143,7 @@ def main() -> int:
     table_cpu = events.table(sort_by="self_cpu_time_total", row_limit=25)
 
     # The pipeline's own nursing, per pass.
-    import detailpp.pipeline as pipeline_module
+    import detailpp.engine as pipeline_module
 
     timings: list[tuple[float, int]] = []
     original = pipeline_module.nurse_latent

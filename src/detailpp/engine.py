@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
@@ -39,6 +39,17 @@ from detailpp.nursing import NursingRecord, max_iterations, nurse_latent, nursin
 from detailpp.plan import BranchTokens
 
 logger = logging.getLogger(__name__)
+
+
+class UNetExtras(Protocol):
+    """Extra UNet keyword arguments for one UNet call of the engine (ControlNet's residuals, for example).
+
+    Called with the step index, the UNet's input ``sample`` (already scaled by the scheduler), the timestep and the
+    batch rows of the call (:meth:`BranchLayout.rows_of`); returns keyword arguments merged into the UNet call. The
+    nursing pass calls it with gradients enabled, so what it computes from ``sample`` is differentiated too.
+    """
+
+    def __call__(self, step: int, sample: torch.Tensor, t: torch.Tensor, rows: Sequence[int]) -> dict[str, Any]: ...
 
 
 class StopUNet(Exception):
@@ -118,8 +129,8 @@ class Conditioning:
 
     Attributes:
         encoder_hidden_states: the text embeddings, one row per batch row.
-        added: UNet ``added_cond_kwargs`` with one row per batch row (SDXL: ``text_embeds``, ``time_ids``); empty for
-            a UNet without them (SD 1.x).
+        added: UNet ``added_cond_kwargs`` with one row per batch row (SDXL: ``text_embeds``, ``time_ids``;
+            IP-Adapter: ``image_embeds``, a list of one tensor per adapter); empty for a UNet without them (SD 1.x).
         timestep_cond: the guidance embedding of guidance-distilled UNets (one row, expanded per batch row), or
             ``None``.
     """
@@ -143,8 +154,10 @@ class Conditioning:
                 "encoder_hidden_states": self.encoder_hidden_states[index],
                 "timestep_cond": None if self.timestep_cond is None else self.timestep_cond.expand(len(key), -1),
             }
-            if self.added:
-                kwargs["added_cond_kwargs"] = {k: v[index] for k, v in self.added.items()}
+            if self.added:  # (IP-Adapter's ``image_embeds``: a list, one tensor per adapter)
+                kwargs["added_cond_kwargs"] = {
+                    k: [e[index] for e in v] if isinstance(v, list) else v[index] for k, v in self.added.items()
+                }
             self._cache[key] = kwargs
         return self._cache[key]
 
@@ -165,6 +178,7 @@ class DetailEngine:
         guidance_scale, guidance_rescale, cross_attention_kwargs, extra_step_kwargs: as in the pipeline's call.
         keep_all: compute every branch to the end (their images were asked for, or pruning is off).
         return_masks: the caller wants the subject maps (captured even without latent modification).
+        unet_extras: extra UNet keyword arguments per UNet call (:class:`UNetExtras`; ControlNet's residuals).
     """
 
     def __init__(
@@ -185,6 +199,7 @@ class DetailEngine:
         extra_step_kwargs: dict[str, Any] | None = None,
         keep_all: bool = False,
         return_masks: bool = False,
+        unet_extras: UNetExtras | None = None,
     ):
         self.unet, self.scheduler, self.config, self.layout = unet, scheduler, config, layout
         self.conditioning, self.tokens, self.device = conditioning, tokens, device
@@ -193,6 +208,9 @@ class DetailEngine:
         self.cross_attention_kwargs = cross_attention_kwargs
         self.extra_step_kwargs = extra_step_kwargs or {}
         self.keep_all = keep_all or not config.prune_branches
+        self.unet_extras = unet_extras
+        #: the step being computed (what :attr:`unet_extras` is told)
+        self.current_step = 0
         reference = config.reference
 
         self.layers = find_mask_layers(unet, share=config.share_layers if config.share_attention else "lowest")
@@ -260,6 +278,7 @@ class DetailEngine:
         Returns the new latents (one row per branch) and the step's binary subject masks (``None`` in steps without
         latent modification).
         """
+        self.current_step = i
         latents = self.nurse(i, t, latents)
         eps = self.predict(i, t, latents)
         dtype = latents.dtype
@@ -294,13 +313,8 @@ class DetailEngine:
         state.begin(capture=self.nursing_capture, device=self.device, num_keys=self.conditioning.num_keys)
         try:
             with stop_after(self.unet, self.layers.last_block):
-                self.unet(
-                    z0 if reference.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t),
-                    t,
-                    cross_attention_kwargs=self.cross_attention_kwargs,
-                    return_dict=False,
-                    **self.conditioning.rows(self.layout.rows_of([0])[-1:]),
-                )
+                sample = z0 if reference.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t)
+                self.call_unet(sample, t, self.layout.rows_of([0])[-1:])
         except StopUNet:
             pass
         state.end(expect_self=False)
@@ -339,14 +353,20 @@ class DetailEngine:
         """Guided noise prediction of ``branches`` (latents ``x``, one row per branch): one UNet call."""
         cfg = self.layout.cfg
         model_input = self.scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-        eps = self.unet(
-            model_input,
+        eps = self.call_unet(model_input, t, self.layout.rows_of(branches))[0]
+        return self.guide(eps) if cfg else eps
+
+    def call_unet(self, sample: torch.Tensor, t: torch.Tensor, rows: list[int]) -> Any:
+        """One UNet call on these batch rows, with their conditioning and the :attr:`unet_extras`."""
+        extras = {} if self.unet_extras is None else self.unet_extras(self.current_step, sample, t, rows)
+        return self.unet(
+            sample,
             t,
             cross_attention_kwargs=self.cross_attention_kwargs,
             return_dict=False,
-            **self.conditioning.rows(self.layout.rows_of(branches)),
-        )[0]
-        return self.guide(eps) if cfg else eps
+            **self.conditioning.rows(rows),
+            **extras,
+        )
 
     def guide(self, eps: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance per branch on ``[uncond, cond]`` predictions (and guidance rescale)."""
@@ -372,4 +392,12 @@ class DetailEngine:
         return normalized_maps(self.last_maps, self.state.grid, self.latent_hw).cpu()
 
 
-__all__ = ["BranchLayout", "Conditioning", "DetailEngine", "StopUNet", "frozen_parameters", "stop_after"]
+__all__ = [
+    "BranchLayout",
+    "Conditioning",
+    "DetailEngine",
+    "StopUNet",
+    "UNetExtras",
+    "frozen_parameters",
+    "stop_after",
+]
