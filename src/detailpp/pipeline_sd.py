@@ -176,10 +176,9 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
             height, width: image size in pixels, multiples of 8 (default: the UNet's sample size times the VAE's
                 factor, 512 for SD 1.5 and 768 for SD 2.1).
             num_inference_steps, timesteps, sigmas, guidance_scale, negative_prompt, eta, generator, latents,
-            cross_attention_kwargs, guidance_rescale, clip_skip: as in ``StableDiffusionPipeline``; ``latents`` is
-                one initial latent, shared by every branch; ``negative_prompt`` is shared by every branch.
-            ip_adapter_image, ip_adapter_image_embeds: an image prompt for a loaded IP-Adapter, every branch gets it.
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            output_type, cross_attention_kwargs, guidance_rescale, clip_skip: as in ``StableDiffusionPipeline``;
+                ``latents`` (one initial latent) and ``negative_prompt`` are shared by every branch.
+            ip_adapter_image, ip_adapter_image_embeds: an image prompt for a loaded IP-Adapter (every branch's).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in :class:`~detailpp.DetailPlusPlusPipeline`
                 (``latents`` holds one row per branch; ``"masks"`` is the step's binary subject masks).
             detail_config, plan, return_branch_images, return_masks: as in :class:`~detailpp.DetailPlusPlusPipeline`.
@@ -187,9 +186,7 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
         Returns:
             :class:`DetailPlusPlusPipelineOutput` (or ``(images,)`` with ``return_dict=False``).
         """
-        default_height, default_width = self.default_size()
-        height = default_height if height is None else height
-        width = default_width if width is None else width
+        height, width = (self.default_size()[i] if v is None else v for i, v in enumerate((height, width)))
         base_kwargs = {name: value for name, value in locals().items() if name in self.base_arguments}
 
         # 1. Check every input, once; the plan (parsed from the prompt when absent).
