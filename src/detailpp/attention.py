@@ -93,7 +93,14 @@ def _block_of(module_name: str) -> str:
 
 
 def find_mask_layers(unet: torch.nn.Module, share: str = "lowest") -> MaskLayers:
-    """The attention layers at the UNet's lowest resolution (those with the fewest tokens), by module name.
+    """The Detail++ attention layers of a UNet: the lowest resolution level at which both the down path and the up
+    path have attention layers, by module name (plus the mid block's layers when the mid block sits at that level).
+
+    SDXL's lowest attention level holds ``down_blocks.2``, ``mid_block`` and ``up_blocks.0`` (32x32 tokens at
+    1024x1024). Stable Diffusion 1.x/2.x downsample once more: their mid block alone sits at 8x8 (at 512x512; one
+    self- and one cross-attention layer), below the down and up paths' lowest attention level, 16x16
+    (``down_blocks.2``, ``up_blocks.1``), which is the one taken (the mid block is not). A UNet whose down or up path
+    has no attention layer at all falls back to the layers with the fewest tokens.
 
     ``share="lowest"`` shares self-attention in those layers only (the paper); ``"all"`` in every self-attention
     layer of the down, mid and up blocks.
@@ -109,7 +116,9 @@ def find_mask_layers(unet: torch.nn.Module, share: str = "lowest") -> MaskLayers
                 found.append((levels[block], name, module.is_cross_attention))
     if not found:
         raise ValueError("The UNet has no attention layers in its down/mid/up blocks; Detail++ needs them.")
-    level = max(lv for lv, _, _ in found)
+    down = {lv for lv, n, _ in found if n.startswith("down_blocks.")}
+    up = {lv for lv, n, _ in found if n.startswith("up_blocks.")}
+    level = max(down & up) if down & up else max(lv for lv, _, _ in found)
     chosen = [(n, cross) for lv, n, cross in found if lv == level]
     order = list(levels)
     last_block = max({_block_of(n) for n, _ in chosen}, key=order.index)

@@ -1,15 +1,22 @@
 """Loading a Detail++ pipeline from a name: a Hub id, a local diffusers folder, a single-file checkpoint, or one of
-the built-in models (``tiny-random``: random weights for tests; ``sdxl-random``: full-size SDXL with random weights, a
-speed/memory stand-in; ``toy``: the small model trained on synthetic scenes, when it is installed)."""
+the built-in models (``tiny-random``, ``tiny-random-sd15``, ``tiny-random-sd21``: random weights for tests;
+``sdxl-random``, ``sd15-random``: full-size SDXL / SD 1.5 with random weights, speed/memory stand-ins; ``toy``: the
+small model trained on synthetic scenes, when it is installed).
+
+A folder or Hub id loads the Detail++ pipeline of its family (:data:`FAMILY_PIPELINES`, from its
+``model_index.json``: :func:`detailpp.families.model_family`); an unsupported family is refused before any weight
+loads. Single-file checkpoints load as SDXL."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
 import torch
 
 from detailpp.errors import DetailError
+from detailpp.families import ModelFamily, UnsupportedModelError, model_family
 from detailpp.resources import DATA_DIR
 
 logger = logging.getLogger(__name__)
@@ -20,8 +27,50 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+#: The built-in models (no download) and their families.
+BUILTIN_MODELS: dict[str, ModelFamily] = {
+    "toy": ModelFamily("sdxl"),
+    "tiny-random": ModelFamily("sdxl"),
+    "sdxl-random": ModelFamily("sdxl"),
+    "tiny-random-sd15": ModelFamily("sd"),
+    "tiny-random-sd21": ModelFamily("sd"),
+    "sd15-random": ModelFamily("sd"),
+}
+#: The Detail++ pipeline class of each model family, as ``module:attribute`` (imported only when used).
+FAMILY_PIPELINES: dict[ModelFamily, str] = {
+    ModelFamily("sdxl"): "detailpp.pipeline:DetailPlusPlusPipeline",
+    ModelFamily("sd"): "detailpp.pipeline_sd:DetailPlusPlusSDPipeline",
+    ModelFamily("sdxl", True): "detailpp.pipeline_controlnet:DetailPlusPlusControlNetPipeline",
+}
+
+
 class ModelLoadError(DetailError, OSError):
     """The model could not be loaded; the message names it and the ways out."""
+
+
+def pipeline_class_for(family: ModelFamily | None) -> type:
+    """The Detail++ pipeline class of a model family (``None``: no ``model_index.json`` to tell, SDXL).
+
+    Raises :class:`~detailpp.families.UnsupportedModelError` for a family without one (SD 1.x/2.x + ControlNet) or
+    whose module is not installed.
+    """
+    family = ModelFamily("sdxl") if family is None else family
+    if family not in FAMILY_PIPELINES:
+        raise UnsupportedModelError(
+            f"{family.label} has no Detail++ pipeline yet; Detail++ runs on "
+            + ", ".join(f.label for f in FAMILY_PIPELINES)
+            + "."
+        )
+    module_name, _, attribute = FAMILY_PIPELINES[family].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise UnsupportedModelError(
+            f"{family.label} needs {module_name}.{attribute}, which this installation of detailpp does not have."
+        ) from e
+    return getattr(module, attribute)
 
 
 def resolve_device(device: str | None) -> str:
@@ -79,7 +128,7 @@ def model_detail_defaults(model: str, **hub_kwargs) -> dict:
 
     if model == "toy":
         return read_detail_defaults(TOY_MODEL_DIR)
-    if model in ("tiny-random", "sdxl-random"):
+    if model in BUILTIN_MODELS:
         return {}
     return read_detail_defaults(model, **hub_kwargs)
 
@@ -90,32 +139,23 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     pipeline_class: type | None = None,
 ):
-    """A ready-to-call :class:`~detailpp.DetailPlusPlusPipeline` (or ``pipeline_class``) on ``device``.
+    """A ready-to-call Detail++ pipeline of the model's family (or ``pipeline_class``) on ``device``.
 
     Args:
-        model: ``"tiny-random"``, ``"sdxl-random"`` (full size, random weights: :mod:`detailpp.sdxl_random`),
-            ``"toy"``, a local diffusers folder, a ``.safetensors``/``.ckpt`` single-file SDXL checkpoint, or a Hub id
-            (``stabilityai/stable-diffusion-xl-base-1.0`` or any SDXL fine-tune).
+        model: a built-in model (``"tiny-random"``, ``"tiny-random-sd15"``, ``"tiny-random-sd21"``,
+            ``"sdxl-random"`` and ``"sd15-random"``: full size, random weights, ``"toy"``), a local diffusers folder,
+            a ``.safetensors``/``.ckpt`` single-file SDXL checkpoint, or a Hub id (SDXL, SD 1.x/2.x or a fine-tune).
+            A folder or Hub id gets its family's pipeline (:data:`FAMILY_PIPELINES`): ``DetailPlusPlusPipeline`` for
+            SDXL, ``DetailPlusPlusSDPipeline`` for SD 1.x/2.x; an unsupported family (SD3, FLUX, Kandinsky...) raises
+            :class:`~detailpp.families.UnsupportedModelError` before any weight loads.
         device: ``"cuda"``, ``"cpu"``, ``"mps"``...; the best available when ``None``.
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``; float16 on CUDA and float32 elsewhere when ``None``.
+        pipeline_class: load with this class instead of the family's.
     """
-    if pipeline_class is None:
-        from detailpp.pipeline import DetailPlusPlusPipeline as pipeline_class
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if model == "tiny-random":
-        from detailpp.tiny import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline(pipeline_class=pipeline_class, dtype=torch_dtype)
-        return pipe.to(device)
-    if model == "sdxl-random":
-        from detailpp.sdxl_random import build_sdxl_random_pipeline
-
-        logger.warning(
-            "--model sdxl-random: full-size SDXL with RANDOM weights, a speed/memory stand-in; its images are noise "
-            "and say nothing about quality."
-        )
-        return build_sdxl_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
+    if model in BUILTIN_MODELS and model != "toy":
+        return _load_builtin(model, pipeline_class or pipeline_class_for(BUILTIN_MODELS[model]), device, torch_dtype)
     source: str | Path = model
     if model == "toy":
         if not toy_model_available():
@@ -126,6 +166,8 @@ def load_pipeline(
         source = TOY_MODEL_DIR
     path = Path(source)
     try:
+        if pipeline_class is None:  # the family from model_index.json; refused here, before any weight loads
+            pipeline_class = pipeline_class_for(BUILTIN_MODELS["toy"] if model == "toy" else model_family(source))
         if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
             pipe = pipeline_class.from_single_file(str(path), **dtype_kwarg(torch_dtype))
         else:
@@ -142,8 +184,8 @@ def load_pipeline(
                     raise
                 pipe = pipeline_class.from_pretrained(str(source), **dtype_kwarg(torch_dtype), **extra)
     except Exception as e:  # every loader failure gets the same clear way out
-        if type(e).__name__ == "DetailInputError":  # the folder's detail_config.json: its own clear message
-            raise
+        if isinstance(e, UnsupportedModelError) or type(e).__name__ == "DetailInputError":
+            raise  # the model's family, the folder's detail_config.json: their own clear messages
         # diffusers' own message may point at a stack trace that is not shown: drop that sentence
         cause = str(e).splitlines()[0] if str(e) else ""
         cause = cause.replace(" Please check out the root cause in the stacktrace above.", "").rstrip(".")
@@ -153,3 +195,31 @@ def load_pipeline(
             "and, for gated models, `hf auth login`), or --model tiny-random to check the set-up without weights."
         ) from e
     return pipe.to(device)
+
+
+def _load_builtin(model: str, pipeline_class: type, device: str, torch_dtype: torch.dtype):
+    """A built-in model with random weights, built in code (no download)."""
+    if model.startswith("tiny-random"):
+        if model == "tiny-random":
+            from detailpp.tiny import build_tiny_pipeline
+
+            pipe = build_tiny_pipeline(pipeline_class=pipeline_class, dtype=torch_dtype)
+        else:
+            from detailpp.tiny_sd import build_tiny_sd_pipeline
+
+            variant = model.removeprefix("tiny-random-")
+            pipe = build_tiny_sd_pipeline(variant, pipeline_class=pipeline_class, dtype=torch_dtype)
+        return pipe.to(device)
+    logger.warning(
+        "--model %s: full-size %s with RANDOM weights, a speed/memory stand-in; its images are noise and say nothing "
+        "about quality.",
+        model,
+        "SDXL" if model == "sdxl-random" else "SD 1.5",
+    )
+    if model == "sdxl-random":
+        from detailpp.sdxl_random import build_sdxl_random_pipeline
+
+        return build_sdxl_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
+    from detailpp.sd_random import build_sd15_random_pipeline
+
+    return build_sd15_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)

@@ -23,8 +23,9 @@ SEED_MIN, SEED_MAX = 0, 2**64 - 1
 RANDOM_SEED = -1
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 #: the built-in models' native size; a diffusers folder's own size is read from its config.
-BUILTIN_SIZES = {"tiny-random": 256, "sdxl-random": 1024}
-EMBEDDED_MODELS = ("toy", "tiny-random")
+BUILTIN_SIZES = {"tiny-random": 256, "sdxl-random": 1024, "tiny-random-sd15": 256, "tiny-random-sd21": 256}
+BUILTIN_SIZES |= {"sd15-random": 512}
+EMBEDDED_MODELS = ("toy", "tiny-random", "tiny-random-sd15", "tiny-random-sd21")
 
 
 def resolve_seeds(seeds: Iterable[int]) -> list[int]:
@@ -215,7 +216,7 @@ def a1111_sampler(scheduler) -> str:
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
-BUILTIN_MODELS = ("toy", "tiny-random", "sdxl-random")
+BUILTIN_MODELS = ("toy", "tiny-random", "sdxl-random", "tiny-random-sd15", "tiny-random-sd21", "sd15-random")
 
 
 def _offline() -> bool:
@@ -225,9 +226,19 @@ def _offline() -> bool:
 
 
 def check_model(model: str) -> None:
-    """Refuse, before loading, a model name that names nothing or a Hub id that offline mode cannot load."""
-    if model in BUILTIN_MODELS or Path(model).expanduser().exists():
+    """Refuse, before loading, a model name that names nothing, a Hub id that offline mode cannot load, or a model of
+    a family Detail++ cannot run on (its ``model_index.json``: :class:`~detailpp.families.UnsupportedModelError`)."""
+    if model in BUILTIN_MODELS:
         return
+    from detailpp.families import model_family
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        _check_model_name(model)
+    model_family(path if path.exists() else model)
+
+
+def _check_model_name(model: str) -> None:
     if model.startswith((".", "/", "~")) or model.count("/") != 1 or model.endswith((".safetensors", ".ckpt")):
         raise UserError(
             f"--model {model!r}: no such folder or file, and no Hub id of the form 'owner/name'; give a local SDXL "

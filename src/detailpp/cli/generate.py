@@ -59,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="Hub id, local folder, .safetensors file, 'toy' or 'tiny-random' "
-        "(default: the embedded toy model, else tiny-random)",
+        help="Hub id or local folder (SDXL or SD 1.x/2.x, told apart by its model_index.json), SDXL .safetensors "
+        "file, 'toy', or random weights: 'tiny-random' (SDXL), 'tiny-random-sd15', 'tiny-random-sd21', "
+        "'sdxl-random', 'sd15-random' (full size) (default: the embedded toy model, else tiny-random)",
     )
     p.add_argument(
         "--seed", type=int, nargs="+", default=[0], help="one image per seed; -1: a random seed, recorded (default: 0)"
@@ -238,8 +239,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from detailpp.loading import load_pipeline
 
-    if model == "tiny-random":
-        logger.warning("Model 'tiny-random' has random weights: its images are noise (it checks the set-up only).")
+    if model.startswith("tiny-random"):
+        logger.warning("Model %r has random weights: its images are noise (it checks the set-up only).", model)
     if args.quiet:
         quiet_loading()
     started = time.perf_counter()
