@@ -1,4 +1,5 @@
-"""Detail++ for SDXL: training-free progressive detail injection, as a diffusers pipeline.
+"""Detail++ for SDXL (and SD 1.x/2.x, SDXL ControlNet): training-free progressive detail injection, as diffusers
+pipelines.
 
 >>> from detailpp import DetailPlusPlusPipeline, DetailConfig
 """
@@ -13,8 +14,10 @@ __all__ = [
     "ConfigError",
     "DecompositionPlan",
     "DetailConfig",
+    "DetailPlusPlusControlNetPipeline",
     "DetailPlusPlusPipeline",
     "DetailPlusPlusPipelineOutput",
+    "DetailPlusPlusSDPipeline",
     "PlanError",
     "decompose",
 ]
@@ -26,6 +29,14 @@ def __getattr__(name: str):
         from detailpp.pipeline import DetailPlusPlusPipeline
 
         return DetailPlusPlusPipeline
+    if name == "DetailPlusPlusSDPipeline":
+        from detailpp.pipeline_sd import DetailPlusPlusSDPipeline
+
+        return DetailPlusPlusSDPipeline
+    if name == "DetailPlusPlusControlNetPipeline":
+        from detailpp.pipeline_controlnet import DetailPlusPlusControlNetPipeline
+
+        return DetailPlusPlusControlNetPipeline
     if name == "DetailPlusPlusPipelineOutput":
         from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
 
