@@ -91,6 +91,19 @@ def load_controlnet(source: str, unet: torch.nn.Module, seed: int = 0) -> Contro
     return ControlNetModel.from_pretrained(source, **dtype_kwarg(unet.dtype)).to(unet.device)
 
 
+def with_controlnets(pipe, sources: list[str]) -> DetailPlusPlusControlNetPipeline:
+    """``pipe`` (an SDXL Detail++ pipeline) as a ControlNet one on the same components, its dtype, settings and
+    recommended Detail++ settings kept (``from_pipe``): one ControlNet, or a ``MultiControlNetModel`` of several
+    (:func:`load_controlnet` each; ``tiny-random`` ones get distinct seeds)."""
+    from detailpp.loading import dtype_kwarg
+
+    nets = [load_controlnet(source, pipe.unet, seed=i) for i, source in enumerate(sources)]
+    controlnet = nets[0] if len(nets) == 1 else nets
+    out = DetailPlusPlusControlNetPipeline.from_pipe(pipe, controlnet=controlnet, **dtype_kwarg(pipe.dtype))
+    out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return out
+
+
 class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffusionXLControlNetPipeline):
     """SDXL + ControlNet with Detail++: load it like ``StableDiffusionXLControlNetPipeline`` (``from_pretrained(...,
     controlnet=cn)``, ``from_pipe(sdxl_pipe, controlnet=cn)``; a list of ControlNets makes a ``MultiControlNetModel``)
@@ -306,4 +319,4 @@ DetailPlusPlusControlNetPipeline.base_arguments = shared_arguments(
     DetailPlusPlusControlNetPipeline, StableDiffusionXLControlNetPipeline
 )
 
-__all__ = ["DetailPlusPlusControlNetPipeline", "image_size", "load_controlnet", "tiny_controlnet"]
+__all__ = ["DetailPlusPlusControlNetPipeline", "image_size", "load_controlnet", "tiny_controlnet", "with_controlnets"]
