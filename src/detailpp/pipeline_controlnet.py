@@ -114,6 +114,11 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
     base_pipeline_class = StableDiffusionXLControlNetPipeline
 
     @property
+    def default_sample_size(self) -> int:
+        """The UNet's native latent size, as SDXL's pipeline has it (the demo and the CLI read it)."""
+        return int(self.unet.config.sample_size)
+
+    @property
     def guidance_rescale(self) -> float:
         """Always 0 (the ControlNet pipeline has no guidance rescale; the engine reads it)."""
         return 0.0
@@ -271,11 +276,8 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
                 image's (``height``/``width`` default to it and, when given, must equal it).
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end: as in
                 ``StableDiffusionXLControlNetPipeline`` (one value, or a list of one per ControlNet).
-            every other argument: as in :meth:`detailpp.DetailPlusPlusPipeline.__call__` (without
-                ``guidance_rescale``, which the ControlNet pipeline lacks); ``guess_mode`` is not supported.
-
-        Returns:
-            :class:`DetailPlusPlusPipelineOutput` (or ``(images,)`` with ``return_dict=False``).
+            every other argument: as in :meth:`detailpp.DetailPlusPlusPipeline.__call__` (no ``guidance_rescale``:
+                the ControlNet pipeline has none); ``guess_mode`` is not supported. Returns the same output.
         """
         if isinstance(controlnet_conditioning_scale, int):  # (diffusers takes floats only)
             controlnet_conditioning_scale = float(controlnet_conditioning_scale)

@@ -105,6 +105,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a LoRA .safetensors file (or a folder holding one) and its scale; repeatable; needs peft "
         "(default: none)",
     )
+    add_controlnet_arguments(p)
+    p.add_argument("--plan", type=Path, default=None, help="a plan JSON file (as 'detailpp decompose --json')")
+    p.add_argument("--save-branches", action="store_true", help="also write a grid of every branch")
+    p.add_argument("--save-masks", action="store_true", help="also write each subject's mask over the image")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="(default: outputs)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument(
+        "--dtype",
+        type=dtype_name,
+        choices=DTYPE_NAMES,
+        default=None,
+        help="(default: float16 on CUDA, float32 elsewhere; float16 on the CPU falls back to float32)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): about 10 s of compilation in the "
+        "first image, then about 1.1x faster on a GPU (H200, full-size SDXL); not useful on CPU",
+    )
+
+
+def add_controlnet_arguments(p: argparse.ArgumentParser) -> None:
+    """SDXL ControlNet's flags (one image, and optionally one scale, per --controlnet)."""
     p.add_argument(
         "--controlnet",
         action="append",
@@ -131,24 +154,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--control-start", type=float, default=None, help="control_guidance_start (default: 0.0)")
     p.add_argument("--control-end", type=float, default=None, help="control_guidance_end (default: 1.0)")
-    p.add_argument("--plan", type=Path, default=None, help="a plan JSON file (as 'detailpp decompose --json')")
-    p.add_argument("--save-branches", action="store_true", help="also write a grid of every branch")
-    p.add_argument("--save-masks", action="store_true", help="also write each subject's mask over the image")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="(default: outputs)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
-    p.add_argument(
-        "--dtype",
-        type=dtype_name,
-        choices=DTYPE_NAMES,
-        default=None,
-        help="(default: float16 on CUDA, float32 elsewhere; float16 on the CPU falls back to float32)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): about 10 s of compilation in the "
-        "first image, then about 1.1x faster on a GPU (H200, full-size SDXL); not useful on CPU",
-    )
 
 
 def flag_fields(args: argparse.Namespace) -> dict:
