@@ -13,7 +13,9 @@ whose self-attention every branch shares too; the ControlNet's own attention lay
 Why it is exact for the image. After the window the engine calls the UNet on the last branch alone (the branch that
 becomes the image), so that branch is its own first branch: its residuals are computed from its own latent, prompt
 and the control image, batch ``[uncond, cond]``, which is exactly what ``StableDiffusionXLControlNetPipeline``
-computes for a one-image call. The nursing pass (branch 0's conditional row, gradients on) gets the conditional
+computes for a one-image call. (Only when every branch is kept to the end in one batch, the authors' preset's
+``one_batch_after_window``, does p0 stay the first branch, its residuals serving every branch to the end.) The nursing
+pass (branch 0's conditional row, gradients on) gets the conditional
 residual computed from its own ``sample`` with gradients, the ControlNet's weights frozen for the pass.
 
 Per-step scale: diffusers' ``controlnet_keep`` (:func:`controlnet_keep`): a ControlNet contributes at step ``i`` of

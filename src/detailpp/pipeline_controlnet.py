@@ -129,9 +129,12 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
         net = getattr(self.controlnet, "_orig_mod", self.controlnet)
         return list(net.nets) if isinstance(net, MultiControlNetModel) else [net]
 
-    def check_control_inputs(self, image: Any, height: int | None, width: int | None, scale: Any) -> tuple[int, int]:
+    def check_control_inputs(
+        self, image: Any, height: int | None, width: int | None, scale: Any
+    ) -> tuple[int, int, float | list[float]]:
         """One control image per ControlNet, the call's size equal to the image's (taken from it when not given),
-        one scale per ControlNet; returns the call's height and width."""
+        one scale per ControlNet; returns the call's height, width and scale (an int as a float: diffusers takes
+        floats only)."""
         n = len(self.controlnets)
         if image is None:
             raise DetailInputError("A ControlNet pipeline needs a control image: pass `image=` (one per ControlNet).")
@@ -164,7 +167,7 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
                     f"image to {width}x{height}, or pass width={w}, height={h} (or leave them out: the control "
                     "image's size is used)."
                 )
-        return height, width
+        return height, width, float(scale) if isinstance(scale, int) else scale
 
     def check_base_inputs(
         self,
@@ -279,9 +282,8 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
             every other argument: as in :meth:`detailpp.DetailPlusPlusPipeline.__call__` (no ``guidance_rescale``:
                 the ControlNet pipeline has none); ``guess_mode`` is not supported. Returns the same output.
         """
-        if isinstance(controlnet_conditioning_scale, int):  # (diffusers takes floats only)
-            controlnet_conditioning_scale = float(controlnet_conditioning_scale)
-        height, width = self.check_control_inputs(image, height, width, controlnet_conditioning_scale)
+        scale = controlnet_conditioning_scale
+        height, width, controlnet_conditioning_scale = self.check_control_inputs(image, height, width, scale)
         base_kwargs = {name: value for name, value in locals().items() if name in self.base_arguments}
 
         # 1. Check every input, once; the plan (parsed from the prompt when absent).
