@@ -226,6 +226,7 @@ def test_wrong_size_and_count_fail_before_denoising(pipe, components):
     )
     fails_before_denoising(pipe, r"Got 2 control images for 1 ControlNet\(s\)", image=[control_image()] * 2)
     fails_before_denoising(pipe, "multiples of 8", image=control_image(size=60))
+    fails_before_denoising(pipe, "is a batch of 2", image=torch.zeros(2, 3, SIZE, SIZE))
     fails_before_denoising(pipe, "needs a control image", image=None)
     fails_before_denoising(pipe, "guess_mode", guess_mode=True)
     multi = DetailPlusPlusControlNetPipeline(**{**components, "controlnet": [components["controlnet"]] * 2})

@@ -151,6 +151,13 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
                 f"Got {len(scale)} values of `controlnet_conditioning_scale` for {n} ControlNet(s): give one per "
                 "ControlNet, or one float for all."
             )
+        for i, im in enumerate(images):
+            batch = len(im) if isinstance(im, (list, tuple)) else im.shape[0] if getattr(im, "ndim", 0) == 4 else 1
+            if batch != 1:
+                raise DetailInputError(
+                    f"Control image {i} is a batch of {batch}: Detail++ makes one image per call, so give one control "
+                    "image per ControlNet."
+                )
         sizes = [image_size(im) for im in images]
         if any(s is None for s in sizes):
             raise DetailInputError("Control images must be PIL images, arrays (H, W, C) or tensors (C, H, W).")
