@@ -208,3 +208,85 @@ def test_unknown_preset_is_refused_by_argparse(tmp_path, capsys):
         main(["generate", PROMPT, "--preset", "paper", "--output-dir", str(tmp_path / "o")])
     assert e.value.code == 2 and "invalid choice: 'paper'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def write_control_image(path: Path, size: int = 64, seed: int = 0) -> Path:
+    import numpy as np
+    import PIL.Image
+
+    pixels = np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_generate_with_two_controlnets_records_them(tmp_path, capsys):
+    images = [write_control_image(tmp_path / f"control-{i}.png", seed=i) for i in range(2)]
+    argv = ["generate", "a red dog and a blue cat", "--model", "tiny-random", "--steps", "2", "--quiet"]
+    argv += ["--no-nursing", "--output-dir", str(tmp_path / "out")]
+    argv += ["--controlnet", "tiny-random", "--control-image", str(images[0]), "--controlnet-scale", "0.5"]
+    argv += ["--controlnet", "tiny-random", "--control-image", str(images[1]), "--controlnet-scale", "0.8"]
+    argv += ["--control-start", "0.0", "--control-end", "0.5"]
+    assert main(argv) == 0
+    png = Path(capsys.readouterr().out.splitlines()[0])
+    chunks = read_png_text(png)
+    settings = json.loads(chunks["detailpp"])
+    assert settings["width"] == settings["height"] == 64  # the control image's size
+    assert settings["controlnets"] == [
+        {"controlnet": "tiny-random", "image": str(images[0]), "scale": 0.5, "start": 0.0, "end": 0.5},
+        {"controlnet": "tiny-random", "image": str(images[1]), "scale": 0.8, "start": 0.0, "end": 0.5},
+    ]
+    assert (
+        'ControlNet 1: "Model: tiny-random, Image: control-1.png, Weight: 0.8, Guidance Start: 0.0, '
+        in (chunks["parameters"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--controlnet", "tiny-random"], "Got 1 --controlnet and 0 --control-image"),
+        (["--control-image", "{img}"], "--control-image needs a ControlNet"),
+        (["--controlnet", "tiny-random", "--control-image", "{dir}/missing.png"], "missing.png': no such file"),
+        (["--controlnet", "tiny-random", "--control-image", "{dir}/bad.png"], "does not open as an image"),
+        (
+            [
+                "--controlnet",
+                "tiny-random",
+                "--control-image",
+                "{img}",
+                "--controlnet-scale",
+                "1",
+                "--controlnet-scale",
+                "2",
+            ],
+            "Got 2 --controlnet-scale for 1 ControlNets",
+        ),
+        (["--controlnet", "tiny-random", "--control-image", "{img}", "--width", "128"], "--width 128 differs"),
+        (
+            [
+                "--controlnet",
+                "tiny-random",
+                "--control-image",
+                "{img}",
+                "--control-start",
+                "0.6",
+                "--control-end",
+                "0.5",
+            ],
+            "0 <= start < end <= 1",
+        ),  # fmt: skip
+        (["--controlnet", "./no/such/folder", "--control-image", "{img}"], "no such folder"),
+    ],
+)
+def test_controlnet_flags_are_checked_before_loading(flags, message, tmp_path, capsys, monkeypatch):
+    write_control_image(tmp_path / "img.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    flags = [f.format(img=tmp_path / "img.png", dir=tmp_path) for f in flags]
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("detailpp.loading.load_pipeline", no_loading)
+    code = main(["generate", PROMPT, "--quiet", "--output-dir", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err

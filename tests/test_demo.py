@@ -393,6 +393,44 @@ def test_cli_demo_says_when_the_port_is_taken_before_loading_the_model(monkeypat
     assert "the port may be in use: choose another with --port" in capsys.readouterr().err
 
 
+def test_a_controlnet_pipeline_takes_the_control_image_and_shows_its_field(tiny_pipe):
+    import PIL.Image
+
+    from detailpp.demo import build_demo
+    from detailpp.pipeline_controlnet import with_controlnets
+
+    cn_pipe = with_controlnets(tiny_pipe, ["tiny-random"])
+    session = DemoSession(cn_pipe, "tiny-random")
+    assert session.has_controlnet and not DemoSession(tiny_pipe, "tiny-random").has_controlnet
+    with pytest.raises(DemoInputError, match="upload a control image"):
+        session.generate(PROMPT, [], table_prompt=None, settings=settings(), compare=False)
+    control = PIL.Image.new("RGB", (96, 80), "white")  # resized to the page's 64x64
+    result = session.generate(PROMPT, [], table_prompt=None, settings=settings(), control_image=control)
+    assert result.image.size == result.plain_image.size == (64, 64)
+    assert page_value(build_demo(cn_pipe, model_name="tiny-random", initial_prompt=""), "detailpp-control") is None
+    visible = {
+        pipe_name: [b.visible for b in build_demo(p, model_name="tiny-random", initial_prompt="").blocks.values()
+                    if getattr(b, "elem_id", None) == "detailpp-control"]
+        for pipe_name, p in (("controlnet", cn_pipe), ("plain", tiny_pipe))
+    }  # fmt: skip
+    assert visible == {"controlnet": [True], "plain": [False]}
+
+
+def test_cli_demo_controlnet_flag_makes_a_controlnet_pipeline(monkeypatch):
+    import detailpp.demo
+    import detailpp.loading
+    import detailpp.pipeline_controlnet
+
+    attached, built = [], []
+    monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: FakePipe())
+    monkeypatch.setattr(detailpp.pipeline_controlnet, "with_controlnets", lambda p, s: attached.append(s) or p)
+    monkeypatch.setattr(detailpp.demo, "build_demo", lambda pipe, **k: built.append(k) or "page")
+    monkeypatch.setattr(detailpp.demo, "launch", lambda demo, host, port: None)
+    assert main(["demo", "--model", "tiny-random", "--controlnet", "tiny-random", "--port", "0"]) == 0
+    assert attached == [["tiny-random"]] and built[0]["controlnet"] is True
+    assert main(["demo", "--model", "tiny-random", "--controlnet", "./no/such/folder", "--port", "0"]) == 2
+
+
 # ---------------------------------------------------------------------------------------------------- the browser
 
 

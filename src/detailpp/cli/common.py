@@ -252,3 +252,83 @@ def _check_model_name(model: str) -> None:
                 f"--model {model}: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; unset "
                 "HF_HUB_OFFLINE to download it, give a local SDXL folder or .safetensors file, or use --model toy."
             )
+
+
+# --- ControlNet ------------------------------------------------------------------------------------------------------
+def check_controlnet_source(source: str, flag: str = "--controlnet") -> None:
+    """A ControlNet given as ``tiny-random``, an existing folder or a Hub id ``owner/name`` (before loading)."""
+    if source == "tiny-random" or Path(source).expanduser().is_dir():
+        return
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise UserError(
+            f"{flag} {source!r}: no such folder and no Hub id of the form 'owner/name' (e.g. "
+            "diffusers/controlnet-canny-sdxl-1.0); or use tiny-random to check the set-up."
+        )
+
+
+def check_control_image(path: Path, flag: str = "--control-image") -> tuple[int, int]:
+    """A control image file that exists and opens as an image; returns its (width, height)."""
+    import PIL.Image
+
+    if not path.is_file():
+        raise UserError(f"{flag} {str(path)!r}: no such file.")
+    try:
+        with PIL.Image.open(path) as image:
+            image.verify()
+        with PIL.Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{flag} {str(path)!r} does not open as an image ({e}).") from None
+
+
+def check_controlnet_args(args) -> None:
+    """``--controlnet``, ``--control-image``, ``--controlnet-scale``, ``--control-start``/``--control-end``: one
+    image per ControlNet, one scale (for all) or one per ControlNet, 0 <= start < end <= 1, files that open.
+    Sets ``args.controlnet_scales`` (one per ControlNet)."""
+    nets, images, scales = args.controlnet, args.control_image, args.controlnet_scale
+    if images and not nets:
+        raise UserError("--control-image needs a ControlNet: add --controlnet ID|PATH (one per image).")
+    for flag, given in (("--controlnet-scale", scales), ("--control-start", args.control_start is not None)):
+        if given and not nets:
+            raise UserError(f"{flag} needs a ControlNet: add --controlnet ID|PATH.")
+    if args.control_end is not None and not nets:
+        raise UserError("--control-end needs a ControlNet: add --controlnet ID|PATH.")
+    if not nets:
+        args.controlnet_scales = []
+        return
+    for source in nets:
+        check_controlnet_source(source)
+    if len(images) != len(nets):
+        raise UserError(
+            f"Got {len(nets)} --controlnet and {len(images)} --control-image: give one control image per ControlNet, "
+            "in the same order."
+        )
+    if len(scales) not in (0, 1, len(nets)):
+        raise UserError(
+            f"Got {len(scales)} --controlnet-scale for {len(nets)} ControlNets: give one for all, or one per "
+            "ControlNet."
+        )
+    args.controlnet_scales = scales * len(nets) if len(scales) == 1 else scales or [1.0] * len(nets)
+    start = 0.0 if args.control_start is None else args.control_start
+    end = 1.0 if args.control_end is None else args.control_end
+    if not 0.0 <= start < end <= 1.0:
+        raise UserError(f"--control-start and --control-end must satisfy 0 <= start < end <= 1, got {start}, {end}.")
+    sizes = [check_control_image(path) for path in images]
+    for size, path in zip(sizes, images, strict=True):
+        if size != sizes[0]:
+            raise UserError(
+                f"The control images differ in size ({images[0]}: {sizes[0][0]}x{sizes[0][1]}, {path}: "
+                f"{size[0]}x{size[1]}): resize them to one size, the image's."
+            )
+    width, height = sizes[0]
+    if width % 8 or height % 8:
+        raise UserError(
+            f"The control image {images[0]} is {width}x{height} pixels; its sides must be multiples of 8: resize or "
+            "crop it."
+        )
+    for name, side, given in (("width", width, args.width), ("height", height, args.height)):
+        if given is not None and given != side:
+            raise UserError(
+                f"--{name} {given} differs from the control image's {name} {side} ({images[0]}): leave --{name} out "
+                f"(the control image's size is used) or resize the control image."
+            )

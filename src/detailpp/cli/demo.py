@@ -6,6 +6,7 @@ link, no analytics) and makes one image at a time; requests from other tabs wait
 Examples:
   detailpp demo
   detailpp demo --model stabilityai/stable-diffusion-xl-base-1.0 --device cuda --dtype float16
+  detailpp demo --controlnet diffusers/controlnet-canny-sdxl-1.0   # the page takes a control image
   detailpp demo --host 0.0.0.0 --port 8080     # reachable from the network: anyone who can reach it can use it
 """
 
@@ -16,7 +17,15 @@ import logging
 import socket
 
 from detailpp.cli import UserError, add_deprecated_alias
-from detailpp.cli.common import DTYPE_NAMES, check_device, check_dtype, check_model, check_size, dtype_name
+from detailpp.cli.common import (
+    DTYPE_NAMES,
+    check_controlnet_source,
+    check_device,
+    check_dtype,
+    check_model,
+    check_size,
+    dtype_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--width", type=int, default=None, help="the page's initial width (default: the model's size)")
     p.add_argument("--height", type=int, default=None, help="the page's initial height (default: the model's size)")
+    p.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="ID|PATH",
+        help="an SDXL ControlNet (Hub id or folder; tiny-random with --model tiny-random): the page then takes a "
+        "control image (default: none)",
+    )
     add_deprecated_alias(p, "--size", "--width and --height", dest="size", type=int)
 
 
@@ -78,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         check_size(name, getattr(args, name))
     device = check_device(args.device)
     dtype = check_dtype(args.dtype, device)
+    if args.controlnet is not None:
+        check_controlnet_source(args.controlnet)
     check_port(args.host, args.port)
     try:
         import gradio  # noqa: F401
@@ -95,9 +113,18 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in LOCAL_HOSTS:
         logger.warning("Listening on %s: anyone who can reach this address can use the demo and its GPU.", args.host)
     pipe = load_pipeline(model, device=device, dtype=dtype)
+    if args.controlnet is not None:
+        from detailpp.pipeline_controlnet import with_controlnets
+
+        pipe = with_controlnets(pipe, [args.controlnet])
     pipe.set_progress_bar_config(disable=True)
     demo = build_demo(
-        pipe, model_name=model, default_steps=args.steps, default_width=args.width, default_height=args.height
+        pipe,
+        model_name=model,
+        default_steps=args.steps,
+        default_width=args.width,
+        default_height=args.height,
+        controlnet=args.controlnet is not None,
     )
     logger.info("Starting the demo on http://%s:%d (Ctrl+C stops it)", args.host, args.port)
     launch(demo, host=args.host, port=args.port)

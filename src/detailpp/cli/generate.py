@@ -26,6 +26,7 @@ from detailpp.cli.common import (
     DTYPE_NAMES,
     SCHEDULERS,
     a1111_sampler,
+    check_controlnet_args,
     check_device,
     check_dtype,
     check_model,
@@ -105,6 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a LoRA .safetensors file (or a folder holding one) and its scale; repeatable; needs peft "
         "(default: none)",
     )
+    add_controlnet_arguments(p)
     p.add_argument("--plan", type=Path, default=None, help="a plan JSON file (as 'detailpp decompose --json')")
     p.add_argument("--save-branches", action="store_true", help="also write a grid of every branch")
     p.add_argument("--save-masks", action="store_true", help="also write each subject's mask over the image")
@@ -123,6 +125,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): about 10 s of compilation in the "
         "first image, then about 1.1x faster on a GPU (H200, full-size SDXL); not useful on CPU",
     )
+
+
+def add_controlnet_arguments(p: argparse.ArgumentParser) -> None:
+    """SDXL ControlNet's flags (one image, and optionally one scale, per --controlnet)."""
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="ID|PATH",
+        help="an SDXL ControlNet (Hub id or folder; tiny-random: a tiny random one for --model tiny-random); "
+        "repeatable for several ControlNets, each with its --control-image (default: none)",
+    )
+    p.add_argument(
+        "--control-image",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="the control image of each --controlnet, in the same order; its size is the image's",
+    )
+    p.add_argument(
+        "--controlnet-scale",
+        action="append",
+        type=float,
+        default=[],
+        metavar="FLOAT",
+        help="controlnet_conditioning_scale: one for all ControlNets or one per ControlNet (default: 1.0)",
+    )
+    p.add_argument("--control-start", type=float, default=None, help="control_guidance_start (default: 0.0)")
+    p.add_argument("--control-end", type=float, default=None, help="control_guidance_end (default: 1.0)")
 
 
 def flag_fields(args: argparse.Namespace) -> dict:
@@ -169,6 +201,7 @@ def check_args(args: argparse.Namespace) -> DetailConfig:
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise UserError(f"--guidance-scale must be at least 0, got {args.guidance_scale}.")
     args.seed = resolve_seeds(args.seed)
+    check_controlnet_args(args)
     try:
         args.lora_specs = [parse_lora(text) for text in args.lora]
         if args.lora_specs:
@@ -233,10 +266,26 @@ def _run(args: argparse.Namespace) -> int:
 
         config = make_config(args, model_detail_defaults(model))
     plan = early_plan(args, config)
+    pipe, load_seconds = load(args, model, device, dtype)
+    config = make_config(args, dict(pipe.detail_defaults))
+    if args.compile:
+        pipe.compile_detail()
+        logger.info("The first image compiles the UNet's blocks (about 10 s on a GPU); the later ones reuse them.")
     prompt = plan.prompt
+    if args.plan is None and plan.granularity != config.granularity:  # the Hub model recommends another granularity
+        plan = None
+    # Validate the plan against the model's own tokenizer, once for every seed.
+    plan = pipe.prepare_plan(prompt, plan, config)
+    if not plan.branches:
+        logger.info("No detail branch for %r: the image is plain SDXL sampling.", prompt)
+    call = call_arguments(args, model, config, plan)
+    for seed in args.seed:
+        generate_one(args, pipe, call, seed, load_seconds)
+    return 0
 
-    import torch
 
+def load(args: argparse.Namespace, model: str, device: str, dtype: str | None):
+    """The pipeline, its scheduler, LoRAs and ControlNets set; and the seconds loading took."""
     from detailpp.loading import load_pipeline
 
     if model.startswith("tiny-random"):
@@ -245,6 +294,10 @@ def _run(args: argparse.Namespace) -> int:
         quiet_loading()
     started = time.perf_counter()
     pipe = load_pipeline(model, device=device, dtype=dtype)
+    if args.controlnet:
+        from detailpp.pipeline_controlnet import with_controlnets
+
+        pipe = with_controlnets(pipe, args.controlnet)
     load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.scheduler is not None:
@@ -253,100 +306,143 @@ def _run(args: argparse.Namespace) -> int:
         apply_loras(pipe, args.lora_specs)
     except LoraError as e:
         raise UserError(str(e)) from e
-    config = make_config(args, dict(pipe.detail_defaults))
-    if args.compile:
-        pipe.compile_detail()
-        logger.info("The first image compiles the UNet's blocks (about 10 s on a GPU); the later ones reuse them.")
-    steps = args.steps or default_steps(model)
-    guidance_scale = args.guidance_scale if args.guidance_scale is not None else 5.0
-    if args.plan is None and plan.granularity != config.granularity:  # the Hub model recommends another granularity
-        plan = None
-    # Validate the plan against the model's own tokenizer, once for every seed.
-    plan = pipe.prepare_plan(prompt, plan, config)
-    if not plan.branches:
-        logger.info("No detail branch for %r: the image is plain SDXL sampling.", prompt)
-    sampler = a1111_sampler(pipe.scheduler)
-    for seed in args.seed:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        t0 = time.perf_counter()
-        out = pipe(
-            prompt=prompt,
-            negative_prompt=args.negative_prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            height=args.height,
-            width=args.width,
-            generator=generator,
-            detail_config=config,
-            plan=plan,
-            return_branch_images=args.save_branches,
-            return_masks=args.save_masks,
+    return pipe, load_seconds
+
+
+def control_arguments(args: argparse.Namespace) -> dict:
+    """The ControlNet pipeline's call arguments from the flags (empty without --controlnet)."""
+    if not args.controlnet:
+        return {}
+    import PIL.Image
+
+    images = [PIL.Image.open(path).convert("RGB") for path in args.control_image]
+    scales = args.controlnet_scales
+    return {
+        "image": images if len(images) > 1 else images[0],
+        "controlnet_conditioning_scale": scales if len(scales) > 1 else scales[0],
+        "control_guidance_start": 0.0 if args.control_start is None else args.control_start,
+        "control_guidance_end": 1.0 if args.control_end is None else args.control_end,
+    }
+
+
+def call_arguments(args: argparse.Namespace, model: str, config: DetailConfig, plan: DecompositionPlan) -> dict:
+    """The pipeline's arguments shared by every seed."""
+    return {
+        "prompt": plan.prompt,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps or default_steps(model),
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else 5.0,
+        "height": args.height,
+        "width": args.width,
+        "detail_config": config,
+        "plan": plan,
+        "return_branch_images": args.save_branches,
+        "return_masks": args.save_masks,
+        **control_arguments(args),
+    }
+
+
+def generate_one(args: argparse.Namespace, pipe, call: dict, seed: int, load_seconds: float) -> None:
+    """One image for ``seed``, written with its parameters (and its branches and masks when asked for)."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    t0 = time.perf_counter()
+    out = pipe(generator=generator, **call)
+    seconds = time.perf_counter() - t0
+    image, plan, config = out.images[0], call["plan"], call["detail_config"]
+    stem = numbered_stem(args.output_dir, seed, plan.prompt)
+    settings = image_settings(args, pipe, call, seed, image)
+    files = {"image": f"{stem}.png"}
+    if args.save_branches:
+        captions = [f"p0: {plan.prompt}", f"p1: {plan.base}"]
+        captions += [f"p{i + 2}: {b.prompt}" for i, b in enumerate(plan.branches)]
+        grid = captioned_grid(out.branch_images, captions)
+        files["branches"] = f"{stem}-branches.png"
+        save_png(grid, files["branches"], {"detailpp": dumps(settings)})
+    if args.save_masks and out.masks is not None:
+        for i, (branch, mask) in enumerate(zip(plan.branches, out.masks, strict=True)):
+            key = f"mask-{i}"
+            files[key] = f"{stem}-mask-{i}-{slug(branch.subject, 24)}.png"
+            save_png(
+                mask_overlay(image, mask > config.mask_threshold),
+                files[key],
+                {"subject": branch.subject, "prompt": branch.prompt},
+            )
+    files["sidecar"] = f"{stem}.json"
+    settings["timings"] = {"load_seconds": round(load_seconds, 3), "generate_seconds": round(seconds, 3)}
+    settings["nursing"] = [
+        {"step": r.step, "updates": r.updates, "losses": [round(x, 4) for x in r.losses]} for r in out.nursing or []
+    ]
+    settings["files"] = files
+    params = a1111_params(args, pipe, call, seed, image)
+    save_png(image, files["image"], {"parameters": params, "detailpp": dumps(settings)})
+    atomic_write_text(files["sidecar"], dumps(settings) + "\n")
+    logger.info("seed %d: %d file(s) in %s (%.1f s)", seed, len(files), args.output_dir, seconds)
+    extra = [v for k, v in files.items() if k not in ("image", "sidecar")]
+    for path in [files["image"], *extra, files["sidecar"]]:
+        print(path)
+
+
+def controlnet_settings(args: argparse.Namespace) -> list[dict]:
+    """Each ControlNet's source, control image, scale and guidance window (recorded with the image)."""
+    start = 0.0 if args.control_start is None else args.control_start
+    end = 1.0 if args.control_end is None else args.control_end
+    return [
+        {"controlnet": net, "image": str(image), "scale": scale, "start": start, "end": end}
+        for net, image, scale in zip(args.controlnet, args.control_image, args.controlnet_scales, strict=True)
+    ]
+
+
+def image_settings(args: argparse.Namespace, pipe, call: dict, seed: int, image) -> dict:
+    """The settings recorded in the detailpp chunk and the sidecar JSON."""
+    config, plan = call["detail_config"], call["plan"]
+    settings = {
+        "prompt": plan.prompt,
+        "negative_prompt": args.negative_prompt,
+        "model": args.model or default_model(),
+        "seed": seed,
+        "steps": call["num_inference_steps"],
+        "guidance_scale": call["guidance_scale"],
+        "width": image.width,
+        "height": image.height,
+        "scheduler": type(pipe.scheduler).__name__,
+        "sampler": a1111_sampler(pipe.scheduler),
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "compiled": args.compile,
+        "detail_config": config.to_dict(),
+        "loras": [{"path": str(s.path), "scale": s.scale} for s in args.lora_specs],
+        "plan": plan.to_dict(),
+    }
+    if args.controlnet:
+        settings["controlnets"] = controlnet_settings(args)
+    return settings
+
+
+def a1111_params(args: argparse.Namespace, pipe, call: dict, seed: int, image) -> str:
+    """A1111's parameters text, with the Detail++ (and ControlNet) settings as extra fields."""
+    config, plan = call["detail_config"], call["plan"]
+    extra = {
+        "Detail++ tau": config.mask_threshold,
+        "Detail++ share steps": config.share_steps,
+        "Detail++ nursing": config.nursing,
+        "Detail++ preset": config.preset_name,
+        "Detail++ branches": len(plan.branches),
+    }
+    for i, net in enumerate(controlnet_settings(args) if args.controlnet else []):
+        extra[f"ControlNet {i}"] = (
+            f'"Model: {net["controlnet"]}, Image: {Path(net["image"]).name}, Weight: {net["scale"]}, '
+            f'Guidance Start: {net["start"]}, Guidance End: {net["end"]}"'
         )
-        seconds = time.perf_counter() - t0
-        image = out.images[0]
-        stem = numbered_stem(args.output_dir, seed, prompt)
-        settings = {
-            "prompt": prompt,
-            "negative_prompt": args.negative_prompt,
-            "model": model,
-            "seed": seed,
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "width": image.width,
-            "height": image.height,
-            "scheduler": type(pipe.scheduler).__name__,
-            "sampler": sampler,
-            "dtype": str(pipe.unet.dtype).removeprefix("torch."),
-            "compiled": args.compile,
-            "detail_config": config.to_dict(),
-            "loras": [{"path": str(s.path), "scale": s.scale} for s in args.lora_specs],
-            "plan": plan.to_dict(),
-        }
-        params = a1111_parameters(
-            prompt,
-            args.negative_prompt,
-            steps,
-            sampler,
-            guidance_scale,
-            seed,
-            image.width,
-            image.height,
-            model,
-            {
-                "Detail++ tau": config.mask_threshold,
-                "Detail++ share steps": config.share_steps,
-                "Detail++ nursing": config.nursing,
-                "Detail++ preset": config.preset_name,
-                "Detail++ branches": len(plan.branches),
-            },
-        )
-        files = {"image": f"{stem}.png"}
-        if args.save_branches:
-            captions = [f"p0: {plan.prompt}", f"p1: {plan.base}"]
-            captions += [f"p{i + 2}: {b.prompt}" for i, b in enumerate(plan.branches)]
-            grid = captioned_grid(out.branch_images, captions)
-            files["branches"] = f"{stem}-branches.png"
-            save_png(grid, files["branches"], {"detailpp": dumps(settings)})
-        if args.save_masks and out.masks is not None:
-            for i, (branch, mask) in enumerate(zip(plan.branches, out.masks, strict=True)):
-                key = f"mask-{i}"
-                files[key] = f"{stem}-mask-{i}-{slug(branch.subject, 24)}.png"
-                save_png(
-                    mask_overlay(image, mask > config.mask_threshold),
-                    files[key],
-                    {"subject": branch.subject, "prompt": branch.prompt},
-                )
-        files["sidecar"] = f"{stem}.json"
-        settings["timings"] = {"load_seconds": round(load_seconds, 3), "generate_seconds": round(seconds, 3)}
-        settings["nursing"] = [
-            {"step": r.step, "updates": r.updates, "losses": [round(x, 4) for x in r.losses]}
-            for r in out.nursing or []
-        ]
-        settings["files"] = files
-        save_png(image, files["image"], {"parameters": params, "detailpp": dumps(settings)})
-        atomic_write_text(files["sidecar"], dumps(settings) + "\n")
-        logger.info("seed %d: %d file(s) in %s (%.1f s)", seed, len(files), args.output_dir, seconds)
-        extra = [v for k, v in files.items() if k not in ("image", "sidecar")]
-        for path in [files["image"], *extra, files["sidecar"]]:
-            print(path)
-    return 0
+    return a1111_parameters(
+        plan.prompt,
+        args.negative_prompt,
+        call["num_inference_steps"],
+        a1111_sampler(pipe.scheduler),
+        call["guidance_scale"],
+        seed,
+        image.width,
+        image.height,
+        args.model or default_model(),
+        extra,
+    )
