@@ -7,9 +7,8 @@ import ast
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from tests.paths import SRC
 
 
 def _modules() -> list[str]:

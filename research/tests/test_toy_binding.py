@@ -137,7 +137,7 @@ def _mask(k, value):
 
 
 def test_aggregate_counts_only_items_every_method_finished():
-    settings = binding.Settings(methods=("sdxl", "detailpp"), diagnostics=())
+    settings = binding.BindingSettings(methods=("sdxl", "detailpp"), diagnostics=())
     records = [
         _rec(0, 0, "sdxl", [True, False], False),
         _rec(0, 0, "detailpp", [True, True], True, masks=[_mask(0, 0.8), _mask(1, 0.4)]),
@@ -206,7 +206,7 @@ def test_error_summary_shares_and_failure_table():
 
 
 def test_benchmark_end_to_end_on_two_prompts(tmp_path):
-    settings = binding.Settings(
+    settings = binding.BindingSettings(
         model="tiny-random", device="cpu", steps=2, height=128, width=128, diagnostic_prompts=1, grid_prompts=1
     )
     results = tmp_path / "toy_binding.json"

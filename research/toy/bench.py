@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         logger.info("wrote %d plans (%s split) to %s", len(plans), args.split, args.write_plans)
         return 0
     grid_prompts = args.grid_prompts if args.grid else 0
-    settings = binding.Settings(
+    settings = binding.BindingSettings(
         model=args.model,
         device=args.device,
         dtype=args.dtype,

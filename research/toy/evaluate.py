@@ -2,7 +2,7 @@
 whether its layout follows the noise (the same seed with and without the prompts' colour and texture words).
 
 ``python -m research.toy.evaluate --prompts 48 --guidance 1 3 7.5`` measures the layout agreement of the packaged
-model at several guidance scales (CPU: ~8 min per scale on 2 cores); ``--slots`` measures instead whether plain
+model at several guidance scales (BENCHMARKS.md has its CPU run time); ``--slots`` measures instead whether plain
 sampling follows the ``"slots"`` layout rule of the initial noise (:func:`slot_rule`, validation prompts);
 ``--step-counts 12 15 20 --guidance 5 --prompts 32``: plain accuracy by number of steps (:func:`accuracy_by_steps`);
 ``--divergence``: at which denoising step the full and the base prompt part ways (:func:`layout_divergence`);

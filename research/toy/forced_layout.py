@@ -14,7 +14,7 @@ The same settings run inside the binding benchmark, with its workers, failure ki
 use that for many prompts; this script reproduces the first small runs (benchmarks/results/toy_forced_layout*.json).
 
 Validation prompts (``--split validation``), seed 0 (the binding benchmark's image seeds), Euler 20 steps, guidance
-7.5, the model's recommended Detail++ settings; on the CPU about 1.5 minutes per prompt for two values of K.
+7.5, the model's recommended Detail++ settings. BENCHMARKS.md has the measured CPU run time.
 """
 
 from __future__ import annotations

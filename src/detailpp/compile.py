@@ -16,7 +16,7 @@ those graphs; they are written so that one graph serves every layer and every ca
 A Detail++ call therefore compiles a handful of graphs in its first steps (the window's sharing and capture, the
 steps after it, a nursing pass with gradients, and the plain layers at the other resolutions); a second call with the
 same plan shape (number of branches) and configuration compiles nothing. Another plan shape or configuration adds a
-graph or two. ``tests/test_compile.py`` checks equality with eager, zero recompiles and zero graph breaks.
+graph or two. ``tests/pipelines/test_compile.py`` checks equality with eager, zero recompiles and zero graph breaks.
 """
 
 from __future__ import annotations

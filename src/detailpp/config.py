@@ -10,6 +10,7 @@ import importlib
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -217,6 +218,22 @@ class DetailConfig:
         if name not in PRESETS:
             raise ConfigError(f"Unknown preset {name!r}; use one of {PRESETS}.")
         return cls.reference_preset(**changes) if name == "authors" else cls(**changes)
+
+    @classmethod
+    def from_fields(
+        cls,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        preset: str = "detailpp",
+    ) -> DetailConfig:
+        """The one way a DetailConfig is built from fields: ``fields`` over ``defaults`` (a model's recommended
+        settings, its ``detail_config.json``) over the ``preset``'s defaults (:meth:`preset`).
+
+        The pipeline's ``make_detail_config`` and ``detailpp bench generate`` build theirs here. An unknown field
+        raises ``TypeError`` (the dataclass's own), a value out of range :class:`ConfigError`.
+        """
+        return cls.preset(preset, **{**(defaults or {}), **(fields or {})})
 
     @property
     def preset_name(self) -> str:

@@ -119,7 +119,7 @@ class DetailPipelineMixin:
     def make_detail_config(self, preset: str = "detailpp", **fields: Any) -> DetailConfig:
         """A DetailConfig of ``fields`` over the model's :attr:`detail_defaults` over the ``preset``'s defaults
         (``"detailpp"``: ours; ``"authors"``: :meth:`DetailConfig.reference_preset`)."""
-        return DetailConfig.preset(preset, **{**self.detail_defaults, **fields})
+        return DetailConfig.from_fields(fields, defaults=self.detail_defaults, preset=preset)
 
     def plain_pipeline(self):
         """The base pipeline on this pipeline's components (no weight is copied): ``base_pipeline_class.from_pipe``,

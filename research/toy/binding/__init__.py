@@ -9,7 +9,7 @@ method makes one image from the same initial noise (one CPU generator per image,
 - ``pdi_entropy``: PDI + attention nursing with the entropy loss only (``centroid_alignment=False``);
 - ``detailpp``: the full method (nursing with entropy and centroid alignment; the defaults).
 
-``Settings.detail_config`` (``--detail-config``) holds DetailConfig fields laid under every Detail++ method and
+``BindingSettings.detail_config`` (``--detail-config``) holds DetailConfig fields laid under every Detail++ method and
 diagnostic setting: a method runs ``DetailConfig(**{**overlay, **its own fields})``, so its own fields win (``pdi``
 keeps ``nursing=False``); plain ``sdxl`` ignores it.
 
@@ -42,7 +42,7 @@ from research.toy.binding.methods import (
     FORCED_FIELDS,
     FORCED_RE,
     METHODS,
-    Settings,
+    BindingSettings,
     check_detail_config,
     force_layout,
     forced_settings,
@@ -104,7 +104,7 @@ __all__ = [
     "forced_settings",
     "force_layout",
     "forced_steps",
-    "Settings",
+    "BindingSettings",
     "method_fields",
     "check_detail_config",
     "SPLITS",

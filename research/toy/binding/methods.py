@@ -1,5 +1,5 @@
 """The benchmark's methods and diagnostic settings: their DetailConfig fields, the forced-layout diagnostics,
-the run's :class:`Settings`."""
+the run's :class:`BindingSettings`."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def forced_steps(name: str) -> int:
 
 
 @dataclass
-class Settings:
+class BindingSettings:
     """What a run does (all of it goes into the results file)."""
 
     model: str = "toy"
@@ -94,8 +94,9 @@ def method_fields(name: str, overlay: dict | None = None) -> dict[str, Any] | No
 
 
 def check_detail_config(overlay: dict, names: Sequence[str], model_defaults: dict | None = None) -> None:
-    """Raise :class:`BenchError` unless the config every name runs with works: ``DetailConfig(**{**model_defaults,
-    **method_fields(name, overlay)})`` (the model's recommended settings under the overlay, as in :func:`run_item`)."""
+    """Raise :class:`BenchError` unless the config every name runs with works: ``DetailConfig.from_fields(
+    method_fields(name, overlay), defaults=model_defaults)`` (the model's recommended settings under the overlay, as
+    in :func:`run_item`)."""
     import dataclasses
 
     from detailpp.config import DetailConfig
@@ -112,6 +113,6 @@ def check_detail_config(overlay: dict, names: Sequence[str], model_defaults: dic
         if fields is None:
             continue
         try:
-            DetailConfig(**{**(model_defaults or {}), **fields})
+            DetailConfig.from_fields(fields, defaults=model_defaults)
         except (TypeError, ValueError) as e:
             raise BenchError(f"--detail-config {json.dumps(overlay)} does not work for {name!r}: {e}") from e

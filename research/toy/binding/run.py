@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from detailpp.bench import BenchError
-from research.toy.binding.methods import Settings, check_detail_config, force_layout, forced_steps, method_fields
+from research.toy.binding.methods import (
+    BindingSettings,
+    check_detail_config,
+    force_layout,
+    forced_steps,
+    method_fields,
+)
 from research.toy.binding.prompts import (
     SPLITS,
     TEST_SEED,
@@ -43,7 +49,7 @@ logger = logging.getLogger(__name__)
 RECORDS_GLOB = "records*.jsonl"
 
 
-def build_items(specs: Sequence[PromptSpec], n_seeds: int, settings: Settings) -> list[dict]:
+def build_items(specs: Sequence[PromptSpec], n_seeds: int, settings: BindingSettings) -> list[dict]:
     """Every (prompt, seed) item, seed-major (all prompts of seed 0 first), so a run cut short covers all prompts."""
     items = []
     for seed in range(n_seeds):
@@ -66,7 +72,7 @@ def _spec(item: dict) -> PromptSpec:
     return PromptSpec(item["prompt"], tuple(ObjectSpec(*o) for o in item["objects"]))
 
 
-def run_item(pipe, item: dict, plan: dict, settings: Settings, grid_dir: Path | None = None, judge_fn=None):
+def run_item(pipe, item: dict, plan: dict, settings: BindingSettings, grid_dir: Path | None = None, judge_fn=None):
     """Yield one record per method for one (prompt, seed) item."""
     import torch
 
@@ -165,7 +171,7 @@ def _finish_item(records: list[dict]) -> list[dict]:
     return records
 
 
-def _load_pipe(settings: Settings, device: str | None):
+def _load_pipe(settings: BindingSettings, device: str | None):
     import torch
 
     from detailpp.loading import load_pipeline
@@ -180,7 +186,7 @@ def work(
     rank: int,
     items: Sequence[dict],
     plans: dict[str, dict],
-    settings: Settings,
+    settings: BindingSettings,
     work_dir: Path,
     next_item: Callable[[], int],
     stop: Callable[[], bool] = lambda: False,
@@ -248,7 +254,7 @@ def read_records(work_dir: Path) -> list[dict]:
 def run_benchmark(
     n_prompts: int,
     n_seeds: int,
-    settings: Settings,
+    settings: BindingSettings,
     work_dir: Path,
     results_path: Path,
     plans_source: str = "parser",

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from research.toy.binding.methods import METHODS, Settings, forced_steps, method_fields
+from research.toy.binding.methods import METHODS, BindingSettings, forced_steps, method_fields
 from research.toy.binding.scoring import IOU_TAUS
 from research.toy.judge import OBJECT_ERRORS
 
@@ -109,7 +109,7 @@ def mask_summary(recs: Sequence[dict]) -> dict:
     return out
 
 
-def aggregate(records: Sequence[dict], settings: Settings, planned: dict, judge: dict | None) -> dict:
+def aggregate(records: Sequence[dict], settings: BindingSettings, planned: dict, judge: dict | None) -> dict:
     """The results file's content from the records (only items finished by every main method count)."""
     by_item: dict[tuple[int, int], dict[str, dict]] = {}
     for r in records:

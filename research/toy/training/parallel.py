@@ -1,4 +1,5 @@
-"""Data parallel training under ``torchrun``: the process group, the gradient average, replica checks."""
+"""Data parallel training under ``torchrun``: the process group and the gradient average (through accelerate), replica
+checks."""
 
 from __future__ import annotations
 
@@ -6,38 +7,34 @@ import torch
 
 
 def _data_parallel(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, this process's device); joins the ``torchrun`` process group when there is one."""
+    """(rank, world size, this process's device); under ``torchrun`` (``WORLD_SIZE`` > 1) accelerate's
+    :class:`~accelerate.PartialState` joins the process group (NCCL on CUDA, gloo on the CPU) and gives each process
+    its GPU (``cuda:LOCAL_RANK``)."""
     import os
-
-    import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    return rank, world, dev
+    from accelerate import PartialState
+
+    state = PartialState(cpu=torch.device(device).type != "cuda")
+    return state.process_index, state.num_processes, state.device
 
 
 def average_gradients(params: list[torch.nn.Parameter], stop: bool, world: int) -> bool:
-    """Average the gradients over the data-parallel processes in one all-reduce; returns whether any process stops.
+    """Average the gradients over the data-parallel processes in one all-reduce (accelerate's ``reduce``); returns
+    whether any process stops.
 
     The stop flag rides along with the gradients (as the last element of the flat buffer), so the processes agree
-    on when to end a time-limited run without another synchronisation. (Not ``DistributedDataParallel``: what is
-    compiled and trained is a function of three modules, text encoders and UNet, and the stop flag has to travel
-    with the step; run 8's speed, in BENCHMARKS.md, includes this one all-reduce a step.)
+    on when to end a time-limited run without another synchronisation. (Not ``DistributedDataParallel`` nor
+    ``Accelerator.prepare``: what is compiled and trained is a function of three modules, text encoders and UNet, and
+    the stop flag has to travel with the step; run 8's speed, in BENCHMARKS.md, includes this one all-reduce a step.)
     """
-    import torch.distributed as dist
+    from accelerate.utils import reduce
 
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([float(stop)], device=grads[0].device)])
-    dist.all_reduce(flat)
-    flat /= world
+    flat = reduce(flat, reduction="mean")
     offset = 0
     for g in grads:
         n = g.numel()
@@ -47,9 +44,10 @@ def average_gradients(params: list[torch.nn.Parameter], stop: bool, world: int) 
 
 
 def _broadcast_module(module: torch.nn.Module) -> None:
-    """Rank 0's weights (and buffers) into every process's copy of ``module``."""
-    for t in module.state_dict().values():
-        torch.distributed.broadcast(t, 0)
+    """Rank 0's weights (and buffers) into every process's copy of ``module`` (in place)."""
+    from accelerate.utils import broadcast
+
+    broadcast(list(module.state_dict().values()), from_process=0)
 
 
 def _replica_difference(params: list[torch.nn.Parameter]) -> float:

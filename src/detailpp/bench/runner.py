@@ -334,6 +334,34 @@ def run_generation(
     check_run_identity(out, identity)
     prompts = suite.prompts[:max_prompts] if max_prompts else suite.prompts
     items = plan_items(prompts, identity["images_per_prompt"], identity["base_seed"])
+    done, todo = _generation_todo(out, items, shard)
+    summary = Summary(done_before=sum(1 for it in items if it.index in done), total=len(items))
+    logger.info(
+        "%s: %d of %d images already done; this process (shard %d of %d) makes %d.",
+        out,
+        summary.done_before,
+        len(items),
+        shard.index,
+        shard.count,
+        len(todo),
+    )
+    part = JsonlAppender(out / part_name("manifest", shard.index, shard.count))
+    bar = _generation_bar(out, items, todo, shard, summary, f"{identity.get('label')} {suite.name}", progress)
+    try:
+        load = _prepare(prepare, todo, summary)
+        start = time.perf_counter()
+        _generate_items(out, todo, identity, generate_fn, part, _worker(shard), summary, bar, load)
+        summary.seconds = time.perf_counter() - start
+    finally:
+        bar.close()
+    shard.wait()
+    _finish(out, "manifest", items, shard, summary)
+    return summary
+
+
+def _generation_todo(out: Path, items: Sequence[Item], shard: Shard) -> tuple[dict[int, dict], list[Item]]:
+    """The valid records of ``items`` already made, and this shard's items still to make (their stale temporaries
+    removed)."""
     by_index = {it.index: it for it in items}
 
     def matches(r: dict) -> bool:
@@ -345,72 +373,75 @@ def run_generation(
     removed = remove_stale_temporaries(out / SAMPLES_DIR, (Path(it.file).name for it in todo))
     if removed:
         logger.info("removed %d temporary file(s) a killed run left in %s", removed, out / SAMPLES_DIR)
-    summary = Summary(done_before=sum(1 for it in items if it.index in done), total=len(items))
-    logger.info(
-        "%s: %d of %d images already done; this process (shard %d of %d) makes %d.",
-        out,
-        summary.done_before,
-        len(items),
-        shard.index,
-        shard.count,
-        len(todo),
-    )
+    return done, todo
 
-    part = JsonlAppender(out / part_name("manifest", shard.index, shard.count))
-    is_bar_owner = shard.is_main or shard.launcher == "manual"
-    bar_total = len(items) if shard.launcher != "manual" else sum(1 for it in items if shard.owns(it.index))
-    bar_initial = summary.done_before if shard.launcher != "manual" else bar_total - len(todo)
-    bar = _Progress(
-        progress and is_bar_owner,
-        bar_total,
-        bar_initial,
-        _other_parts(out, "manifest", shard),
-        f"{identity.get('label')} {suite.name}",
-    )
-    worker = _worker(shard)
-    load: dict[str, float] = {}
-    try:
-        if todo and prepare is not None:
-            t0 = time.perf_counter()
-            prepare()
-            load["load_s"] = round(time.perf_counter() - t0, 4)
-            summary.extra.update(load)
-        start = time.perf_counter()
-        for it in todo:
-            t0 = time.perf_counter()
-            image = generate_fn(it.prompt, it.seed)
-            t1 = time.perf_counter()
-            data = encode_png(image, it, identity)
-            atomic_write_bytes(out / it.file, data)
-            t2 = time.perf_counter()
-            part.append(
-                {
-                    "item": it.index,
-                    "prompt_index": it.prompt_index,
-                    "image_index": it.image_index,
-                    "prompt": it.prompt,
-                    "seed": it.seed,
-                    "method": identity["method"],
-                    "model": identity["model"],
-                    "config": {**identity["settings"], "detail_config": identity.get("detail_config")},
-                    "file": it.file,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "width": image.width,
-                    "height": image.height,
-                    "timings": {"generate_s": round(t1 - t0, 4), "write_s": round(t2 - t1, 4), **load},
-                    "worker": worker,
-                }
-            )
-            load = {}
-            summary.made += 1
-            bar.step()
-        summary.seconds = time.perf_counter() - start
-    finally:
-        bar.close()
-    shard.wait()
-    _finish(out, "manifest", items, shard, summary)
-    return summary
+
+def _generation_bar(
+    out: Path, items: Sequence[Item], todo: Sequence[Item], shard: Shard, summary: Summary, desc: str, enabled: bool
+) -> _Progress:
+    """The suite-wide bar (the main process of a distributed run), or this shard's own (manually scheduled shards)."""
+    manual = shard.launcher == "manual"
+    total = sum(1 for it in items if shard.owns(it.index)) if manual else len(items)
+    initial = total - len(todo) if manual else summary.done_before
+    return _Progress(enabled and (shard.is_main or manual), total, initial, _other_parts(out, "manifest", shard), desc)
+
+
+def _prepare(prepare: Callable[[], Any] | None, todo: Sequence[Item], summary: Summary) -> dict[str, float]:
+    """Run ``prepare()`` when there is something to make; its time (``{"load_s": ...}``, or nothing)."""
+    if not todo or prepare is None:
+        return {}
+    t0 = time.perf_counter()
+    prepare()
+    load = {"load_s": round(time.perf_counter() - t0, 4)}
+    summary.extra.update(load)
+    return load
+
+
+def _generate_items(
+    out: Path,
+    todo: Sequence[Item],
+    identity: dict,
+    generate_fn: GenerateFn,
+    part: JsonlAppender,
+    worker: dict,
+    summary: Summary,
+    bar: _Progress,
+    load: dict[str, float],
+) -> None:
+    """Make, write and record each item of ``todo`` (the load time goes into the first record only)."""
+    for it in todo:
+        t0 = time.perf_counter()
+        image = generate_fn(it.prompt, it.seed)
+        t1 = time.perf_counter()
+        data = encode_png(image, it, identity)
+        atomic_write_bytes(out / it.file, data)
+        t2 = time.perf_counter()
+        timings = {"generate_s": round(t1 - t0, 4), "write_s": round(t2 - t1, 4), **load}
+        part.append(_generation_record(it, identity, image, data, timings, worker))
+        load = {}
+        summary.made += 1
+        bar.step()
+
+
+def _generation_record(it: Item, identity: dict, image: Any, data: bytes, timings: dict, worker: dict) -> dict:
+    """The manifest record of one written image."""
+    return {
+        "item": it.index,
+        "prompt_index": it.prompt_index,
+        "image_index": it.image_index,
+        "prompt": it.prompt,
+        "seed": it.seed,
+        "method": identity["method"],
+        "model": identity["model"],
+        "config": {**identity["settings"], "detail_config": identity.get("detail_config")},
+        "file": it.file,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": image.width,
+        "height": image.height,
+        "timings": timings,
+        "worker": worker,
+    }
 
 
 def _finish(out: Path, stem: str, items: Sequence[Item], shard: Shard, summary: Summary) -> None:
@@ -450,27 +481,11 @@ def run_scoring(
     progress: bool = True,
 ) -> Summary:
     """Score the folder's images with ``metric`` (:class:`detailpp.bench.metrics.Metric`), resuming what is done."""
-    from PIL import Image, UnidentifiedImageError
-
     shard = shard or Shard()
     out = Path(out_dir)
-    load_json(out / RUN_FILE, "the run's settings")
-    records = load_manifest(out)
-    if not records:
-        raise BenchError(f"{out} has no generated image yet; run `detailpp bench generate` first.")
-    metric.check_prompts(sorted({r["prompt"] for r in records}))
+    records = _scoring_records(out, metric)
     scores_dir = out / SCORES_DIR
-    config_path = scores_dir / f"{metric.name}.config.json"
-    scores_dir.mkdir(parents=True, exist_ok=True)
-    if rescore and shard.is_main and config_path.exists():
-        config_path.unlink()
-    shard.wait()
-    check_or_write_json(
-        config_path,
-        metric.config,
-        f"{metric.name} scores",
-        "Pass the same settings to resume, or --rescore to score again with the new ones.",
-    )
+    _check_metric_config(scores_dir, metric, shard, rescore)
     done = load_scores(out, metric.name, metric.config)
 
     def is_scored(r: dict) -> bool:  # scored, and the image is still the one that was scored
@@ -498,53 +513,106 @@ def run_scoring(
             _other_parts(scores_dir, metric.name, shard),
             metric.name,
         )
-        worker = _worker(shard)
         try:
-            for k in range(0, len(todo), batch_size):
-                batch = todo[k : k + batch_size]
-                images = []
-                for r in batch:
-                    try:
-                        with Image.open(out / r["file"]) as im:
-                            images.append(im.convert("RGB"))
-                    except (OSError, UnidentifiedImageError) as e:
-                        raise BenchError(
-                            f"Cannot read {out / r['file']} ({e}); run `detailpp bench generate` again "
-                            "on this folder to remake it."
-                        ) from e
-                t0 = time.perf_counter()
-                results = scorer.score(images, [r["prompt"] for r in batch])
-                dt = (time.perf_counter() - t0) / len(batch)
-                for r, (value, details) in zip(batch, results, strict=True):
-                    part.append(
-                        {
-                            "item": r["item"],
-                            "prompt": r["prompt"],
-                            "file": r["file"],
-                            "sha256": r["sha256"],
-                            "metric": metric.name,
-                            "score": value,
-                            "details": details,
-                            "metric_config": metric.config,
-                            "timings": {"score_s": round(dt, 4)},
-                            "worker": worker,
-                        }
-                    )
-                    summary.made += 1
-                    bar.step()
+            _score_items(out, todo, metric, scorer, part, _worker(shard), batch_size, summary, bar)
         finally:
             bar.close()
     summary.seconds = time.perf_counter() - start
     shard.wait()
-    if shard.is_main or shard.launcher == "manual":
-        scored = load_scores(out, metric.name, metric.config)
-        summary.complete = all(r["item"] in scored and scored[r["item"]].get("sha256") == r["sha256"] for r in records)
-        if summary.complete:
-            write_jsonl(scores_dir / f"{metric.name}.jsonl", [scored[i] for i in sorted(scored)])
-        if shard.launcher != "manual" or summary.complete:
-            merge_manifest(out)
-            summary.merged = True
+    _finish_scoring(out, metric, records, shard, summary)
     return summary
+
+
+def _scoring_records(out: Path, metric: Any) -> list[dict]:
+    """The folder's generation records, checked: a run folder with images, prompts the metric can score."""
+    load_json(out / RUN_FILE, "the run's settings")
+    records = load_manifest(out)
+    if not records:
+        raise BenchError(f"{out} has no generated image yet; run `detailpp bench generate` first.")
+    metric.check_prompts(sorted({r["prompt"] for r in records}))
+    return records
+
+
+def _check_metric_config(scores_dir: Path, metric: Any, shard: Shard, rescore: bool) -> None:
+    """Write the metric's settings beside its scores, or check them against those there (``rescore``: replace)."""
+    config_path = scores_dir / f"{metric.name}.config.json"
+    scores_dir.mkdir(parents=True, exist_ok=True)
+    if rescore and shard.is_main and config_path.exists():
+        config_path.unlink()
+    shard.wait()
+    check_or_write_json(
+        config_path,
+        metric.config,
+        f"{metric.name} scores",
+        "Pass the same settings to resume, or --rescore to score again with the new ones.",
+    )
+
+
+def _score_items(
+    out: Path,
+    todo: Sequence[dict],
+    metric: Any,
+    scorer: Any,
+    part: JsonlAppender,
+    worker: dict,
+    batch_size: int,
+    summary: Summary,
+    bar: _Progress,
+) -> None:
+    """Score ``todo`` in batches of ``batch_size``, one record per image appended to ``part``."""
+    for k in range(0, len(todo), batch_size):
+        batch = todo[k : k + batch_size]
+        images = _read_images(out, batch)
+        t0 = time.perf_counter()
+        results = scorer.score(images, [r["prompt"] for r in batch])
+        dt = (time.perf_counter() - t0) / len(batch)
+        for r, (value, details) in zip(batch, results, strict=True):
+            part.append(
+                {
+                    "item": r["item"],
+                    "prompt": r["prompt"],
+                    "file": r["file"],
+                    "sha256": r["sha256"],
+                    "metric": metric.name,
+                    "score": value,
+                    "details": details,
+                    "metric_config": metric.config,
+                    "timings": {"score_s": round(dt, 4)},
+                    "worker": worker,
+                }
+            )
+            summary.made += 1
+            bar.step()
+
+
+def _read_images(out: Path, batch: Sequence[dict]) -> list[Any]:
+    """The batch's images as RGB; an unreadable one is a :class:`BenchError` that says how to remake it."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for r in batch:
+        try:
+            with Image.open(out / r["file"]) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise BenchError(
+                f"Cannot read {out / r['file']} ({e}); run `detailpp bench generate` again "
+                "on this folder to remake it."
+            ) from e
+    return images
+
+
+def _finish_scoring(out: Path, metric: Any, records: Sequence[dict], shard: Shard, summary: Summary) -> None:
+    """On the main process (or a manual shard): the metric's merged scores once complete, and the manifest."""
+    if not (shard.is_main or shard.launcher == "manual"):
+        return
+    scored = load_scores(out, metric.name, metric.config)
+    summary.complete = all(r["item"] in scored and scored[r["item"]].get("sha256") == r["sha256"] for r in records)
+    if summary.complete:
+        write_jsonl(out / SCORES_DIR / f"{metric.name}.jsonl", [scored[i] for i in sorted(scored)])
+    if shard.launcher != "manual" or summary.complete:
+        merge_manifest(out)
+        summary.merged = True
 
 
 def remove_parts(folder: Path, stem: str) -> None:  # pragma: no cover - maintenance helper

@@ -57,14 +57,24 @@ def _output_dir_arg(p: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``detailpp bench``'s actions, one sub-parser each."""
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
+    _add_prompts_parser(sub)
+    _add_generate_parser(sub)
+    _add_plans_parser(sub)
+    _add_score_parser(sub)
+    _add_report_parser(sub)
 
+
+def _add_prompts_parser(sub: Any) -> None:
     p = sub.add_parser("prompts", help="print a suite's prompts, one a line (or JSON)", formatter_class=HelpFormatter)
     add_output_flags(p)
     _suite_args(p)
     p.add_argument("--json", action="store_true", help="print JSON (SCB: with each prompt's components)")
     p.set_defaults(_bench=_prompts)
 
+
+def _add_generate_parser(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
         help="generate a suite's images (resumable; sharded under torchrun/accelerate)",
@@ -112,6 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _shard_args(p)
     p.set_defaults(_bench=_generate)
 
+
+def _add_plans_parser(sub: Any) -> None:
     p = sub.add_parser(
         "plans",
         help="write the Detail++ plans of a suite's prompts (spaCy), for `generate --plans`",
@@ -126,6 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_deprecated_alias(g, "--out", "--output", dest="output", type=Path)
     p.set_defaults(_bench=_plans)
 
+
+def _add_score_parser(sub: Any) -> None:
     p = sub.add_parser(
         "score",
         help="score a run's images (resumable; sharded like generate)",
@@ -156,6 +170,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _shard_args(p)
     p.set_defaults(_bench=_score)
 
+
+def _add_report_parser(sub: Any) -> None:
     p = sub.add_parser(
         "report",
         help="Table 1 (Markdown + CSV), a bar chart and the worst prompts per method",
@@ -217,14 +233,16 @@ def parse_detail_config(text: str | None) -> dict:
     return data
 
 
-def make_detail_config(fields: dict) -> tuple[Any, dict]:
-    """``(DetailConfig(**fields), asdict(...))``; unknown fields give a clear message."""
+def detail_config_of(fields: dict, defaults: dict | None = None) -> tuple[Any, dict]:
+    """``(config, asdict(config))`` for ``--detail-config``'s ``fields`` over the model's ``defaults``
+    (:meth:`DetailConfig.from_fields`, the one way a DetailConfig is built from fields); an unknown field is a
+    :class:`BenchError` naming the flag."""
     try:
         from detailpp import DetailConfig
     except ImportError as e:
         raise BenchError(f"The Detail++ pipeline is not available in this installation ({e}).") from e
     try:
-        config = DetailConfig(**fields)
+        config = DetailConfig.from_fields(fields, defaults=defaults)
     except TypeError as e:
         raise BenchError(f"--detail-config: {e}.") from e
     return config, asdict(config)
@@ -301,54 +319,14 @@ def _suite_prompts(args: argparse.Namespace) -> tuple[Suite, list[str]]:
 
 def _generate(args: argparse.Namespace) -> int:
     from detailpp.bench.runner import check_run_identity, run_generation, run_identity
-    from detailpp.cli.common import check_device, check_dtype, default_steps, native_size, quiet_loading
+    from detailpp.cli.common import quiet_loading
 
     suite, prompts = _suite_prompts(args)
-    # The model's native size, steps and guidance unless given (toy: 128x128, 20 steps, guidance 5).
-    size = native_size(args.model)
-    args.height = size if args.height is None else args.height
-    args.width = size if args.width is None else args.width
-    args.steps = default_steps(args.model) if args.steps is None else args.steps
-    if args.guidance_scale is None:
-        args.guidance_scale = 5.0 if args.model == "toy" else 7.5
-    for name in ("steps", "height", "width"):
-        if getattr(args, name) < 1:
-            raise BenchError(f"--{name} must be positive, got {getattr(args, name)}.")
-    if args.images_per_prompt < 1:
-        raise BenchError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
-    if not 0 <= args.base_seed <= 2**63 - 1:  # base + k for every image must stay a valid torch seed
-        raise BenchError(f"--base-seed must lie in 0..{2**63 - 1}, got {args.base_seed}.")
-    if args.device is not None:
-        check_device(args.device)
-    args.dtype = check_dtype(args.dtype, args.device or check_device(None))
+    settings = _generation_settings(args)
     if args.quiet:
         quiet_loading()
-    fields = parse_detail_config(args.detail_config)
-    if args.method == "sdxl" and fields:
-        raise BenchError("--detail-config applies to --method detailpp only.")
-    if args.method == "detailpp":  # the model's recommended settings (its detail_config.json) under the given ones
-        from detailpp.config import ConfigError
-        from detailpp.loading import model_detail_defaults
-
-        try:
-            fields = {**model_detail_defaults(args.model), **fields}
-        except ConfigError as e:
-            raise BenchError(str(e)) from e
-    detail_config, detail_dict = make_detail_config(fields) if args.method == "detailpp" else (None, None)
-    plans = None
-    if args.plans is not None:
-        from detailpp.bench.plans import plans_for, read_plans
-
-        if args.method != "detailpp":
-            raise BenchError("--plans applies to --method detailpp only.")
-        plans = plans_for(prompts, read_plans(args.plans), str(args.plans))
-    settings = {
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "height": args.height,
-        "width": args.width,
-        "dtype": args.dtype,
-    }
+    detail_config, detail_dict = _bench_detail_config(args)
+    plans = _suite_plans(args, prompts)
     identity = run_identity(
         suite,
         args.method,
@@ -389,6 +367,65 @@ def _generate(args: argparse.Namespace) -> int:
             summary.extra.get("load_s", 0.0),
         )
     return 0
+
+
+def _generation_settings(args: argparse.Namespace) -> dict:
+    """The run's sampling settings: the model's native size, steps and guidance unless given (toy: 128x128, 20
+    steps, guidance 5), every value checked, and the device and dtype (``args`` is updated to match)."""
+    from detailpp.cli.common import check_device, check_dtype, default_steps, native_size
+
+    size = native_size(args.model)
+    args.height = size if args.height is None else args.height
+    args.width = size if args.width is None else args.width
+    args.steps = default_steps(args.model) if args.steps is None else args.steps
+    if args.guidance_scale is None:
+        args.guidance_scale = 5.0 if args.model == "toy" else 7.5
+    for name in ("steps", "height", "width"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.images_per_prompt < 1:
+        raise BenchError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
+    if not 0 <= args.base_seed <= 2**63 - 1:  # base + k for every image must stay a valid torch seed
+        raise BenchError(f"--base-seed must lie in 0..{2**63 - 1}, got {args.base_seed}.")
+    if args.device is not None:
+        check_device(args.device)
+    args.dtype = check_dtype(args.dtype, args.device or check_device(None))
+    return {
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "dtype": args.dtype,
+    }
+
+
+def _bench_detail_config(args: argparse.Namespace) -> tuple[Any, dict | None]:
+    """``(DetailConfig, its dict)`` of ``--detail-config`` over the model's recommended settings (its
+    ``detail_config.json``); ``(None, None)`` for ``--method sdxl``."""
+    fields = parse_detail_config(args.detail_config)
+    if args.method == "sdxl":
+        if fields:
+            raise BenchError("--detail-config applies to --method detailpp only.")
+        return None, None
+    from detailpp.config import ConfigError
+    from detailpp.loading import model_detail_defaults
+
+    try:
+        defaults = model_detail_defaults(args.model)
+    except ConfigError as e:
+        raise BenchError(str(e)) from e
+    return detail_config_of(fields, defaults)
+
+
+def _suite_plans(args: argparse.Namespace, prompts: list[str]) -> dict | None:
+    """``--plans``: prompt -> plan for each of the run's prompts (``None`` without the flag: the spaCy parser)."""
+    if args.plans is None:
+        return None
+    from detailpp.bench.plans import plans_for, read_plans
+
+    if args.method != "detailpp":
+        raise BenchError("--plans applies to --method detailpp only.")
+    return plans_for(prompts, read_plans(args.plans), str(args.plans))
 
 
 # --- plans -----------------------------------------------------------------------------------------------------------

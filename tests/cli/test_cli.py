@@ -21,9 +21,10 @@ from detailpp.atomic import atomic_write_bytes
 from detailpp.cli import build_parser, main
 from detailpp.cli.common import native_size, scheduler_name, slug
 from detailpp.images import mask_overlay, read_png_text
+from tests.paths import REPO
 
 FAST = ["--model", "tiny-random", "--steps", "1", "--height", "64", "--width", "64", "--quiet"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -182,12 +183,11 @@ def test_seed_minus_one_is_random_and_recorded(tmp_path, capsys):
     assert json.loads(image.with_suffix(".json").read_text())["seed"] == seed
 
 
-def test_demo_prompt_box_parses_on_enter():
+def test_demo_prompt_box_parses_on_enter(tiny_pipe):
     """Gradio submits a one-line textbox on Enter (a multi-line one inserts a newline); submit runs the parser."""
     from detailpp.demo import build_demo
-    from detailpp.tiny import build_tiny_pipeline
 
-    demo = build_demo(build_tiny_pipeline(), model_name="tiny-random", initial_prompt="", default_steps=1)
+    demo = build_demo(tiny_pipe, model_name="tiny-random", initial_prompt="", default_steps=1)
     (prompt,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "detailpp-prompt"]
     assert prompt.lines == 1
     submits = [fn.name for fn in demo.fns.values() if (prompt._id, "submit") in [tuple(t) for t in fn.targets]]

@@ -1,7 +1,8 @@
-"""Tiny random scoring models built from configs (BLIP VQA, CLIP, Grounding DINO), and the loading paths.
+"""Tiny random scoring models built from configs (BLIP VQA, CLIP, Grounding DINO), for the bench tests.
 
-Other ``test_bench_*`` files import the builders from here. No weights are downloaded: each model is random, saved
-with ``save_pretrained`` into a temporary folder and loaded back through detailpp's own loading code.
+The ``test_bench_*`` files import the builders from here (``tests.bench.tiny_models``). No weights are downloaded:
+each model is random, saved with ``save_pretrained`` into a temporary folder and loaded back through detailpp's own
+loading code.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 #: Words the tiny BERT vocabulary knows, at ids 1000 + k; "yes"/"no" sit at the real checkpoint's ids.
 WORDS = (
@@ -188,52 +188,3 @@ def random_image(seed: int, size: tuple[int, int] = (64, 48)):
 
     rng = np.random.RandomState(seed)
     return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
-
-
-# --- loading paths ---------------------------------------------------------------------------------------------------
-def test_missing_local_folder_is_a_clear_error(tmp_path):
-    from detailpp.bench import BenchError
-    from detailpp.bench.blip_vqa import load_blip_vqa
-
-    with pytest.raises(BenchError, match="does not exist.*--blip-model"):
-        load_blip_vqa(str(tmp_path / "nowhere" / "blip"))
-
-
-def test_folder_without_weights_is_a_clear_error(tmp_path):
-    from detailpp.bench import BenchError
-    from detailpp.bench.scb import load_clip
-
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(BenchError, match="Cannot load the CLIP model from the local folder .*--clip-model"):
-        load_clip(str(tmp_path / "empty"))
-
-
-def test_file_instead_of_folder(tmp_path):
-    from detailpp.bench import BenchError
-    from detailpp.bench.scb import load_detector
-
-    (tmp_path / "model.bin").write_bytes(b"x")
-    with pytest.raises(BenchError, match="is a file"):
-        load_detector(str(tmp_path / "model.bin"))
-
-
-def test_checkpoint_with_another_vocabulary_is_refused(tmp_path):
-    from transformers import BertTokenizer
-
-    from detailpp.bench import BenchError
-    from detailpp.bench.blip_vqa import load_blip_vqa
-
-    make_tiny_blip(tmp_path / "blip")
-    BertTokenizer(vocab={"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "yes": 4, "no": 5}).save_pretrained(
-        str(tmp_path / "blip")
-    )
-    with pytest.raises(BenchError, match="does not use BLIP's vocabulary"):
-        load_blip_vqa(str(tmp_path / "blip"))
-
-
-def test_hub_ids_and_paths_are_told_apart():
-    from detailpp.bench.models import looks_like_path
-
-    assert not looks_like_path("Salesforce/blip-vqa-capfilt-large")
-    assert not looks_like_path("openai/clip-vit-base-patch32")
-    assert looks_like_path("./models/blip") and looks_like_path("/abs/blip") and looks_like_path("a/b/c")

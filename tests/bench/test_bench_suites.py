@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +22,7 @@ from detailpp.bench.suites import (
     render_scb_json,
     scb_combinations,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
 
 
 def test_t2i_compbench_suites():

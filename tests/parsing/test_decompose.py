@@ -3,12 +3,9 @@ SDXL's real CLIP tokenizer (both loaded once per session)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +20,9 @@ from detailpp.plan import (
     validate_plan,
 )
 from detailpp.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
+from tests.paths import SCRIPTS, load_script
 
-CORPUS_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_prompt_corpus.py"
+CORPUS_SCRIPT = SCRIPTS / "check_prompt_corpus.py"
 
 PLAN_KEYS = {"prompt", "base", "granularity", "branches"}
 BRANCH_KEYS = {"prompt", "subject", "attributes", "subject_token_indices"}
@@ -493,11 +491,7 @@ def test_plain_parentheses_and_hyphens_are_not_weights(plan_of):
 
 @pytest.fixture(scope="module")
 def corpus_script():
-    spec = importlib.util.spec_from_file_location("check_prompt_corpus", CORPUS_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(CORPUS_SCRIPT)
 
 
 def test_prompt_corpus_score(corpus_script, nlp, tokenizer):

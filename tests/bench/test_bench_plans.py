@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +13,9 @@ from detailpp.bench import BenchError
 from detailpp.bench.manifest import read_jsonl
 from detailpp.bench.plans import plans_for, read_plans, record_run_plans, write_plans
 from detailpp.plan import Branch, DecompositionPlan
+from tests.paths import BENCHMARKS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "multi_gpu_scaling.py"
+SCRIPT = BENCHMARKS / "multi_gpu_scaling.py"
 PLAN = DecompositionPlan(
     prompt="a red car and a blue bench",
     base="a car and a bench",
@@ -125,11 +124,7 @@ def main_raw(argv: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def scaling():
-    spec = importlib.util.spec_from_file_location("multi_gpu_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_scaling_script_commands_and_figures(scaling, tmp_path):

@@ -106,7 +106,7 @@ def test_generate_bad_input_is_one_clear_line(argv, message, tmp_path, capsys, m
 
 def test_unloadable_model_is_one_clear_message(tmp_path):
     """In a real process (library loggers bound to the real stderr): one message naming the model and the ways out."""
-    src = Path(__file__).resolve().parents[1] / "src"  # this checkout's code, whatever the cwd
+    src = Path(__file__).resolve().parents[2] / "src"  # this checkout's code, whatever the cwd
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(src)}
     cmd = [
         sys.executable,

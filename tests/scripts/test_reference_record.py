@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reference"))
+from tests.paths import BENCHMARKS, load_script
+
+# benchmarks/reference holds scripts, not a package: loaded by file (authors.py first, since record.py imports it)
+load_script(BENCHMARKS / "reference" / "authors.py")
+load_script(BENCHMARKS / "reference" / "record.py")
 
 from authors import FILES, CheckoutError, check_checkout  # noqa: E402
 from record import DOC_END, DOC_START, main, table_markdown, update_doc  # noqa: E402

@@ -7,32 +7,17 @@ import os
 import socket
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from detailpp.bench import BenchError
 from detailpp.bench.manifest import read_jsonl, strip_volatile
 from detailpp.bench.metrics import Metric
-from detailpp.bench.runner import plan_items, run_generation, run_identity, run_scoring
+from detailpp.bench.runner import plan_items, run_generation, run_scoring
 from detailpp.bench.sharding import Shard
-from detailpp.bench.suites import Suite
-
-SUITE = Suite("custom", ("a red car and a blue bench", "a green dog", "a cat_with underscores / slash", "a bowl"))
-IPP = 3
-
-
-def fake_generate(prompt: str, seed: int):
-    from PIL import Image
-
-    rng = np.random.RandomState((seed * 7919 + zlib.crc32(prompt.encode())) % 2**32)
-    return Image.fromarray((rng.rand(16, 16, 3) * 255).astype("uint8"))
-
-
-def identity(**settings):
-    return run_identity(SUITE, "fake", "fake-model", {"steps": 2, **settings}, IPP)
+from tests.bench.fakes import IPP, SUITE, CountingScorer, fake_generate, identity
+from tests.paths import REPO, SRC
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -96,8 +81,7 @@ def _free_port() -> int:
 
 WORKER = """
 import sys
-sys.path.insert(0, {tests!r})
-from test_bench_runner import SUITE, fake_generate, identity
+from tests.bench.fakes import SUITE, fake_generate, identity
 from detailpp.bench.runner import run_generation
 from detailpp.bench.sharding import resolve_shard
 shard = resolve_shard()
@@ -109,8 +93,8 @@ print("rank", shard.index, "made", summary.made, "merged", summary.merged)
 
 def test_torchrun_two_processes_equal_one_process(reference, tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(SRC)])}
     cmd = [
         sys.executable,
         "-m",
@@ -176,18 +160,6 @@ def test_killed_run_resumes_without_loss_or_duplicates(reference, tmp_path, capl
 def test_other_settings_are_refused(reference):
     with pytest.raises(BenchError, match="other settings.*steps"):
         run_generation(reference, SUITE, identity(steps=3), fake_generate, progress=False)
-
-
-class CountingScorer:
-    def __init__(self, fail_on_call: int | None = None):
-        self.calls = 0
-        self.fail_on_call = fail_on_call
-
-    def score(self, images, prompts):
-        self.calls += 1
-        if self.calls == self.fail_on_call:
-            raise KeyboardInterrupt
-        return [(float(np.asarray(im).mean() / 255), {"n": len(p)}) for im, p in zip(images, prompts, strict=True)]
 
 
 def test_scoring_is_resumable_and_lands_in_the_manifest(reference, tmp_path):

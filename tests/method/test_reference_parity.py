@@ -24,7 +24,7 @@ from detailpp import DetailConfig
 from detailpp.config import ReferenceBehaviour
 from detailpp.tiny import build_tiny_pipeline
 
-FIXTURE = Path(__file__).parent / "fixtures" / "authors_reference.safetensors"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "authors_reference.safetensors"
 
 
 def load_fixture() -> tuple[dict[str, dict], dict[str, torch.Tensor]]:

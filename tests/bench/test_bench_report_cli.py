@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_bench_runner import SUITE, CountingScorer, fake_generate  # noqa: E402
-
-from detailpp.bench.metrics import Metric  # noqa: E402
-from detailpp.bench.runner import run_generation, run_identity, run_scoring  # noqa: E402
-from detailpp.bench.suites import Suite  # noqa: E402
+from detailpp.bench.metrics import Metric
+from detailpp.bench.runner import run_generation, run_identity, run_scoring
+from detailpp.bench.suites import Suite
+from tests.bench.fakes import SUITE, CountingScorer, fake_generate
 
 
 def make_run(folder: Path, label: str, suite: Suite, metric: str, offset: float = 0.0, max_prompts=None):

@@ -4,27 +4,22 @@ the "eager" backend."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_benchmark.py"
+from tests.paths import BENCHMARKS, load_script
+
+SCRIPT = BENCHMARKS / "gpu_benchmark.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_benchmark_plans_have_one_to_three_subjects(bench):
-    # the full-size SDXL the script builds (detailpp.sdxl_random) is checked in tests/test_bench_plans.py
+    # the full-size SDXL the script builds (detailpp.sdxl_random) is checked in tests/bench/test_bench_plans.py
     assert [len(p.branches) + 2 for p in bench.benchmark_plans().values()] == [3, 4, 5]
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_bench_tiny import make_tiny_clip, make_tiny_grounding_dino, random_image  # noqa: E402
+from tests.bench.tiny_models import make_tiny_clip, make_tiny_grounding_dino, random_image
 
 PROMPT = "A Lego style dog in a Watercolor style forest"
 

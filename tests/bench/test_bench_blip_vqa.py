@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_bench_tiny import make_tiny_blip, random_image, word_id  # noqa: E402
+from tests.bench.tiny_models import make_tiny_blip, random_image, word_id
 
 ENC, DEC, SEP, YES, NO = 30523, 30522, 102, 2748, 2053
 

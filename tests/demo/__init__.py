@@ -1,0 +1,1 @@
+"""Tests of demo: see tests/conftest.py for the map."""

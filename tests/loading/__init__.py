@@ -1,0 +1,1 @@
+"""Tests of loading: see tests/conftest.py for the map."""

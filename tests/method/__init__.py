@@ -1,0 +1,1 @@
+"""Tests of method: see tests/conftest.py for the map."""

@@ -1,0 +1,1 @@
+"""Tests of parsing: see tests/conftest.py for the map."""

@@ -1,0 +1,1 @@
+"""Tests of pipelines: see tests/conftest.py for the map."""

@@ -1,0 +1,1 @@
+"""Tests of scripts: see tests/conftest.py for the map."""
