@@ -438,13 +438,27 @@ class DemoSession:
             )
             plain = None
             if compare:
-                plain = pipe.plain_sdxl()(
+                plain = pipe.plain_pipeline()(
                     prompt=plan.prompt,
                     generator=torch.Generator(device="cpu").manual_seed(settings.seed),
                     callback_on_step_end=callback("plain SDXL", settings.steps),
                     **common,
                 ).images[0]
             seconds = time.perf_counter() - started
+        logger.info("generated %r (seed %d) in %.1f s", plan.prompt, settings.seed, seconds)
+        return self.result(out, plain, plan, config, settings, note, seconds)
+
+    def result(
+        self,
+        out: Any,
+        plain: Any,
+        plan: DecompositionPlan,
+        config: DetailConfig,
+        settings: Settings,
+        note: str | None,
+        seconds: float,
+    ) -> DemoResult:
+        """What the page shows of one generation: the image, the plain one, every branch, the masks, notes."""
         image = out.images[0]
         branches = list(zip(out.branch_images, branch_captions(plan), strict=True))
         masks = []
@@ -455,9 +469,8 @@ class DemoSession:
         notes = [f"seed {settings.seed}", f"{settings.width}x{settings.height}", f"{settings.steps} steps"]
         if note:
             notes.append(note)
-        if self.model_name == "tiny-random":
-            notes.append("tiny-random has random weights: its images are noise")
-        logger.info("generated %r (seed %d) in %.1f s", plan.prompt, settings.seed, seconds)
+        if self.model_name.startswith("tiny-random"):
+            notes.append(f"{self.model_name} has random weights: its images are noise")
         return DemoResult(image, plain, branches, masks, plan, seconds, notes)
 
 

@@ -26,9 +26,9 @@ except ImportError:  # diffusers < 0.40: no offload-aware helper
 
 from detailpp.attention import HookError
 from detailpp.config import DetailConfig
-from detailpp.engine import BranchLayout, Conditioning, StopUNet, frozen_parameters
+from detailpp.engine import Conditioning, StopUNet, frozen_parameters
 from detailpp.inputs import DetailInputError
-from detailpp.pipeline_base import UNSUPPORTED, DetailPipelineMixin, arguments_of, shared_arguments
+from detailpp.pipeline_base import UNSUPPORTED, DetailPipelineMixin, shared_arguments
 from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan
 
@@ -251,37 +251,7 @@ class DetailPlusPlusPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffu
         """
         height = self.default_sample_size * self.vae_scale_factor if height is None else height
         width = self.default_sample_size * self.vae_scale_factor if width is None else width
-        base_kwargs = {name: value for name, value in locals().items() if name in self.base_arguments}
-
-        # 1. Check every input, once; the plan (parsed from the prompt when absent).
-        checked = arguments_of(self.check_detail_inputs, base_kwargs) | arguments_of(
-            self.check_base_inputs, base_kwargs
-        )
-        config, plan = self.check_detail_inputs(plan, detail_config, kwargs, **checked)
-        if not plan.branches:
-            return self.plain_call(plan, base_kwargs, return_branch_images)
-        self.begin_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
-        prompts = self.branch_prompts(plan, config)
-        layout = BranchLayout(len(prompts), self.do_classifier_free_guidance)
-
-        # 2. Every branch's conditioning (and the image prompt, the same for every branch).
-        device = self._execution_device
-        conditioning = self.encode_branches(prompts, device, **arguments_of(self.encode_branches, base_kwargs))
-        image_embeds = self.branch_image_embeds(layout, ip_adapter_image, ip_adapter_image_embeds, device)
-        if image_embeds is not None:
-            conditioning.added["image_embeds"] = image_embeds
-
-        # 3. Timesteps, one initial noise for every branch, the engine's steps, decoding.
-        return self.run_detail(
-            plan=plan,
-            config=config,
-            prompts=prompts,
-            layout=layout,
-            conditioning=conditioning,
-            **arguments_of(self.run_detail, base_kwargs),
-            return_branch_images=return_branch_images,
-            return_masks=return_masks,
-        )
+        return self.detail_call(locals(), kwargs)
 
 
 DetailPlusPlusPipeline.base_arguments = shared_arguments(DetailPlusPlusPipeline, StableDiffusionXLPipeline)

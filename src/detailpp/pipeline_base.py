@@ -179,9 +179,9 @@ class DetailPipelineMixin:
 
     def check_detail_inputs(
         self,
-        plan: DecompositionPlan | dict | str | None,
-        detail_config: DetailConfig | None,
-        kwargs: dict[str, Any],
+        plan: DecompositionPlan | dict | str | None = None,
+        detail_config: DetailConfig | None = None,
+        kwargs: dict[str, Any] | None = None,
         *,
         prompt: str | None,
         height: int,
@@ -195,7 +195,7 @@ class DetailPipelineMixin:
         when the plan has detail branches (a plain run checks its own). Returns the call's DetailConfig (the model's
         :attr:`detail_defaults` when none is given) and its validated plan.
         """
-        for name, value in kwargs.items():
+        for name, value in (kwargs or {}).items():
             if value is None or (name == "guess_mode" and value is False):
                 continue
             if name in UNSUPPORTED:
@@ -298,6 +298,48 @@ class DetailPipelineMixin:
         embedding = self.get_guidance_scale_embedding(scale, embedding_dim=self.unet.config.time_cond_proj_dim)
         return embedding.to(device=device, dtype=dtype)
 
+    def detail_call(self, arguments: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+        """The body of every Detail++ pipeline's ``__call__``, given the call's arguments (its ``locals()``, sizes
+        already defaulted) and its extra ``kwargs``: check once, plain fall-back, encode the branches, run."""
+        arguments = {k: v for k, v in arguments.items() if k not in ("self", "kwargs")}
+        base_kwargs = {name: value for name, value in arguments.items() if name in self.base_arguments}
+
+        # 1. Check every input, once; the plan (parsed from the prompt when absent).
+        checked = arguments_of(self.check_detail_inputs, arguments) | arguments_of(self.check_base_inputs, arguments)
+        config, plan = self.check_detail_inputs(kwargs=kwargs, **checked)
+        if not plan.branches:
+            return self.plain_call(plan, base_kwargs, arguments.get("return_branch_images", False))
+        self.begin_call(
+            arguments["guidance_scale"],
+            arguments.get("guidance_rescale", 0.0),
+            arguments.get("clip_skip"),
+            arguments.get("cross_attention_kwargs"),
+        )
+        prompts = self.branch_prompts(plan, config)
+        layout = BranchLayout(len(prompts), self.do_classifier_free_guidance)
+
+        # 2. Every branch's conditioning; the image prompt (and a control image), the same for every branch.
+        device = self._execution_device
+        conditioning = self.encode_branches(prompts, device, **arguments_of(self.encode_branches, arguments))
+        image_embeds = self.branch_image_embeds(
+            layout, arguments.get("ip_adapter_image"), arguments.get("ip_adapter_image_embeds"), device
+        )
+        if image_embeds is not None:
+            conditioning.added["image_embeds"] = image_embeds
+        extras = self.unet_extras_for(layout, conditioning, arguments)
+
+        # 3. Timesteps, one initial noise for every branch, the engine's steps, decoding.
+        given = {"plan": plan, "config": config, "prompts": prompts, "layout": layout, "conditioning": conditioning}
+        rest = {k: v for k, v in arguments_of(self.run_detail, arguments).items() if k not in given}
+        return self.run_detail(**given, **rest, unet_extras=extras)
+
+    def unet_extras_for(
+        self, layout: BranchLayout, conditioning: Conditioning, arguments: dict[str, Any]
+    ) -> UNetExtras | None:
+        """Extra UNet inputs of this call for the engine (:class:`~detailpp.engine.UNetExtras`): none here; the
+        ControlNet pipeline returns its residuals."""
+        return None
+
     def run_detail(
         self,
         *,
@@ -354,19 +396,9 @@ class DetailPipelineMixin:
             return_masks=return_masks,
             unet_extras=unet_extras,
         )
-        self._num_timesteps = len(timesteps)
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)
-        with engine.attention(), self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                latents, masks = engine.step(i, t, latents)
-                if callback_on_step_end is not None:
-                    latents = self._step_end(
-                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, masks, conditioning
-                    )
-                progress_bar.update()
+        latents = self.denoise_branches(
+            engine, timesteps, latents, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         decoded = self.postprocess_latents(latents if return_branch_images else latents[layout.last :], output_type)
         masks_out = engine.masks() if return_masks else None
         self.maybe_free_model_hooks()
@@ -379,6 +411,36 @@ class DetailPipelineMixin:
             masks=masks_out,
             nursing=engine.nursing_records,
         )
+
+    def denoise_branches(
+        self,
+        engine: DetailEngine,
+        timesteps: torch.Tensor,
+        latents: torch.Tensor,
+        callback_on_step_end: Callable[..., dict] | None,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> torch.Tensor:
+        """The denoising loop: the engine's step per timestep, Detail++'s processors installed for the loop."""
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        with engine.attention(), self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                latents, masks = engine.step(i, t, latents)
+                if callback_on_step_end is not None:
+                    latents = self._step_end(
+                        callback_on_step_end,
+                        callback_on_step_end_tensor_inputs,
+                        i,
+                        t,
+                        latents,
+                        masks,
+                        engine.conditioning,
+                    )
+                progress_bar.update()
+        return latents
 
     def _step_end(
         self,

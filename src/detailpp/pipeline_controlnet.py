@@ -207,6 +207,10 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
         )
         self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
 
+    def unet_extras_for(self, layout: BranchLayout, conditioning: Any, arguments: dict[str, Any]) -> ControlResiduals:
+        """The engine's extra UNet inputs: the call's ControlNet residuals (:meth:`control_residuals`)."""
+        return self.control_residuals(layout, conditioning, **arguments_of(self.control_residuals, arguments))
+
     def control_residuals(
         self,
         layout: BranchLayout,
@@ -291,39 +295,7 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
         """
         scale = controlnet_conditioning_scale
         height, width, controlnet_conditioning_scale = self.check_control_inputs(image, height, width, scale)
-        base_kwargs = {name: value for name, value in locals().items() if name in self.base_arguments}
-
-        # 1. Check every input, once; the plan (parsed from the prompt when absent).
-        checked = arguments_of(self.check_detail_inputs, base_kwargs) | arguments_of(
-            self.check_base_inputs, base_kwargs
-        )
-        config, plan = self.check_detail_inputs(plan, detail_config, kwargs, **checked)
-        if not plan.branches:
-            return self.plain_call(plan, base_kwargs, return_branch_images)
-        self.begin_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
-        prompts = self.branch_prompts(plan, config)
-        layout = BranchLayout(len(prompts), self.do_classifier_free_guidance)
-
-        # 2. Every branch's conditioning; the image prompt and the control image(s), the same for every branch.
-        device = self._execution_device
-        conditioning = self.encode_branches(prompts, device, **arguments_of(self.encode_branches, base_kwargs))
-        image_embeds = self.branch_image_embeds(layout, ip_adapter_image, ip_adapter_image_embeds, device)
-        if image_embeds is not None:
-            conditioning.added["image_embeds"] = image_embeds
-        residuals = self.control_residuals(layout, conditioning, **arguments_of(self.control_residuals, base_kwargs))
-
-        # 3. Timesteps, one initial noise for every branch, the engine's steps (with the residuals), decoding.
-        return self.run_detail(
-            plan=plan,
-            config=config,
-            prompts=prompts,
-            layout=layout,
-            conditioning=conditioning,
-            **arguments_of(self.run_detail, base_kwargs),
-            return_branch_images=return_branch_images,
-            return_masks=return_masks,
-            unet_extras=residuals,
-        )
+        return self.detail_call(locals(), kwargs)
 
 
 DetailPlusPlusControlNetPipeline.base_arguments = shared_arguments(

@@ -15,8 +15,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from detailpp.config import DetailConfig
-from detailpp.engine import BranchLayout, Conditioning
-from detailpp.pipeline_base import DetailPipelineMixin, arguments_of, shared_arguments
+from detailpp.engine import Conditioning
+from detailpp.pipeline_base import DetailPipelineMixin, shared_arguments
 from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan
 
@@ -187,37 +187,7 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
             :class:`DetailPlusPlusPipelineOutput` (or ``(images,)`` with ``return_dict=False``).
         """
         height, width = (self.default_size()[i] if v is None else v for i, v in enumerate((height, width)))
-        base_kwargs = {name: value for name, value in locals().items() if name in self.base_arguments}
-
-        # 1. Check every input, once; the plan (parsed from the prompt when absent).
-        checked = arguments_of(self.check_detail_inputs, base_kwargs) | arguments_of(
-            self.check_base_inputs, base_kwargs
-        )
-        config, plan = self.check_detail_inputs(plan, detail_config, kwargs, **checked)
-        if not plan.branches:
-            return self.plain_call(plan, base_kwargs, return_branch_images)
-        self.begin_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
-        prompts = self.branch_prompts(plan, config)
-        layout = BranchLayout(len(prompts), self.do_classifier_free_guidance)
-
-        # 2. Every branch's conditioning (and the image prompt, the same for every branch).
-        device = self._execution_device
-        conditioning = self.encode_branches(prompts, device, **arguments_of(self.encode_branches, base_kwargs))
-        image_embeds = self.branch_image_embeds(layout, ip_adapter_image, ip_adapter_image_embeds, device)
-        if image_embeds is not None:
-            conditioning.added["image_embeds"] = image_embeds
-
-        # 3. Timesteps, one initial noise for every branch, the engine's steps, decoding.
-        return self.run_detail(
-            plan=plan,
-            config=config,
-            prompts=prompts,
-            layout=layout,
-            conditioning=conditioning,
-            **arguments_of(self.run_detail, base_kwargs),
-            return_branch_images=return_branch_images,
-            return_masks=return_masks,
-        )
+        return self.detail_call(locals(), kwargs)
 
 
 DetailPlusPlusSDPipeline.base_arguments = shared_arguments(DetailPlusPlusSDPipeline, StableDiffusionPipeline)

@@ -302,7 +302,7 @@ class PipelineGenerator:
             output_type="pil",
         )
         if self.method == "sdxl":
-            out = self.pipe.plain_sdxl()(**kwargs)  # plain SDXL on the same components
+            out = self.pipe.plain_pipeline()(**kwargs)  # the plain base pipeline on the same components
         else:
             plan = None if self.plans is None else self.plans[prompt]
             out = self.pipe(**kwargs, detail_config=self.detail_config, plan=plan)
