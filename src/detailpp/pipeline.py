@@ -258,6 +258,9 @@ class DetailPlusPlusPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffu
             self.check_base_inputs, base_kwargs
         )
         config, plan = self.check_detail_inputs(plan, detail_config, kwargs, **checked)
+        self.check_ip_adapter_inputs(
+            ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None
+        )
         if not plan.branches:
             return self.plain_call(plan, base_kwargs, return_branch_images)
         self.begin_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
