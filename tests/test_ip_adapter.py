@@ -21,6 +21,7 @@ from detailpp.attention import (
     AttentionState,
     CaptureSpec,
     DetailAttnProcessor,
+    HookError,
     IPAdapterDetailProcessor,
     find_mask_layers,
 )
@@ -162,6 +163,8 @@ def test_processor_equals_diffusers_ip_adapter_processor_and_captures_text_only(
     text_only = DetailAttnProcessor("layer", states[1], reference=reference)(attn, hidden, text)
     assert not torch.allclose(ours, text_only, atol=1e-3)  # the image prompt contributed
     assert torch.equal(states[0].maps, states[1].maps)  # captured from the 77 text keys only
+    with pytest.raises(HookError, match="replaced no IP-Adapter processor"):  # image tokens, no IP weights
+        detail_proc(attn, hidden, (text, image_tokens))
 
 
 def test_every_branch_row_gets_the_image_embeddings(adapter_folder):

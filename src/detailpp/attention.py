@@ -17,6 +17,12 @@ instead (what the authors' code does in every layer); tests use it as the refere
 Capture. Cross-attention probabilities are computed only for the rows and subject tokens that a mask needs: a
 ``(rows x heads x tokens x 77)`` softmax next to SDPA (77 keys make this cheap), averaged over heads and the
 subject's tokens, summed over layers in :class:`AttentionState`.
+
+IP-Adapter. A mask layer (or, in reference mode, any layer) whose processor is diffusers' IP-Adapter processor gets an
+:class:`IPAdapterDetailProcessor`: the level's shared :class:`DetailAttnProcessor` computes the text attention (and
+captures from its 77 keys only), then adds ``scale * attention(Q, K_ip, V_ip)`` per adapter with the replaced
+processor's own modules, which it holds (so they stay in the UNet's parameters) and which are restored on exit. These
+wrappers are per layer, so a compiled UNet with an IP-Adapter traces each such layer separately.
 """
 
 from __future__ import annotations
