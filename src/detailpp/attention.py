@@ -22,7 +22,7 @@ IP-Adapter. A mask layer (or, in reference mode, any layer) whose processor is d
 :class:`IPAdapterDetailProcessor`: the level's shared :class:`DetailAttnProcessor` computes the text attention (and
 captures from its 77 keys only), then adds ``scale * attention(Q, K_ip, V_ip)`` per adapter with the replaced
 processor's own modules, which it holds (so they stay in the UNet's parameters) and which are restored on exit. These
-wrappers are per layer, so a compiled UNet with an IP-Adapter traces each such layer separately.
+wrappers are per layer (compiling a UNet with an IP-Adapter is not measured).
 """
 
 from __future__ import annotations
