@@ -244,7 +244,8 @@ class DetailPlusPlusPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffu
                 end; the final image is the same either way.
             return_masks: also return each detail branch's normalised subject map.
             ip_adapter_image, ip_adapter_image_embeds: an image prompt for a loaded IP-Adapter
-                (``pipe.load_ip_adapter(...)``), as in ``StableDiffusionXLPipeline``; every branch gets it.
+                (``pipe.load_ip_adapter(...)``), as in ``StableDiffusionXLPipeline``; every branch gets it (the masks
+                come from the text tokens only). ``ip_adapter_masks`` are not supported.
 
         Returns:
             :class:`DetailPlusPlusPipelineOutput` (or ``(images,)`` with ``return_dict=False``).

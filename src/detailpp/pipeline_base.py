@@ -222,8 +222,19 @@ class DetailPipelineMixin:
         """The base pipeline's own ``check_inputs`` for a Detail++ run (each subclass calls its base's)."""
         raise NotImplementedError
 
-    def check_ip_adapter_inputs(self, ip_adapter_image: Any, ip_adapter_image_embeds: Any) -> None:
-        """IP-Adapter arguments need a loaded adapter (``pipe.load_ip_adapter(...)``), and one of the two only."""
+    def check_ip_adapter_inputs(
+        self,
+        ip_adapter_image: Any,
+        ip_adapter_image_embeds: Any,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """IP-Adapter arguments need a loaded adapter (``pipe.load_ip_adapter(...)``), and one of the two only; a
+        Detail++ run (give its ``cross_attention_kwargs``) takes no ``ip_adapter_masks``."""
+        if cross_attention_kwargs and cross_attention_kwargs.get("ip_adapter_masks") is not None:
+            raise DetailInputError(
+                "`ip_adapter_masks` (in `cross_attention_kwargs`) are not supported by Detail++: every branch gets "
+                "the whole image prompt; give `ip_adapter_image` without masks."
+            )
         if ip_adapter_image is None and ip_adapter_image_embeds is None:
             return
         if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
@@ -234,6 +245,11 @@ class DetailPipelineMixin:
             raise DetailInputError(
                 "`ip_adapter_image`/`ip_adapter_image_embeds` need an IP-Adapter: call "
                 "pipe.load_ip_adapter(repo_or_folder, subfolder=..., weight_name=...) first."
+            )
+        if ip_adapter_image is not None and getattr(self, "image_encoder", None) is None:
+            raise DetailInputError(
+                "`ip_adapter_image` needs the IP-Adapter's image encoder, and none is loaded (load_ip_adapter(..., "
+                "image_encoder_folder=None) skips it): load one, or pass `ip_adapter_image_embeds`."
             )
 
     # ------------------------------------------------------------------ the call's stages
@@ -307,6 +323,11 @@ class DetailPipelineMixin:
         # 1. Check every input, once; the plan (parsed from the prompt when absent).
         checked = arguments_of(self.check_detail_inputs, arguments) | arguments_of(self.check_base_inputs, arguments)
         config, plan = self.check_detail_inputs(kwargs=kwargs, **checked)
+        self.check_ip_adapter_inputs(
+            arguments.get("ip_adapter_image"),
+            arguments.get("ip_adapter_image_embeds"),
+            arguments.get("cross_attention_kwargs") if plan.branches else None,
+        )
         if not plan.branches:
             return self.plain_call(plan, base_kwargs, arguments.get("return_branch_images", False))
         self.begin_call(
