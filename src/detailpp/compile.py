@@ -17,6 +17,11 @@ A Detail++ call therefore compiles a handful of graphs in its first steps (the w
 steps after it, a nursing pass with gradients, and the plain layers at the other resolutions); a second call with the
 same plan shape (number of branches) and configuration compiles nothing. Another plan shape or configuration adds a
 graph or two. ``tests/pipelines/test_compile.py`` checks equality with eager, zero recompiles and zero graph breaks.
+
+``cuda_graphs=True`` (or :func:`nursing_graphs` alone, without compiling) also replays each nursing pass as one CUDA
+graph (:class:`detailpp.nursing.GraphedGradient`): a batch-1 pass is bound by the host launching its kernels, and a
+replay costs only its GPU time. The graph is captured at a call's first nursing pass and freed after its last
+nursing step; it computes what the eager pass computes.
 """
 
 from __future__ import annotations
@@ -39,7 +44,22 @@ def recompile_limit_key() -> str:
     return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
-def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **compile_kwargs: Any) -> list[str]:
+def nursing_graphs(unet: torch.nn.Module, enabled: bool = True) -> None:
+    """Replay Detail++'s nursing passes on ``unet`` as CUDA graphs (``enabled=False``: eager again).
+
+    Applies on a CUDA device to the configurations whose pass is a pure function of the latent and the timestep
+    (not the reference preset's maps averaged over every pass, its OpenCV blur kernel, or ``unet_extras``);
+    elsewhere the passes stay eager. Costs one capture per call (about one pass) and the pass's activations kept in
+    the graph's memory pool during the nursing steps.
+    """
+    from detailpp.nursing import NURSING_GRAPHS_ATTRIBUTE
+
+    setattr(unet, NURSING_GRAPHS_ATTRIBUTE, bool(enabled))
+
+
+def compile_detail(
+    unet: torch.nn.Module, recompile_limit: int | None = 32, cuda_graphs: bool = False, **compile_kwargs: Any
+) -> list[str]:
     """Compile ``unet``'s repeated transformer blocks in place: ``unet.compile_repeated_blocks(**compile_kwargs)``.
 
     Args:
@@ -48,6 +68,7 @@ def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **co
             to at least this many graphs, process-wide. All blocks share one function, so the graphs of every
             configuration used (plain SDXL, each Detail++ plan shape with and without nursing) count against one
             limit; past it, new variants silently run eager. ``None`` leaves the setting alone.
+        cuda_graphs: also replay the nursing passes as CUDA graphs (:func:`nursing_graphs`).
         compile_kwargs: passed to ``torch.compile`` (``mode``, ``backend``, ``fullgraph``, ``dynamic``...).
 
     Returns:
@@ -67,12 +88,15 @@ def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **co
             logger.info("torch._dynamo.config.%s raised to %d for Detail++'s block variants.", key, recompile_limit)
             setattr(torch._dynamo.config, key, recompile_limit)
     unet.compile_repeated_blocks(**compile_kwargs)
+    if cuda_graphs:
+        nursing_graphs(unet)
     logger.info("Compiled %d %s modules.", len(names), "/".join(classes))
     return names
 
 
 def uncompile(unet: torch.nn.Module) -> None:
-    """Undo :func:`compile_detail` (every module of ``unet`` runs eager again; dynamo's caches stay)."""
+    """Undo :func:`compile_detail` (every module of ``unet`` runs eager again; dynamo's caches stay; no graphs)."""
+    nursing_graphs(unet, enabled=False)
     for m in unet.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None

@@ -31,11 +31,21 @@ from typing import Any, Protocol
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 
-from detailpp.attention import AttentionState, CaptureSpec, detail_processors, find_mask_layers
+from detailpp.attention import AttentionState, CaptureSpec, HookError, detail_processors, find_mask_layers
 from detailpp.config import DetailConfig
 from detailpp.latent_modification import FIRST_DETAIL_BRANCH, accumulate_latents
 from detailpp.masks import MaskAccumulator, binary_masks, normalized_maps
-from detailpp.nursing import NursingRecord, max_iterations, nurse_latent, nursing_loss, step_size
+from detailpp.nursing import (
+    NURSING_GRAPHS_ATTRIBUTE,
+    GraphedGradient,
+    NursingRecord,
+    loss_and_gradient,
+    max_iterations,
+    nurse_latent,
+    nursing_loss,
+    step_size,
+    token_columns,
+)
 from detailpp.plan import BranchTokens
 
 logger = logging.getLogger(__name__)
@@ -232,6 +242,10 @@ class DetailEngine:
         #: the accumulated subject maps of the latest step within the window (subjects x tokens), or ``None``
         self.last_maps: torch.Tensor | None = None
         self.nursing_records: list[NursingRecord] = []
+        #: nursing passes as one function of the UNet input (:meth:`nursing_gradient`), CUDA-graphed on a GPU
+        self.nursing_graphs = bool(getattr(unet, NURSING_GRAPHS_ATTRIBUTE, False)) and self.graphable_nursing()
+        self._nursing_graph: GraphedGradient | None = None
+        self._nursing_columns: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ what the call needs
 
@@ -293,39 +307,101 @@ class DetailEngine:
         config, train_steps = self.config, self.scheduler.config.num_train_timesteps
         record = NursingRecord(step=i)
         started = time.perf_counter()
+        graphed = self.nursing_graphs
         with frozen_parameters(self.unet):
             latents[0:1] = nurse_latent(
                 latents[0:1],
-                lambda z0: self.nursing_loss(z0, t),
+                None if graphed else lambda z0: self.nursing_loss(z0, t),
                 iterations=max_iterations(config, float(t), train_steps),
                 threshold=config.threshold_at(i, self.n_detail, self.state.num_tokens),
                 alpha=step_size(config, i, self.num_inference_steps, train_steps),
                 record=record,
                 update_then_test=config.reference.update_then_test,
+                gradient_of=(lambda z0: self.nursing_gradient(z0, t)) if graphed else None,
             )
+        if i == self.nursing_steps - 1 and self._nursing_graph is not None:
+            self._nursing_graph.release()  # its memory pool is free for the steps after nursing
+            self._nursing_graph = None
         logger.debug("nursing at step %d took %.3f s", i, time.perf_counter() - started)
         self.nursing_records.append(record)
         return latents
 
     def nursing_loss(self, z0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Eq. 6 on branch 0's conditional cross-attention, from a UNet pass cut after the last mask layer."""
-        reference, state = self.config.reference, self.state
-        state.begin(capture=self.nursing_capture, device=self.device, num_keys=self.conditioning.num_keys)
-        try:
-            with stop_after(self.unet, self.layers.last_block):
-                sample = z0 if reference.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t)
-                self.call_unet(sample, t, self.layout.rows_of([0])[-1:])
-        except StopUNet:
-            pass
-        state.end(expect_self=False)
-        probs = state.mean_full_probs()
+        reference = self.config.reference
+        sample = z0 if reference.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t)
+        probs = self.nursing_probs(sample, t)
         if reference.nursing_maps_all_passes:  # one store for every pass; the gradient flows through this one
             history = self.nursing_history
             total = probs if history["sum"] is None else history["sum"] + probs
             history["sum"], history["passes"] = total.detach(), history["passes"] + 1
             probs = total / history["passes"]
         tokens = [list(t) for t in self.tokens.in_full]
-        return nursing_loss(probs, tokens, self.tokens.prompt_length, state.grid, self.config)
+        return nursing_loss(probs, tokens, self.tokens.prompt_length, self.state.grid, self.config)
+
+    def nursing_probs(self, sample: torch.Tensor, t: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Branch 0's head- and layer-averaged conditional cross-attention (tokens x keys) from the UNet input
+        ``sample``, the UNet cut after the last mask layer. ``check=False`` reads nothing back from the device (no
+        hook check; the layer count is the mask layers'): what a CUDA graph can capture."""
+        state = self.state
+        state.begin(capture=self.nursing_capture, device=self.device, num_keys=self.conditioning.num_keys)
+        try:
+            with stop_after(self.unet, self.layers.last_block):
+                self.call_unet(sample, t, self.layout.rows_of([0])[-1:])
+        except StopUNet:
+            pass
+        if not check:
+            state.end(expect_self=False, expect_cross=False)
+            return state.full_probs / len(self.layers.cross_attention)
+        state.end(expect_self=False)
+        return state.mean_full_probs()
+
+    # ------------------------------------------------------------------ nursing as one function (CUDA graphs)
+
+    def graphable_nursing(self) -> bool:
+        """Whether a nursing pass is a pure function of the UNet input and the timestep: no per-pass history
+        (``reference.nursing_maps_all_passes``), no host-made kernel (``reference.opencv_blur``), no
+        :attr:`unet_extras` (they see the step index)."""
+        reference = self.config.reference
+        return not (reference.nursing_maps_all_passes or reference.opencv_blur or self.unet_extras is not None)
+
+    def sample_loss(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Eq. 6 from the UNet input ``sample`` (what :class:`~detailpp.nursing.GraphedGradient` captures)."""
+        if self._nursing_columns is None or self._nursing_columns[0].device != sample.device:
+            self._nursing_columns = token_columns(self.tokens.in_full, sample.device)
+        probs = self.nursing_probs(sample, t, check=False)
+        tokens = [list(t) for t in self.tokens.in_full]
+        return nursing_loss(
+            probs, tokens, self.tokens.prompt_length, self.state.grid, self.config, self._nursing_columns
+        )
+
+    def nursing_gradient(self, z0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One nursing pass: the loss and its gradient with respect to ``z0`` (a leaf that requires grad).
+
+        The pass runs from the UNet input, a leaf of its own: replayed as a CUDA graph on a GPU (the first pass of
+        a call warms up and captures), eagerly elsewhere; the gradient then flows back through the scheduler's
+        input scaling. The same kernels on the same values as :meth:`nursing_loss` and ``autograd.grad``.
+        """
+        with torch.enable_grad():
+            sample = z0 if self.config.reference.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t)
+        leaf = sample.detach().requires_grad_(True)
+        if leaf.device.type == "cuda":
+            first = self._nursing_graph is None
+            if first:
+                self._nursing_graph = GraphedGradient(self.sample_loss)
+            t_in = t if torch.is_tensor(t) and t.device == leaf.device else torch.as_tensor(t, device=leaf.device)
+            loss, grad = self._nursing_graph(leaf, t_in)
+            if first and self.state.cross_calls != len(self.layers.cross_attention):
+                raise HookError(
+                    f"Nursing's cross-attention capture ran in {self.state.cross_calls} of "
+                    f"{len(self.layers.cross_attention)} layers; another processor bypassed Detail++'s hooks."
+                )
+        else:
+            loss, grad = loss_and_gradient(self.sample_loss, leaf, t)
+        if sample is z0:
+            return loss, grad
+        (grad_z0,) = torch.autograd.grad(sample, z0, grad)
+        return loss, grad_z0
 
     def predict(self, i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The denoiser: every branch's guided noise within the window (sharing and capturing), after it the last

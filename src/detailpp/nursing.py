@@ -42,6 +42,7 @@ def subject_distributions(
     prompt_length: int,
     temperature: float,
     eps: float = 1e-8,
+    columns: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``p_j`` for every subject: (subjects x tokens-of-the-grid), each summing to 1.
 
@@ -51,14 +52,25 @@ def subject_distributions(
         prompt_length: number of the prompt's own tokens (start and end tokens excluded).
         temperature: softmax temperature over the prompt's tokens.
         eps: added to the min-max range and to the sum (the authors' code: 0).
+        columns: :func:`token_columns` of ``token_indices``, made once on ``probs``' device: gathered with
+            ``index_select``, whose kernels neither copy from nor sync with the host (a CUDA-graphed pass); the same
+            values as the list index.
     """
     text = probs.float()[:, 1 : prompt_length + 1]
     text = torch.softmax(text / temperature, dim=-1)
-    maps = torch.stack([text[:, [t - 1 for t in toks]].mean(dim=-1) for toks in token_indices])
+    if columns is None:
+        maps = torch.stack([text[:, [t - 1 for t in toks]].mean(dim=-1) for toks in token_indices])
+    else:
+        maps = torch.stack([text.index_select(1, c).mean(dim=-1) for c in columns])
     lo = maps.amin(dim=-1, keepdim=True)
     hi = maps.amax(dim=-1, keepdim=True)
     maps = (maps - lo) / (hi - lo + eps)
     return maps / (maps.sum(dim=-1, keepdim=True) + eps)
+
+
+def token_columns(token_indices: Sequence[Sequence[int]], device: torch.device | str) -> list[torch.Tensor]:
+    """Each subject's columns among the prompt's own tokens (position - 1), as index tensors on ``device``."""
+    return [torch.tensor([t - 1 for t in toks], dtype=torch.long, device=device) for toks in token_indices]
 
 
 def entropy_loss(p: torch.Tensor) -> torch.Tensor:
@@ -140,10 +152,12 @@ def nursing_loss(
     prompt_length: int,
     grid: tuple[int, int],
     config: DetailConfig,
+    columns: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``L = L_align + lambda * L_ent`` (eq. 6) from the averaged cross-attention of branch 0."""
+    """``L = L_align + lambda * L_ent`` (eq. 6) from the averaged cross-attention of branch 0 (``columns``: see
+    :func:`subject_distributions`)."""
     eps = 0.0 if config.reference.nursing_no_epsilon else 1e-8
-    p = subject_distributions(probs, token_indices, prompt_length, config.entropy_temperature, eps=eps)
+    p = subject_distributions(probs, token_indices, prompt_length, config.entropy_temperature, eps, columns)
     loss = p.new_zeros(())
     if config.entropy_loss:
         loss = loss + config.entropy_weight * entropy_loss(p)
@@ -188,15 +202,24 @@ class NursingRecord:
         return bool(self.losses) and self.losses[-1] < self.threshold
 
 
+#: The UNet attribute that asks for CUDA-graphed nursing passes (:func:`detailpp.compile.compile_detail`'s
+#: ``cuda_graphs=True``; :class:`GraphedGradient`); absent or false: eager passes.
+NURSING_GRAPHS_ATTRIBUTE = "_detailpp_nursing_graphs"
+
+#: ``gradient_of(z) -> (loss, d loss / d z)``: one nursing pass, forward and backward (``z`` a leaf requiring grad)
+GradientOf = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def nurse_latent(
     latent: torch.Tensor,
-    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    loss_of: Callable[[torch.Tensor], torch.Tensor] | None,
     *,
     iterations: int,
     threshold: float,
     alpha: float,
     record: NursingRecord,
     update_then_test: bool = False,
+    gradient_of: GradientOf | None = None,
 ) -> torch.Tensor:
     """Gradient steps on ``latent`` until ``loss_of(latent) < threshold`` or ``iterations`` UNet passes are done.
 
@@ -205,13 +228,21 @@ def nurse_latent(
     the loss was under the threshold (the authors' order: every pass updates).
 
     ``loss_of`` runs the conditional UNet pass and returns the scalar loss; it is called under
-    ``torch.enable_grad()``. The update is computed in float32 and cast back to the latent's dtype.
+    ``torch.enable_grad()``. ``gradient_of``, when given, replaces it: a pass that returns the loss and its gradient
+    together (:class:`GraphedGradient`; its backward also runs in the last pass, whose gradient is then unused).
+    The update is computed in float32 and cast back to the latent's dtype.
     """
+    if (loss_of is None) == (gradient_of is None):
+        raise ValueError("nurse_latent needs exactly one of loss_of and gradient_of.")
     record.threshold = threshold
     for _ in range(iterations):
         z = latent.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = loss_of(z)
+            grad = None
+            if gradient_of is not None:
+                loss, grad = gradient_of(z)
+            else:
+                loss = loss_of(z)
             value = float(loss.detach())
             record.losses.append(value)
             if not math.isfinite(value):
@@ -220,10 +251,71 @@ def nurse_latent(
                 )
             if value < threshold and not update_then_test:
                 break
-            (grad,) = torch.autograd.grad(loss, z)
+            if grad is None:
+                (grad,) = torch.autograd.grad(loss, z)
         latent = (latent.float() - alpha * grad.float()).to(latent.dtype)
         record.updates += 1
         if value < threshold:
             break
     logger.debug("nursing step %d: %d updates, losses %s", record.step, record.updates, record.losses)
     return latent
+
+
+def loss_and_gradient(loss_of: Callable[..., torch.Tensor], x: torch.Tensor, *args: torch.Tensor) -> tuple:
+    """``(loss, d loss / d x)`` of ``loss_of(x, *args)``, ``x`` a leaf requiring grad: one forward, one backward."""
+    with torch.enable_grad():
+        loss = loss_of(x, *args)
+        (grad,) = torch.autograd.grad(loss, x)
+    return loss, grad
+
+
+class GraphedGradient:
+    """:func:`loss_and_gradient` of ``loss_of`` as one CUDA graph, replayed with static input buffers.
+
+    A nursing pass at batch 1 launches thousands of small kernels and is bound by the host launching them, not by
+    the GPU; replayed as a graph, the pass costs its GPU time. The first call runs the pass eagerly
+    (the warm-up: lazy initialisation, compiled graphs, cuDNN plans; its result is returned), then captures it;
+    every later call copies ``x`` and ``args`` into the static buffers and replays. The graph computes exactly what
+    the eager pass computes (the same kernels on the same inputs: replays matched eager passes bit for bit on an
+    H200, ``benchmarks/nursing_graph_check.py``); ``loss_of`` must not sync with the host, branch
+    on tensor values, or copy from the host (everything it reads besides ``x`` and ``args`` must stay where it was at
+    capture: weights, conditioning, index tensors).
+
+    Args:
+        loss_of: ``loss_of(x, *args) -> scalar loss``; ``x`` is a leaf that requires grad.
+    """
+
+    def __init__(self, loss_of: Callable[..., torch.Tensor]):
+        self.loss_of = loss_of
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.replays = 0
+        self._static: tuple[torch.Tensor, ...] = ()
+        self._out: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is None:
+            return self._warm_up_and_capture(x, args)
+        with torch.no_grad():  # (the static input is a leaf that requires grad)
+            for buffer, value in zip(self._static, (x, *args), strict=True):
+                buffer.copy_(value)
+        self.graph.replay()
+        self.replays += 1
+        return self._out
+
+    def _warm_up_and_capture(self, x: torch.Tensor, args: tuple[torch.Tensor, ...]) -> tuple:
+        static_x = x.detach().clone().requires_grad_(True)
+        static_args = tuple(a.detach().clone() for a in args)
+        # The warm-up runs on the current stream, as the eager pass does: on a side stream its gradient differed from
+        # the eager one (max abs 1.7e-5 of 0.012 on an H200; the replays matched it bit for bit).
+        loss, grad = loss_and_gradient(self.loss_of, static_x, *static_args)
+        warm = (loss.detach().clone(), grad.clone())
+        del loss, grad
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss, grad = loss_and_gradient(self.loss_of, static_x, *static_args)
+        self.graph, self._static, self._out = graph, (static_x, *static_args), (loss.detach(), grad)
+        return warm
+
+    def release(self) -> None:
+        """Free the graph and its memory pool."""
+        self.graph, self._static, self._out = None, (), None

@@ -1,0 +1,136 @@
+"""The nursing pass as one function of the UNet input (what ``compile_detail(cuda_graphs=True)`` replays as a CUDA
+graph on a GPU): on the CPU it runs eagerly and must compute today's nursing loss and gradient bit for bit (tiny
+random SDXL). The capture itself needs CUDA (benchmarks/speed.py checks it on the GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detailpp import Branch, DecompositionPlan, DetailConfig
+from detailpp.compile import compile_detail, nursing_graphs, uncompile
+from detailpp.engine import DetailEngine
+from detailpp.nursing import (
+    NURSING_GRAPHS_ATTRIBUTE,
+    NursingRecord,
+    loss_and_gradient,
+    nurse_latent,
+    subject_distributions,
+    token_columns,
+)
+from detailpp.tiny import build_tiny_pipeline
+
+PLAN = DecompositionPlan(
+    prompt="a red teddy bear wearing a green tracksuit",
+    base="a teddy bear wearing a tracksuit",
+    branches=(
+        Branch("a red teddy bear wearing a tracksuit", "teddy bear", ("red",)),
+        Branch("a teddy bear wearing a green tracksuit", "tracksuit", ("green",)),
+    ),
+)
+#: two nursing steps of three passes each, every pass updating (threshold 0), both loss terms
+CONFIG = DetailConfig(
+    nursing_steps=2,
+    nursing_thresholds=(0.0, 0.0),
+    nursing_max_iterations_early=3,
+    nursing_max_iterations_late=3,
+    entropy_loss=True,
+    centroid_alignment=True,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline(seed=0)
+
+
+def run(pipe, config=CONFIG):
+    return pipe(
+        plan=PLAN,
+        height=128,
+        width=128,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        detail_config=config,
+    )
+
+
+def test_token_columns_give_the_same_subject_distributions():
+    probs = torch.rand(64, 77, generator=torch.Generator().manual_seed(0))
+    tokens = [[2, 3], [5]]
+    expected = subject_distributions(probs, tokens, 9, 0.5)
+    got = subject_distributions(probs, tokens, 9, 0.5, columns=token_columns(tokens, "cpu"))
+    assert torch.equal(got, expected)
+    assert [c.tolist() for c in token_columns(tokens, "cpu")] == [[1, 2], [4]]
+
+
+def test_nursing_gradient_equals_the_eager_loss_and_autograd_bit_for_bit(pipe, monkeypatch):
+    seen: list[tuple] = []
+    nurse = DetailEngine.nurse
+
+    def check(engine, i, t, latents):
+        if i == 0:
+            z0 = latents[0:1].detach() + 0.1 * torch.randn_like(latents[0:1])
+            a = z0.clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = engine.nursing_loss(a, t)
+                (grad,) = torch.autograd.grad(loss, a)
+            b = z0.clone().requires_grad_(True)
+            loss_b, grad_b = engine.nursing_gradient(b, t)
+            seen.append((loss.detach(), grad, loss_b.detach(), grad_b))
+        return nurse(engine, i, t, latents)
+
+    monkeypatch.setattr(DetailEngine, "nurse", check)
+    run(pipe)
+    ((loss, grad, loss_b, grad_b),) = seen
+    assert torch.equal(loss_b, loss) and torch.equal(grad_b, grad)
+    assert grad.abs().sum() > 0  # the gradient reaches the latent through the scheduler's scaling
+
+
+def test_nurse_latent_with_gradient_of_follows_loss_of_exactly():
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+
+    def loss_of(z):
+        return (z @ w).tanh().pow(2).sum()
+
+    start = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+    kwargs = dict(iterations=4, threshold=0.5, alpha=0.1)
+    r1, r2 = NursingRecord(step=0), NursingRecord(step=0)
+    a = nurse_latent(start, loss_of, record=r1, **kwargs)
+    b = nurse_latent(start, None, record=r2, gradient_of=lambda z: loss_and_gradient(loss_of, z), **kwargs)
+    assert torch.equal(a, b) and r1.losses == r2.losses and r1.updates == r2.updates == 4
+    with pytest.raises(ValueError, match="exactly one of loss_of and gradient_of"):
+        nurse_latent(start, loss_of, record=r1, gradient_of=lambda z: loss_and_gradient(loss_of, z), **kwargs)
+
+
+def test_the_switch_runs_the_graph_path_and_changes_nothing(pipe, monkeypatch):
+    eager = run(pipe)
+    calls = []
+    gradient = DetailEngine.nursing_gradient
+    monkeypatch.setattr(DetailEngine, "nursing_gradient", lambda e, z, t: calls.append(1) or gradient(e, z, t))
+    nursing_graphs(pipe.unet)
+    try:
+        assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is True
+        graphed = run(pipe)
+        # the reference preset's maps over every pass are history, not a function of the latent: eager
+        preset = DetailConfig.reference_preset(nursing=True, nursing_steps=1, nursing_max_iterations_early=1)
+        n = len(calls)
+        run(pipe, preset)
+        assert len(calls) == n
+    finally:
+        nursing_graphs(pipe.unet, enabled=False)
+    assert len(calls) == 6  # 2 steps x 3 passes, each through nursing_gradient
+    assert torch.equal(graphed.images, eager.images)
+    assert [r.losses for r in graphed.nursing] == [r.losses for r in eager.nursing]
+    assert [r.updates for r in graphed.nursing] == [3, 3]
+
+
+def test_compile_detail_sets_and_uncompile_clears_the_switch():
+    pipe = build_tiny_pipeline(seed=0)
+    compile_detail(pipe.unet, recompile_limit=None, cuda_graphs=True, backend="eager")
+    try:
+        assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is True
+    finally:
+        uncompile(pipe.unet)
+    assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is False
