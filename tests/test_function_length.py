@@ -9,11 +9,6 @@ from tests.paths import SRC
 
 MAX_LINES = 80
 
-#: Functions being split on other branches right now; the lead removes each entry once its split has merged.
-KNOWN_LONG = {
-}
-
-
 def function_lengths(root=SRC / "detailpp") -> dict[str, int]:
     """``"<file>::<Class.function>"`` -> lines, for every function and method (nested ones too) under ``root``."""
     lengths: dict[str, int] = {}
@@ -41,7 +36,5 @@ def test_the_counter_sees_methods_and_nested_functions():
 
 def test_every_product_function_is_at_most_80_lines():
     lengths = function_lengths()
-    long = {name: n for name, n in lengths.items() if n > MAX_LINES and name not in KNOWN_LONG}
+    long = {name: n for name, n in lengths.items() if n > MAX_LINES}
     assert not long, f"functions over {MAX_LINES} lines (split them into named steps): {long}"
-    stale = sorted(name for name in KNOWN_LONG if lengths.get(name, 0) <= MAX_LINES)
-    assert not stale, f"no longer over {MAX_LINES} lines (or gone): remove them from KNOWN_LONG: {stale}"
