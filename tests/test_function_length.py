@@ -9,6 +9,7 @@ from tests.paths import SRC
 
 MAX_LINES = 80
 
+
 def function_lengths(root=SRC / "detailpp") -> dict[str, int]:
     """``"<file>::<Class.function>"`` -> lines, for every function and method (nested ones too) under ``root``."""
     lengths: dict[str, int] = {}
