@@ -653,8 +653,9 @@ class Benchmark:
 
         from detailpp.attention import AttentionState, CaptureSpec, detail_processors, find_mask_layers
         from detailpp.config import DetailConfig
+        from detailpp.engine import StopUNet as _StopUNet
+        from detailpp.engine import stop_after
         from detailpp.nursing import nursing_loss
-        from detailpp.pipeline import _StopUNet
 
         unet, hw = self.detail.unet, (self.args.size // 8,) * 2
         layers = find_mask_layers(unet)
@@ -683,7 +684,7 @@ class Benchmark:
         def nursing_pass():
             z = b1["sample"].detach().requires_grad_(True)
             state.begin(capture=nursing_capture, device=self.device)
-            with torch.enable_grad(), self.detail._stop_after(layers.last_block):
+            with torch.enable_grad(), stop_after(unet, layers.last_block):
                 try:
                     unet(**{**b1, "sample": z}, return_dict=False)
                 except _StopUNet:
