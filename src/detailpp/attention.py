@@ -1,12 +1,14 @@
 """Attention processors: shared self-attention (paper, section 3.2) and subject cross-attention capture (eq. 3).
 
-Only the lowest-resolution attention layers get a Detail++ processor (32x32 tokens at 1024x1024 in SDXL:
-``down_blocks.2``, ``mid_block``, ``up_blocks.0``); they are found from the UNet's structure and the latent size of
-the call, and every processor checks at run time that it meets the token count it was chosen for. Every other
-layer keeps the processor it had (LoRA, IP-Adapter, ...), and :func:`detail_processors` restores the replaced ones
-on exit, also after an exception. The layers of a resolution level share one processor instance, which keeps no
-per-layer state and reads only tensors and per-call values from :class:`AttentionState`: compiled transformer blocks
-(:mod:`detailpp.compile`) then need no per-layer graph, no recompile between calls and no graph break.
+Only the lowest-resolution attention layers get a Detail++ processor: the lowest resolution level at which both the
+down and the up path have attention (:func:`find_mask_layers`; SDXL: ``down_blocks.2``, ``mid_block``, ``up_blocks.0``,
+32x32 tokens at 1024x1024; SD 1.x/2.x: ``down_blocks.2``, ``up_blocks.1``, 16x16 at 512x512); they are found from the
+UNet's structure and the latent size of the call, and every processor checks at run time that it meets the token count
+it was chosen for. Every other layer keeps the processor it had (LoRA, IP-Adapter, ...), and :func:`detail_processors`
+restores the replaced ones on exit, also after an exception. The layers of a resolution level share one processor
+instance, which keeps no per-layer state and reads only tensors and per-call values from :class:`AttentionState`:
+compiled transformer blocks (:mod:`detailpp.compile`) then need no per-layer graph, no recompile between calls and no
+graph break.
 
 Sharing. Branch b's shared self-attention is ``softmax(Q0 K0^T / sqrt(d)) V_b`` (branch 0's map, its own values).
 That is exactly ``SDPA(Q0, K0, V_b)``: we copy branch 0's queries and keys into the other rows of the shared CFG
@@ -232,8 +234,8 @@ class AttentionState:
         """Row selection, subject-to-row index and token weights of a capture, made once per spec and device.
 
         Built per layer they cost a host-to-device copy each (row lists, token lists, the weights), and the UNet call
-        that runs them is bound by the CPU launching its kernels: 60 layers x 5 copies showed as 17% of a Detail++
-        step on an H200. Contiguous rows (every capture the pipeline arms) are a slice: a view, no gather.
+        that runs them is bound by the CPU launching its kernels (BENCHMARKS.md has the share of a step it took).
+        Contiguous rows (every capture the pipeline arms) are a slice: a view, no gather.
         """
         cache = self._prepared
         if cache is not None and cache[0] is spec and cache[1] == device and cache[2] == keys:

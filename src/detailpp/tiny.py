@@ -1,4 +1,4 @@
-"""A tiny random SDXL: SDXL's block names and real CLIP tokenizers, random weights, built offline in under a second.
+"""A tiny random SDXL: SDXL's block names and real CLIP tokenizers, random weights, built offline, fast.
 
 Its images are noise. It exists to run every code path of the package (tests, ``--model tiny-random``) where no
 SDXL weights can be had; it proves plumbing and equivalences, never image quality.

@@ -141,6 +141,26 @@ def test_native_sizes():
     assert native_size("stabilityai/stable-diffusion-xl-base-1.0") == 1024
 
 
+def test_native_size_of_a_hub_id_is_read_from_its_unet_and_vae_configs(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub
+
+    configs = {"unet/config.json": {"sample_size": 96}, "vae/config.json": {"block_out_channels": [1, 2, 3, 4]}}
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        path = tmp_path / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(configs[filename]))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert native_size("someone/sd-2-1-like") == 768  # 96 latents x VAE factor 8
+    assert asked == [("someone/sd-2-1-like", "unet/config.json"), ("someone/sd-2-1-like", "vae/config.json")]
+
+
 def test_bench_generate_defaults_to_the_models_native_size(tmp_path):
     out = tmp_path / "run"
     argv = ["bench", "generate", "--suite", "t2i-color", "--model", "tiny-random", "--max-prompts", "1"]

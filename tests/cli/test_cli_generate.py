@@ -290,3 +290,35 @@ def test_controlnet_flags_are_checked_before_loading(flags, message, tmp_path, c
     code = main(["generate", PROMPT, "--quiet", "--output-dir", str(tmp_path / "out"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_the_guidance_default_is_the_pipelines_own(tiny_pipe):
+    from detailpp.cli.generate import default_guidance
+    from detailpp.tiny_sd import build_tiny_sd_pipeline
+
+    assert default_guidance(tiny_pipe) == 5.0  # SDXL's
+    assert default_guidance(build_tiny_sd_pipeline()) == 7.5  # SD 1.x/2.x's
+
+
+def test_generate_on_tiny_sd_records_sds_guidance_default(tmp_path):
+    assert (
+        main(
+            [
+                "generate",
+                "a red cube and a blue ball",
+                "--model",
+                "tiny-random-sd15",
+                "--steps",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    (png,) = sorted(tmp_path.glob("*.png"))
+    assert json.loads(read_png_text(png)["detailpp"])["guidance_scale"] == 7.5

@@ -86,8 +86,9 @@ def _add_generate_parser(sub: Any) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="Hub id, local folder, toy (the embedded model), tiny-random (random weights: plumbing only), or "
-        f"sdxl-random (full size, random weights: timing only) (default: {DEFAULT_MODEL})",
+        help="Hub id or local folder (SDXL or SD 1.x/2.x), toy (the embedded model), tiny-random / tiny-random-sd15 / "
+        "tiny-random-sd21 (random weights: plumbing only), or sdxl-random / sd15-random (full size, random weights: "
+        f"timing only) (default: {DEFAULT_MODEL})",
     )
     _output_dir_arg(p, "the run's folder (one method and setting per folder)")
     p.add_argument("--images-per-prompt", type=int, default=DEFAULT_IMAGES_PER_PROMPT)

@@ -94,7 +94,7 @@ def check_dtype(dtype: str | None, device: str) -> str | None:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
     if dtype == "float16" and device.startswith("cpu"):
         logger.warning(
-            "--dtype float16 is not supported on the CPU (it runs ~15x slower and may fail); using float32. Use "
+            "--dtype float16 is not supported on the CPU (it runs far slower and may fail); using float32. Use "
             "--dtype float16 with --device cuda."
         )
         return "float32"
@@ -102,17 +102,27 @@ def check_dtype(dtype: str | None, device: str) -> str | None:
 
 
 def native_size(model: str) -> int:
-    """The model's native image size in pixels, read before it is loaded (1024 for a Hub id: SDXL)."""
+    """The model's native image size in pixels, read before it is loaded: its UNet's sample size times the VAE's
+    factor (a folder's files, or a Hub repo's fetched into the cache: SD 1.5 512, SD 2.1 768, SDXL 1024); 1024 when
+    they cannot be read."""
     if model in BUILTIN_SIZES:
         return BUILTIN_SIZES[model]
     folder = Path(model)
     if model == "toy":
         from detailpp.loading import TOY_MODEL_DIR as folder
+
+    def config(name: str) -> dict:
+        path = folder / name / "config.json"
+        if not folder.exists() and model.count("/") == 1:  # a Hub id
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, f"{name}/config.json"))
+        return json.loads(path.read_text(encoding="utf-8"))
+
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        unet, vae = config("unet"), config("vae")
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # not readable (no network, gated, a single file): SDXL's size
         return 1024
 
 

@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="Hub id, local folder, .safetensors file, 'toy' or 'tiny-random' "
-        "(default: the embedded toy model, else tiny-random)",
+        help="Hub id, local folder (SDXL or SD 1.x/2.x), .safetensors file, 'toy', 'tiny-random' or "
+        "'tiny-random-sd15' (default: the embedded toy model, else tiny-random)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model or default_model()
     check_model(model)
-    if model == "tiny-random":
-        logger.warning("Model 'tiny-random' has random weights: its images are noise (it checks the set-up only).")
+    if model.startswith("tiny-random"):
+        logger.warning("Model %r has random weights: its images are noise (it checks the set-up only).", model)
     if args.host not in LOCAL_HOSTS:
         logger.warning("Listening on %s: anyone who can reach this address can use the demo and its GPU.", args.host)
     pipe = load_pipeline(model, device=device, dtype=dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -69,7 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; 20 on the embedded models)")
     p.add_argument(
-        "--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the model's, 5.0)"
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: the pipeline's, SDXL 5.0, SD 7.5)",
     )
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
@@ -122,8 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): about 10 s of compilation in the "
-        "first image, then about 1.1x faster on a GPU (H200, full-size SDXL); not useful on CPU",
+        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): the first image compiles, the "
+        "later ones run faster on a GPU (BENCHMARKS.md has the measured figures); not useful on CPU",
     )
 
 
@@ -270,15 +274,19 @@ def _run(args: argparse.Namespace) -> int:
     config = make_config(args, dict(pipe.detail_defaults))
     if args.compile:
         pipe.compile_detail()
-        logger.info("The first image compiles the UNet's blocks (about 10 s on a GPU); the later ones reuse them.")
+        logger.info(
+            "The first image compiles the UNet's blocks (BENCHMARKS.md has the time); the later ones reuse them."
+        )
     prompt = plan.prompt
     if args.plan is None and plan.granularity != config.granularity:  # the Hub model recommends another granularity
         plan = None
     # Validate the plan against the model's own tokenizer, once for every seed.
     plan = pipe.prepare_plan(prompt, plan, config)
     if not plan.branches:
-        logger.info("No detail branch for %r: the image is plain SDXL sampling.", prompt)
-    call = call_arguments(args, model, config, plan)
+        logger.info(
+            "No detail branch for %r: the image is plain %s sampling.", prompt, pipe.base_pipeline_class.__name__
+        )
+    call = call_arguments(args, model, config, plan, default_guidance(pipe))
     for seed in args.seed:
         generate_one(args, pipe, call, seed, load_seconds)
     return 0
@@ -325,13 +333,20 @@ def control_arguments(args: argparse.Namespace) -> dict:
     }
 
 
-def call_arguments(args: argparse.Namespace, model: str, config: DetailConfig, plan: DecompositionPlan) -> dict:
-    """The pipeline's arguments shared by every seed."""
+def default_guidance(pipe) -> float:
+    """The pipeline's own default guidance scale (SDXL 5.0, SD 1.x/2.x 7.5)."""
+    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+
+
+def call_arguments(
+    args: argparse.Namespace, model: str, config: DetailConfig, plan: DecompositionPlan, guidance: float = 5.0
+) -> dict:
+    """The pipeline's arguments shared by every seed (``guidance``: the scale when ``--guidance-scale`` is absent)."""
     return {
         "prompt": plan.prompt,
         "negative_prompt": args.negative_prompt,
         "num_inference_steps": args.steps or default_steps(model),
-        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else 5.0,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else guidance,
         "height": args.height,
         "width": args.width,
         "detail_config": config,
