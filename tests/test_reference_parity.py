@@ -151,7 +151,11 @@ def test_the_fixture_records_its_platform_and_margins():
     assert SCENARIOS["nursing_off"]["atol"] == 0.0
 
 
-@pytest.mark.parametrize("switch", [f.name for f in fields(ReferenceBehaviour) if f.name != "nursing_no_epsilon"])
+#: Switches the golden comparison cannot see by construction, each checked on its arithmetic below instead.
+ARITHMETIC_ONLY = {"nursing_no_epsilon", "relative_mask_threshold"}
+
+
+@pytest.mark.parametrize("switch", [f.name for f in fields(ReferenceBehaviour) if f.name not in ARITHMETIC_ONLY])
 def test_golden_test_fails_when_a_reference_switch_is_flipped(tiny_pipe, same_platform, switch):
     if not same_platform and switch in BELOW_PLATFORM_NOISE:
         pytest.skip(f"{switch} moves the latents less than this machine's rounding differs from the recording's")
@@ -173,6 +177,22 @@ def test_the_epsilon_switch_is_the_authors_arithmetic():
         probs, [[2], [4]], 6, (4, 4), DetailConfig(reference=ReferenceBehaviour(nursing_no_epsilon=True))
     )
     assert torch.isfinite(ours) and torch.isnan(theirs)
+
+
+def test_the_relative_threshold_switch_is_the_authors_rule():
+    """``relative_mask_threshold`` moves the cut by ``tau * 1e-8 / r`` for a map of range ``r`` (a few 1e-6 of the
+    normalised map on the tiny model): only a pixel within float noise of the cut tells the two rules apart, and the
+    fixture's seeds are chosen to have none (its mask margin), so the golden test cannot see this switch. Where a
+    pixel does lie between the cuts, the preset follows the authors' ``mask > min + (max - min) * tau`` and our
+    default the plain ``> tau``."""
+    from detailpp.masks import binary_masks, normalized_maps
+
+    r = 1e-6  # a map whose range is small: its normalised maximum is r / (r + 1e-8) = 0.990
+    maps = torch.tensor([[0.0, 0.4975 * (r + 1e-8), r, 0.0]])
+    normalized = normalized_maps(maps, (2, 2), (2, 2))
+    authors = normalized > normalized.min() + (normalized.max() - normalized.min()) * 0.5
+    assert torch.equal(binary_masks(normalized, 0.5, relative=True), authors)
+    assert authors[0, 0, 1] and not binary_masks(normalized, 0.5)[0, 0, 1]
 
 
 def test_preset_refuses_what_the_authors_code_cannot_do():
