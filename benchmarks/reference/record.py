@@ -110,7 +110,7 @@ SCENARIOS = (
     Scenario(
         "nursing_on",
         {"nursing": True, "centroid_alignment": True, "nursing_step_size": 17.5},
-        seed=150,
+        seed=30,
         atol=1e-4,
         cross_platform_atol=1e-3,
     ),
@@ -130,6 +130,37 @@ def initial_latent(scenario: Scenario, dtype: torch.dtype = torch.float32, devic
 MIN_MASK_MARGIN = 2e-5
 
 
+#: The smallest relative gap a recorded nursing scenario may have between the two largest values of a blurred
+#: nursing map (whose argmax is L_align's target): the seed first chosen for nursing on had one of 1.0e-4, and its
+#: argmax moved under ``ATEN_CPU_CAPABILITY=avx2`` (a nursing loss by 0.1, the latents by 1.7e-3).
+MIN_ARGMAX_GAP = 1e-3
+
+
+@contextlib.contextmanager
+def argmax_gaps() -> Iterator[list[float]]:
+    """Record, for each blurred nursing map, ``(top1 - top2) / top1``: its argmax is a near tie below float noise.
+
+    Wraps :func:`detailpp.nursing.gaussian_blur` (called only for :func:`~detailpp.nursing.centroid_alignment_loss`'s
+    target) for the duration of the block.
+    """
+    from detailpp import nursing
+
+    gaps: list[float] = []
+    original = nursing.gaussian_blur
+
+    def measured(maps: torch.Tensor, kernel_size: int, sigma: float, opencv: bool = False) -> torch.Tensor:
+        blurred = original(maps, kernel_size, sigma, opencv=opencv)
+        top = blurred.flatten(1).topk(2, dim=1).values
+        gaps.append(float(((top[:, 0] - top[:, 1]) / top[:, 0].abs()).min()))
+        return blurred
+
+    nursing.gaussian_blur = measured
+    try:
+        yield gaps
+    finally:
+        nursing.gaussian_blur = original
+
+
 class MarginTooSmall(Exception):
     """A step's mask margin fell below the bound :func:`mask_margins` was given (the run is abandoned)."""
 
@@ -146,7 +177,7 @@ def mask_margins(stop_below: float | None = None) -> Iterator[list[float]]:
 
     CPU-to-CPU noise of the normalised maps, measured on the recording machine (AMD EPYC, AVX-512, MKL; torch 2.13,
     both scenarios, every step): 1 thread against 2, and ``ATEN_CPU_CAPABILITY=avx2`` or ``default`` against the
-    AVX-512 default, move the maps by at most 6.2e-6 (the final latents by up to 6e-5 nursing off, 2.3e-4 nursing
+    AVX-512 default, move the maps by at most 6.2e-6 (the final latents by up to 6e-5 nursing off, 3.8e-4 nursing
     on, with every mask equal). :data:`MIN_MASK_MARGIN` is about three times that.
     """
     from detailpp import engine
@@ -183,7 +214,10 @@ def find_seed(scenario: Scenario, start: int, count: int) -> int | None:
         except MarginTooSmall as e:
             logger.info("%s seed %d: margin %.2g", scenario.name, seed, e.args[0])
             continue
-        print(f"{scenario.name}: seed {seed}, mask margin {margin['margin']:.3g}")
+        if margin["gap"] is not None and margin["gap"] < MIN_ARGMAX_GAP:
+            logger.info("%s seed %d: blurred argmax gap %.2g", scenario.name, seed, margin["gap"])
+            continue
+        print(f"{scenario.name}: seed {seed}, mask margin {margin['margin']:.3g}, argmax gap {margin['gap']}")
         return seed
     return None
 
@@ -200,7 +234,7 @@ def run_ours(
             masks.append(tensors["masks"].detach().cpu())
         return {}
 
-    with mask_margins(stop_below) as margins:
+    with mask_margins(stop_below) as margins, argmax_gaps() as gaps:
         out = pipe(
             plan=scenario.plan(),
             height=scenario.height,
@@ -218,7 +252,8 @@ def run_ours(
         raise RuntimeError(f"measured the margin of {len(margins)} steps' masks, the pipeline made {len(masks)}")
     losses = [x for record in out.nursing for x in record.losses]
     margin = min(margins) if margins else None
-    return {"latents": out.branch_images.float().cpu(), "masks": masks, "losses": losses, "margin": margin}
+    gap = min(gaps) if gaps else None
+    return {"latents": out.branch_images.float().cpu(), "masks": masks, "losses": losses, "margin": margin, "gap": gap}
 
 
 def authors_kwargs(scenario: Scenario) -> dict[str, Any]:
@@ -297,7 +332,7 @@ def record(authors_path: Path, out: Path) -> None:
         logger.info("%s: %s, mask margin %s", scenario.name, result, ours["margin"])
         if result["max_abs"] > scenario.atol or not result["masks_equal"]:
             raise SystemExit(f"{scenario.name}: the reference preset does not reproduce the authors' run: {result}")
-        check_margin(scenario, ours["margin"])
+        check_margin(scenario, ours["margin"], ours["gap"])
         tensors[f"{scenario.name}.initial_latent"] = latents.contiguous()
         tensors[f"{scenario.name}.latents"] = theirs.latents.contiguous()
         if theirs.masks:
@@ -311,6 +346,7 @@ def record(authors_path: Path, out: Path) -> None:
                 "plan": scenario.plan(),
                 "measured": result,
                 "mask_margin": ours["margin"],
+                "argmax_gap": ours["gap"],
             }
         )
     meta["scenarios"] = json.dumps(scenarios)
@@ -319,8 +355,15 @@ def record(authors_path: Path, out: Path) -> None:
     print(f"wrote {out} ({out.stat().st_size} bytes): {', '.join(s['name'] for s in scenarios)}")
 
 
-def check_margin(scenario: Scenario, margin: float | None) -> None:
-    """Refuse a scenario whose masks have a pixel within :data:`MIN_MASK_MARGIN` of the threshold's cut."""
+def check_margin(scenario: Scenario, margin: float | None, gap: float | None = None) -> None:
+    """Refuse a scenario whose masks have a pixel within :data:`MIN_MASK_MARGIN` of the threshold's cut, or whose
+    nursing has a blurred argmax within :data:`MIN_ARGMAX_GAP` of a tie."""
+    if gap is not None and gap < MIN_ARGMAX_GAP:
+        raise SystemExit(
+            f"{scenario.name}: a blurred nursing map's two largest values differ by {gap:.2g} relative (seed "
+            f"{scenario.seed}), under the {MIN_ARGMAX_GAP:g} the golden test needs: on another CPU its argmax, "
+            "L_align's target, may move. Choose another seed for this scenario in SCENARIOS."
+        )
     if margin is not None and margin < MIN_MASK_MARGIN:
         raise SystemExit(
             f"{scenario.name}: a mask pixel lies {margin:.2g} from the threshold's cut (seed {scenario.seed}), under "
