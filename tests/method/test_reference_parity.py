@@ -6,15 +6,31 @@ to redo it): every branch's final latent, each step's binary subject masks, ever
 the commit and every setting. These tests rebuild the same inputs from that metadata and never read the authors'
 code.
 
-Nursing off, the two pipelines run the same operations in the same order: the latents agree bit for bit (the issue's
-bound is 1e-5). Nursing on, summation order differs inside the loss and its gradient: 1e-4.
+The same code rounds differently on different CPUs (MKL/oneDNN choose kernels by instruction set and thread count),
+so exact equality can only be asked of a machine that rounds as the recording machine did. The fixture holds that
+machine's platform fingerprint (``benchmarks/reference/fingerprint.py``: a hash of the tiny components' outputs on a
+fixed input), and each scenario two bounds on any branch's final latent:
+
+- the running machine reproduces the fingerprint: nursing off, the two pipelines run the same operations in the
+  same order and the latents must agree **bit for bit**; nursing on, summation order differs inside the loss and its
+  gradient: 1e-4;
+- it does not: the bound the recording measured across thread counts and instruction sets (2e-4 nursing off, a few
+  1e-6 of the latents' scale; 1e-3 nursing on), and the switches whose effect is below that noise
+  cannot be told apart from it (they are then skipped, saying so).
+
+In both cases the masks of every step must be identical. ``record.py`` picks each scenario's seed so that no pixel
+of any step's normalised map lies within 2e-5 of the threshold's cut (the fixture's ``mask_margin``, about three
+times the largest CPU-to-CPU difference of the maps it measured, 6.2e-6), and, nursing on, so that no blurred
+nursing map's argmax (L_align's target) is a near tie (its two largest values differ by 1e-3 relative or more, the
+fixture's ``argmax_gap``): no mask pixel and no target can then move between machines. A fingerprint is a
+heuristic (one UNet call and one encoding, not every kernel of a run): a machine that matches it and still misses
+bit-for-bit parity fails loudly rather than passing on the looser bound.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,19 +39,26 @@ from safetensors import safe_open
 from detailpp import DetailConfig
 from detailpp.config import ReferenceBehaviour
 from detailpp.tiny import build_tiny_pipeline
+from tests.paths import BENCHMARKS, FIXTURES, load_script
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "authors_reference.safetensors"
+platform_fingerprint = load_script(BENCHMARKS / "reference" / "fingerprint.py").platform_fingerprint
+
+FIXTURE = FIXTURES / "authors_reference.safetensors"
 
 
-def load_fixture() -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+def load_fixture() -> tuple[dict[str, str], dict[str, dict], dict[str, torch.Tensor]]:
     with safe_open(str(FIXTURE), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert meta["commit"].startswith("e73155b")
-    return {s["name"]: s for s in json.loads(meta["scenarios"])}, tensors
+    return meta, {s["name"]: s for s in json.loads(meta["scenarios"])}, tensors
 
 
-SCENARIOS, TENSORS = load_fixture()
+META, SCENARIOS, TENSORS = load_fixture()
+
+#: Switches whose effect on the final latent (docs/method.md's deviation table) is below the CPU-to-CPU noise: only
+#: the bit-for-bit comparison of the recording platform sees them.
+BELOW_PLATFORM_NOISE = {"blend_latents", "one_batch_after_window", "opencv_blur"}
 
 #: Which recorded run each reference switch acts in (nursing switches need nursing).
 NURSING_SWITCHES = {
@@ -52,6 +75,12 @@ NURSING_SWITCHES = {
 @pytest.fixture(scope="module")
 def tiny_pipe():
     return build_tiny_pipeline(SCENARIOS["nursing_off"]["component_seed"])
+
+
+@pytest.fixture(scope="module")
+def same_platform(tiny_pipe) -> bool:
+    """Whether this machine rounds the tiny components as the recording machine did (its fingerprint matches)."""
+    return platform_fingerprint(tiny_pipe) == META["fingerprint"]
 
 
 def run_preset(pipe, name: str, config: DetailConfig) -> dict:
@@ -81,14 +110,15 @@ def run_preset(pipe, name: str, config: DetailConfig) -> dict:
     return {"latents": out.branch_images.float(), "masks": masks, "losses": losses}
 
 
-def mismatches(name: str, ours: dict) -> list[str]:
+def mismatches(name: str, ours: dict, same_platform: bool) -> list[str]:
     """What differs from the authors' recorded run beyond the golden test's bounds (empty: parity)."""
     s = SCENARIOS[name]
     found = []
     diff = float((ours["latents"] - TENSORS[f"{name}.latents"]).abs().max())
-    exact = not s["config"].get("nursing", True)
-    if (exact and diff != 0.0) or diff > s["atol"]:
-        found.append(f"latents differ by {diff:.3g} (bound: {'bit for bit' if exact else s['atol']})")
+    bound = s["atol"] if same_platform else s["cross_platform_atol"]
+    if diff > bound:
+        where = "this machine reproduces" if same_platform else "this machine differs from"
+        found.append(f"latents differ by {diff:.3g} (bound: {bound or 'bit for bit'}; {where} the recording platform)")
     theirs = TENSORS.get(f"{name}.masks")
     n_theirs = 0 if theirs is None else theirs.shape[0]
     if len(ours["masks"]) != n_theirs:
@@ -105,19 +135,36 @@ def mismatches(name: str, ours: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_preset_reproduces_the_authors_pipeline(tiny_pipe, name):
+def test_preset_reproduces_the_authors_pipeline(tiny_pipe, same_platform, name):
     s = SCENARIOS[name]
     config = DetailConfig.reference_preset(**s["config"])
     assert config.to_dict() == s["detail_config"], "the preset is not what the fixture was recorded with"
-    assert mismatches(name, run_preset(tiny_pipe, name, config)) == []
+    assert mismatches(name, run_preset(tiny_pipe, name, config), same_platform) == []
 
 
-@pytest.mark.parametrize("switch", [f.name for f in fields(ReferenceBehaviour) if f.name != "nursing_no_epsilon"])
-def test_golden_test_fails_when_a_reference_switch_is_flipped(tiny_pipe, switch):
+def test_the_fixture_records_its_platform_and_margins():
+    assert len(META["fingerprint"]) == 16 and int(META["fingerprint"], 16) >= 0
+    for s in SCENARIOS.values():
+        assert s["mask_margin"] >= 2e-5, f"{s['name']}: a mask pixel lies within float noise of the threshold"
+        assert 0.0 <= s["atol"] <= s["cross_platform_atol"] <= 1e-3
+        if s["config"]["nursing"]:  # L_align's target, a blurred map's argmax, is no near tie
+            assert s["argmax_gap"] >= 1e-3, f"{s['name']}: a blurred nursing map's argmax is a near tie"
+    assert SCENARIOS["nursing_off"]["atol"] == 0.0
+
+
+#: Switches the golden comparison cannot see by construction, each checked on its arithmetic below instead.
+ARITHMETIC_ONLY = {"nursing_no_epsilon", "relative_mask_threshold"}
+
+
+@pytest.mark.parametrize("switch", [f.name for f in fields(ReferenceBehaviour) if f.name not in ARITHMETIC_ONLY])
+def test_golden_test_fails_when_a_reference_switch_is_flipped(tiny_pipe, same_platform, switch):
+    if not same_platform and switch in BELOW_PLATFORM_NOISE:
+        pytest.skip(f"{switch} moves the latents less than this machine's rounding differs from the recording's")
     name = "nursing_on" if switch in NURSING_SWITCHES else "nursing_off"
     preset = DetailConfig.reference_preset(**SCENARIOS[name]["config"])
     flipped = preset.replace(reference=ReferenceBehaviour(**{**preset.reference.__dict__, switch: False}))
-    assert mismatches(name, run_preset(tiny_pipe, name, flipped)), f"flipping {switch} went unnoticed"
+    found = mismatches(name, run_preset(tiny_pipe, name, flipped), same_platform)
+    assert found, f"flipping {switch} went unnoticed"
 
 
 def test_the_epsilon_switch_is_the_authors_arithmetic():
@@ -131,6 +178,22 @@ def test_the_epsilon_switch_is_the_authors_arithmetic():
         probs, [[2], [4]], 6, (4, 4), DetailConfig(reference=ReferenceBehaviour(nursing_no_epsilon=True))
     )
     assert torch.isfinite(ours) and torch.isnan(theirs)
+
+
+def test_the_relative_threshold_switch_is_the_authors_rule():
+    """``relative_mask_threshold`` moves the cut by ``tau * 1e-8 / r`` for a map of range ``r`` (a few 1e-6 of the
+    normalised map on the tiny model): only a pixel within float noise of the cut tells the two rules apart, and the
+    fixture's seeds are chosen to have none (its mask margin), so the golden test cannot see this switch. Where a
+    pixel does lie between the cuts, the preset follows the authors' ``mask > min + (max - min) * tau`` and our
+    default the plain ``> tau``."""
+    from detailpp.masks import binary_masks, normalized_maps
+
+    r = 1e-6  # a map whose range is small: its normalised maximum is r / (r + 1e-8) = 0.990
+    maps = torch.tensor([[0.0, 0.4975 * (r + 1e-8), r, 0.0]])
+    normalized = normalized_maps(maps, (2, 2), (2, 2))
+    authors = normalized > normalized.min() + (normalized.max() - normalized.min()) * 0.5
+    assert torch.equal(binary_masks(normalized, 0.5, relative=True), authors)
+    assert authors[0, 0, 1] and not binary_masks(normalized, 0.5)[0, 0, 1]
 
 
 def test_preset_refuses_what_the_authors_code_cannot_do():

@@ -334,8 +334,9 @@ def control_arguments(args: argparse.Namespace) -> dict:
 
 
 def default_guidance(pipe) -> float:
-    """The pipeline's own default guidance scale (SDXL 5.0, SD 1.x/2.x 7.5)."""
-    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+    """The default guidance scale of the pipeline's diffusers base (SDXL 5.0, SD 1.x/2.x 7.5)."""
+    base = getattr(pipe, "base_pipeline_class", type(pipe))
+    return float(inspect.signature(base.__call__).parameters["guidance_scale"].default)
 
 
 def call_arguments(
