@@ -17,6 +17,7 @@ import torch
 
 from detailpp.errors import DetailError
 from detailpp.families import ModelFamily, UnsupportedModelError, model_family
+from detailpp.pipeline_base import dtype_kwarg  # (re-exported: its home is the pipelines' room)
 from detailpp.resources import DATA_DIR
 
 logger = logging.getLogger(__name__)
@@ -92,15 +93,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
     return DTYPES[dtype]
-
-
-def dtype_kwarg(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """``dtype=`` where diffusers takes it (newer releases deprecate ``torch_dtype``), else ``torch_dtype=``."""
-    try:
-        from diffusers.pipelines.pipeline_utils import _resolve_dtype  # noqa: F401 (exists where dtype= does)
-    except ImportError:
-        return {"torch_dtype": torch_dtype}
-    return {"dtype": torch_dtype}
 
 
 def toy_model_available() -> bool:

@@ -52,6 +52,15 @@ def arguments_of(function: Callable, kwargs: Mapping[str, Any]) -> dict[str, Any
     return {k: v for k, v in kwargs.items() if k in names}
 
 
+def dtype_kwarg(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` where diffusers takes it (newer releases deprecate ``torch_dtype``), else ``torch_dtype=``."""
+    try:
+        from diffusers.pipelines.pipeline_utils import _resolve_dtype  # noqa: F401 (exists where dtype= does)
+    except ImportError:
+        return {"torch_dtype": torch_dtype}
+    return {"dtype": torch_dtype}
+
+
 def shared_arguments(detail_class: type, base_class: type) -> frozenset[str]:
     """The ``__call__`` arguments of a Detail++ pipeline that its base pipeline takes too (a plan without branches
     passes them on)."""
@@ -128,8 +137,6 @@ class DetailPipelineMixin:
         ``from_pipe`` casts every module to one dtype (float32 unless told): it is given this pipeline's, which every
         pipeline :func:`detailpp.loading.load_pipeline` makes holds throughout.
         """
-        from detailpp.loading import dtype_kwarg
-
         plain = self.base_pipeline_class.from_pipe(self, **dtype_kwarg(self.dtype))
         plain.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return plain

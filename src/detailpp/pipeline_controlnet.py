@@ -86,7 +86,7 @@ def load_controlnet(source: str, unet: torch.nn.Module, seed: int = 0) -> Contro
     :func:`tiny_controlnet` (seeded with ``seed``)."""
     if source == "tiny-random":
         return tiny_controlnet(unet, seed)
-    from detailpp.loading import dtype_kwarg
+    from detailpp.pipeline_base import dtype_kwarg
 
     return ControlNetModel.from_pretrained(source, **dtype_kwarg(unet.dtype)).to(unet.device)
 
@@ -95,7 +95,7 @@ def with_controlnets(pipe, sources: list[str]) -> DetailPlusPlusControlNetPipeli
     """``pipe`` (an SDXL Detail++ pipeline) as a ControlNet one on the same components, its dtype, settings and
     recommended Detail++ settings kept (``from_pipe``): one ControlNet, or a ``MultiControlNetModel`` of several
     (:func:`load_controlnet` each; ``tiny-random`` ones get distinct seeds)."""
-    from detailpp.loading import dtype_kwarg
+    from detailpp.pipeline_base import dtype_kwarg
 
     nets = [load_controlnet(source, pipe.unet, seed=i) for i, source in enumerate(sources)]
     controlnet = nets[0] if len(nets) == 1 else nets
