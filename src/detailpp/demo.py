@@ -346,7 +346,7 @@ class DemoSession:
             if self.model is not None:
                 from detailpp.loading import model_detail_defaults
 
-                return DetailConfig(**model_detail_defaults(self.model))
+                return DetailConfig.from_fields(defaults=model_detail_defaults(self.model))
         except Exception as e:  # the page must open whatever the file holds
             logger.warning(
                 "could not read the Detail++ settings recommended for %s (%s: %s); the page starts with "

@@ -220,7 +220,7 @@ def check_args(args: argparse.Namespace) -> DetailConfig:
 def make_config(args: argparse.Namespace, model_fields: dict | None = None) -> DetailConfig:
     """The call's DetailConfig: the flags over the model's recommendation over the preset; errors in flag names."""
     try:
-        return DetailConfig.preset(args.preset, **{**(model_fields or {}), **flag_fields(args)})
+        return DetailConfig.from_fields(flag_fields(args), defaults=model_fields, preset=args.preset)
     except ValueError as e:
         raise UserError(str(e).replace("mask_threshold (tau)", "--tau").replace("share_steps", "--share-steps")) from e
 
