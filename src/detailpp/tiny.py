@@ -62,18 +62,7 @@ def tiny_components(seed: int = 0) -> dict:
         projection_class_embeddings_input_dim=32 + 6 * 8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=256,
-        scaling_factor=0.13025,
-    )
+    vae = tiny_vae(scaling_factor=0.13025)
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
@@ -83,6 +72,23 @@ def tiny_components(seed: int = 0) -> dict:
         "tokenizer_2": load_clip_tokenizer(second=True),
         "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
     }
+
+
+def tiny_vae(scaling_factor: float) -> AutoencoderKL:
+    """A tiny random VAE with the real VAE's four levels (factor 8) and ``scaling_factor`` (SDXL 0.13025, SD 0.18215),
+    from the global random state."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=256,
+        scaling_factor=scaling_factor,
+    )
 
 
 def build_tiny_pipeline(seed: int = 0, pipeline_class=None, dtype: torch.dtype = torch.float32):

@@ -18,10 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from detailpp.resources import load_clip_tokenizer
+from detailpp.tiny import tiny_vae
 
 #: SD 1.5's scheduler_config.json (stable-diffusion-v1-5): PNDM (PLMS) on the scaled-linear schedule.
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -92,21 +93,6 @@ def _unet(variant: str, cross_attention_dim: int) -> UNet2DConditionModel:
     )
 
 
-def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=256,
-        scaling_factor=SD_SCALING_FACTOR,
-    )
-
-
 def tiny_sd_components(variant: str = "sd15", seed: int = 0) -> dict[str, Any]:
     """The components of a ``StableDiffusionPipeline`` at toy size (``variant``: ``"sd15"`` or ``"sd21"``), no
     safety checker, on the packaged CLIP tokenizer (SD 2.1's pads with ``"!"``)."""
@@ -116,7 +102,7 @@ def tiny_sd_components(variant: str = "sd15", seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
     text_encoder = _text_encoder(width, act)
     unet = _unet(variant, width)
-    vae = _vae()
+    vae = tiny_vae(SD_SCALING_FACTOR)
     scheduler = DDIMScheduler(**SD21_SCHEDULER_CONFIG) if variant == "sd21" else PNDMScheduler(**SD15_SCHEDULER_CONFIG)
     return {
         "unet": unet.eval(),
