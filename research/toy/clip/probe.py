@@ -47,7 +47,8 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes <= 0 else max(0.0, centre - half)
+    return lo, 1.0 if successes >= n else min(1.0, centre + half)
 
 
 def score_pairs(pairs: Sequence[ProbePair], scorer: Scorer, kind: str) -> ProbeResult:

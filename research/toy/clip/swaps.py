@@ -4,11 +4,13 @@ Kinds (each twin keeps the true caption's template and object order, and names e
 
 * ``"plain"``: another scene's caption (plain retrieval: does the encoder know anything?).
 * ``"colour_swap"`` / ``"texture_swap"`` / ``"shape_swap"``: the two objects' colours / textures / shapes exchanged.
-  The twin has exactly the true caption's bag of words, so a bag-of-words encoder scores both alike (chance, 50 %).
+  The twin has the true caption's bag of words (articles aside: "a yellow" / "an orange"), so a bag-of-words
+  encoder scores both alike (chance, 50 %).
   Note that a shape swap describes the same scene as a colour-and-texture swap ("a red circle and a blue square"
   vs "a red square and a blue circle"): it is a binding test too, not a control.
 * ``"colour_replace"`` / ``"shape_replace"``: the first-named object's colour / shape replaced by one the scene
-  does not have. The twin's bag of words differs by one word, so even a bag of words tells them apart: the control.
+  does not have. The twin's bag of words differs by one word (articles aside), so even a bag of words tells them
+  apart: the control.
 """
 
 from __future__ import annotations
