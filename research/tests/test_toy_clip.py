@@ -171,3 +171,17 @@ def test_toy_trainer_trains_the_unet_on_frozen_text_encoders(runs, tmp_path):
         ckpt2["text_encoder_2"]["text_projection.weight"], te2.text_projection.weight
     )
     assert not torch.equal(ckpt2["unet"]["conv_in.weight"], ckpt["unet"]["conv_in.weight"])
+
+
+def test_probe_cli_reports_every_kind_of_both_splits(runs, tmp_path):
+    import json
+
+    from research.toy.clip.probe import main
+
+    main(["--model", str(runs[0] / "whole"), "--n", "24", "--json", str(tmp_path / "probe.json")])
+    res = json.loads((tmp_path / "probe.json").read_text())
+    for split in ("train", "held_out"):
+        rows = {r["kind"]: r for r in res[split]}
+        assert list(rows) == list(KINDS) and rows["plain"]["n"] == rows["colour_replace"]["n"] == 24
+        for r in rows.values():
+            assert 0 <= r["low"] <= r["accuracy"] <= r["high"] <= 1 and -1 <= r["text_cosine"] <= 1 + 1e-6

@@ -4,7 +4,8 @@ For each held-out 2-object scene, the pair's image embedding scores its true cap
 (:mod:`research.toy.clip.swaps`): the colours, textures or shapes of the two objects exchanged (near 50 %, chance,
 means the text encoder is a bag of words for that attribute), one attribute replaced by an absent one (the control a
 bag of words passes), or another scene's caption (plain retrieval). Accuracy counts a tie as half; the interval is
-Wilson's 95 % score interval.
+Wilson's 95 % score interval. ``text_cosine`` is the mean cosine similarity of the two captions' pooled text
+embeddings (1: the encoder cannot tell them apart at all).
 
 Run as ``python -m research.toy.clip.probe --model DIR`` (``DIR`` as written by :mod:`research.toy.clip.pretrain`:
 ``clip/`` scores images, ``text_encoder_2/`` embeds the captions: the exported encoder is the one probed).
@@ -113,8 +114,18 @@ def probe_model(folder: str | Path, n: int = 1000, seed: int = 0, splits=("train
         batch = probe_scenes(n, seed, split)
         images, _ = render(batch, "cpu", image_size=clip.config.vision_config.image_size)
         scorer = ClipScorer(clip, te2, images)
-        out[split] = [asdict(r) for r in probe(batch, scorer, seed=seed)]
+        rows = [asdict(r) for r in probe(batch, scorer, seed=seed)]
+        rng = np.random.default_rng(seed)  # the same pairs again (probe draws them in this order)
+        for row, kind in zip(rows, KINDS, strict=True):
+            row["text_cosine"] = text_cosine(scorer, probe_pairs(batch, kind, rng))
+        out[split] = rows
     return out
+
+
+def text_cosine(scorer: ClipScorer, pairs: Sequence[ProbePair]) -> float:
+    """Mean cosine similarity of the pooled text embeddings of each pair's true caption and its twin."""
+    a, b = scorer.text_embeds([p.true for p in pairs]), scorer.text_embeds([p.alt for p in pairs])
+    return float((a * b).sum(-1).mean())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,8 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     for split, rows in res.items():
         for r in rows:
             logger.info(
-                "%-9s %-15s n=%4d accuracy=%.1f%% [%.1f, %.1f]",
-                split, r["kind"], r["n"], 100 * r["accuracy"], 100 * r["low"], 100 * r["high"],
+                "%-9s %-15s n=%4d accuracy=%.1f%% [%.1f, %.1f] text cosine %.3f",
+                split, r["kind"], r["n"], 100 * r["accuracy"], 100 * r["low"], 100 * r["high"], r["text_cosine"],
             )  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps({"model": str(a.model), "n": a.n, "seed": a.seed, **res}, indent=1))
