@@ -185,3 +185,19 @@ def test_probe_cli_reports_every_kind_of_both_splits(runs, tmp_path):
         assert list(rows) == list(KINDS) and rows["plain"]["n"] == rows["colour_replace"]["n"] == 24
         for r in rows.values():
             assert 0 <= r["low"] <= r["accuracy"] <= r["high"] <= 1 and -1 <= r["text_cosine"] <= 1 + 1e-6
+
+
+def test_shuffled_captions_keep_their_bag_of_words_and_the_step_decides_them():
+    from research.toy.clip.data import scene_batch, shuffle_words
+    from research.toy.scenes import CaptionTokenizer
+
+    caps = ["a striped red circle, a blue square and a heart"] * 20
+    out = shuffle_words(caps, np.random.default_rng(0))
+    assert all(Counter(o.split()) == Counter(caps[0].replace(",", " ,").split()) for o in out)
+    assert len(set(out)) > 1
+    tok = CaptionTokenizer()
+    px, ids = scene_batch(tok, 0, 5, 8, 16, 0.0, shuffle=True)
+    px2, ids2 = scene_batch(tok, 0, 5, 8, 16, 0.0, shuffle=True)
+    _, plain = scene_batch(tok, 0, 5, 8, 16, 0.0)
+    assert torch.equal(ids, ids2) and torch.equal(px, px2) and not torch.equal(ids, plain)
+    assert all(sorted(a.tolist()) == sorted(b.tolist()) for a, b in zip(ids, plain, strict=True))

@@ -49,6 +49,7 @@ class PretrainConfig:
     warmup: int = 100
     weight_decay: float = 0.1
     attribute_drop: float = 0.15  # drop an object's colour / texture word, as the diffusion training does
+    shuffle_words: int = 0  # 1: train on captions with their words shuffled (a bag of words by construction)
     save_every: int = 250  # checkpoint every this many steps (and at the end)
     log_every: int = 25
 
@@ -132,7 +133,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 break
             if cfg.max_minutes is not None and time.time() - t0 >= 60 * cfg.max_minutes:
                 break
-            px, ids = scene_batch(tok, cfg.seed, step, cfg.batch_size, sizes.image_size, cfg.attribute_drop, device)
+            px, ids = scene_batch(
+                tok,
+                cfg.seed,
+                step,
+                cfg.batch_size,
+                sizes.image_size,
+                cfg.attribute_drop,
+                device,
+                cfg.shuffle_words > 0,
+            )
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
             loss, acc = contrastive_loss(clip, px, ids)
