@@ -229,6 +229,8 @@ def build_model(cfg: TrainConfig, mcfg, ckpt: dict | None, log) -> Model:
         return model
     vae.load_state_dict(ckpt["vae"])
     vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
+    if not cfg.text_encoders and (ckpt.get("train_config") or {}).get("text_encoders"):
+        logger.warning("the resumed run had frozen --text-encoders; without the option they are trained from here on")
     if not cfg.text_encoders:
         te1.load_state_dict(ckpt["text_encoder"])
         te2.load_state_dict(ckpt["text_encoder_2"])
