@@ -201,3 +201,11 @@ def test_shuffled_captions_keep_their_bag_of_words_and_the_step_decides_them():
     _, plain = scene_batch(tok, 0, 5, 8, 16, 0.0)
     assert torch.equal(ids, ids2) and torch.equal(px, px2) and not torch.equal(ids, plain)
     assert all(sorted(a.tolist()) == sorted(b.tolist()) for a, b in zip(ids, plain, strict=True))
+
+
+def test_a_resume_must_keep_the_data_settings(runs, tmp_path):
+    from research.toy.clip.pretrain import main
+
+    ckpt = str(runs[0] / "whole" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="shuffle_words"):
+        main([*TINY, "--output", str(tmp_path / "x"), "--resume", ckpt, "--shuffle-words", "1", "--steps", "5"])

@@ -54,6 +54,10 @@ class PretrainConfig:
     log_every: int = 25
 
 
+#: Settings that decide the data stream: a resumed run must keep them.
+DATA_SETTINGS = ("seed", "batch_size", "attribute_drop", "shuffle_words")
+
+
 def lr_at(cfg: PretrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of ``--lr`` at ``--steps``."""
     w = min(1.0, (step + 1) / max(cfg.warmup, 1))
@@ -105,6 +109,11 @@ def _save_checkpoint(path: Path, clip, opt, step: int, seconds: float, cfg: Pret
 def setup(cfg: PretrainConfig, tok: CaptionTokenizer):
     """``(clip, optimizer, start step, prior seconds, sizes)``: fresh (unused token embeddings zero) or resumed."""
     ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=False) if cfg.resume else None
+    if ckpt:  # the data stream must go on as it was
+        saved = ckpt["config"]
+        differ = [k for k in DATA_SETTINGS if saved.get(k, getattr(PretrainConfig, k)) != getattr(cfg, k)]
+        if differ:
+            raise ValueError(f"--resume: the checkpoint was trained with other {', '.join(differ)}: {saved}")
     sizes = ClipSizes(**ckpt["sizes"]) if ckpt else (TINY_SIZES if cfg.model == "tiny" else DEFAULT_SIZES)
     torch.manual_seed(cfg.seed)
     clip = build_clip(sizes)
