@@ -98,7 +98,7 @@ def train(cfg: TrainConfig) -> dict:
     mcfg = model_config(cfg, ckpt)
     model = build_model(cfg, mcfg, ckpt, log)
     vae = model.comps["vae"]
-    for m in (vae, *model.trained):
+    for m in (vae, model.comps["text_encoder"], model.comps["text_encoder_2"], model.comps["unet"]):
         m.to(device)
     run_t0 = time.time()
     sf = prepare_vae(vae, cfg, mcfg, trained=bool(ckpt), device=device, world=world, log=log)

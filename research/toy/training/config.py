@@ -41,6 +41,7 @@ class TrainConfig:
     resume_step: int = 0  # step count to go on from when --resume is a pipeline folder (its EMA weights)
     grow_transformer_layers: tuple[int, int, int] | None = None  # resume into deeper attention, new blocks = identity
     transformer_layers: tuple[int, int, int] | None = None  # a new UNet's blocks per attention, per level (e.g. 1,1,5)
+    text_encoders: str | None = None  # folder of frozen text_encoder/ + text_encoder_2/ (research.toy.clip.pretrain)
     reinit_unet: bool = False  # with --resume: keep its VAE and text encoders, start a new UNet from step 0
     max_shard_mb: float = 15.0  # largest safetensors file of the saved pipeline (bigger weights are sharded)
     compile: str = "none"  # "none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"

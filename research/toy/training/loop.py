@@ -82,8 +82,8 @@ def train_unet(cfg: TrainConfig, mcfg, model, vae, sf: float, opt, ema, device, 
     if world > 1:
         log({"phase": "data_parallel", "processes": world, "global_batch": world * cfg.batch_size})
     unet.train()
-    te1.train()
-    te2.train()
+    te1.train(not model.frozen_text)
+    te2.train(not model.frozen_text)
     step = start_step
     t0 = time.time()
     losses: list[torch.Tensor] = []

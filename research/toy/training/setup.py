@@ -143,6 +143,8 @@ def model_config(cfg: TrainConfig, ckpt: dict | None) -> toy_model.ToyModelConfi
         if len(layers) != 3 or min(layers) < 1:
             raise ValueError(f"--transformer-layers needs 3 levels of at least 1 block, got {layers}")
         mcfg = replace(mcfg, transformer_layers=layers)
+    if cfg.text_encoders:
+        mcfg = _with_text_sizes(mcfg, cfg.text_encoders, resumed=ckpt is not None)
     if cfg.grow_transformer_layers is not None:
         if ckpt is None:
             raise ValueError("--grow-transformer-layers deepens a resumed model: give --resume too")
@@ -155,6 +157,37 @@ def model_config(cfg: TrainConfig, ckpt: dict | None) -> toy_model.ToyModelConfi
     return mcfg
 
 
+def _with_text_sizes(mcfg, folder: str, resumed: bool):
+    """``mcfg`` with the text sizes of the frozen encoders in ``folder`` (a resumed model must have them already)."""
+    import json
+
+    te1 = json.loads((Path(folder) / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    te2 = json.loads((Path(folder) / "text_encoder_2" / "config.json").read_text(encoding="utf-8"))
+    sizes = dict(
+        text_hidden=te1["hidden_size"],
+        text_layers=te1["num_hidden_layers"],
+        text_heads=te1["num_attention_heads"],
+        projection_dim=te2["projection_dim"],
+        vocab_size=te1["vocab_size"],
+    )
+    if te2["hidden_size"] != te1["hidden_size"]:
+        raise ValueError(f"--text-encoders {folder}: text_encoder and text_encoder_2 differ in hidden size")
+    if resumed and any(getattr(mcfg, k) != v for k, v in sizes.items()):
+        raise ValueError(f"--text-encoders {folder} has text sizes {sizes}, the resumed model others")
+    return replace(mcfg, **sizes)
+
+
+def load_frozen_text_encoders(comps: dict, folder: str) -> None:
+    """Put the encoders saved in ``folder`` (``text_encoder/``, ``text_encoder_2/``) into ``comps``, frozen."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    te1 = CLIPTextModel.from_pretrained(Path(folder) / "text_encoder", dtype=torch.float32)
+    te2 = CLIPTextModelWithProjection.from_pretrained(Path(folder) / "text_encoder_2", dtype=torch.float32)
+    for te in (te1, te2):
+        te.requires_grad_(False).eval()
+    comps["text_encoder"], comps["text_encoder_2"] = te1, te2
+
+
 @dataclass
 class Model:
     """The components being trained and where the run goes on from."""
@@ -164,10 +197,13 @@ class Model:
     start_step: int = 0
     prior_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    frozen_text: bool = False  # the text encoders came from --text-encoders and are not trained
 
     @property
     def trained(self) -> list[torch.nn.Module]:
         """The modules the optimiser updates, in the order of :func:`trained_parameters`."""
+        if self.frozen_text:
+            return [self.comps["unet"]]
         return [self.comps["unet"], self.comps["text_encoder"], self.comps["text_encoder_2"]]
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -176,20 +212,28 @@ class Model:
 
 def build_model(cfg: TrainConfig, mcfg, ckpt: dict | None, log) -> Model:
     """Fresh components, with the resumed weights loaded (a new or grown UNet as asked); a fresh model's text
-    encoders get zero embeddings for every token the world never uses."""
+    encoders get zero embeddings for every token the world never uses. With ``--text-encoders`` the text encoders
+    are that folder's, frozen (also on a resume: the checkpoint's copies are not used)."""
     comps = toy_model.build_components(mcfg)
     vae, te1, te2, unet = comps["vae"], comps["text_encoder"], comps["text_encoder_2"], comps["unet"]
     tok = CaptionTokenizer(comps["tokenizer"])
-    model = Model(comps, tok)
+    model = Model(comps, tok, frozen_text=bool(cfg.text_encoders))
+    if cfg.text_encoders:
+        load_frozen_text_encoders(comps, cfg.text_encoders)
+        log({"phase": "text_encoders", "frozen_from": str(cfg.text_encoders)})
     if not ckpt:
-        used = sorted({tok.bos, tok.eos, 0} | {i for w in _vocabulary() for i in tok._word(w)})
-        _zero_unused_embeddings(te1, used)
-        _zero_unused_embeddings(te2, used)
+        if not cfg.text_encoders:
+            used = sorted({tok.bos, tok.eos, 0} | {i for w in _vocabulary() for i in tok._word(w)})
+            _zero_unused_embeddings(te1, used)
+            _zero_unused_embeddings(te2, used)
         return model
     vae.load_state_dict(ckpt["vae"])
     vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
-    te1.load_state_dict(ckpt["text_encoder"])
-    te2.load_state_dict(ckpt["text_encoder_2"])
+    if not cfg.text_encoders and (ckpt.get("train_config") or {}).get("text_encoders"):
+        logger.warning("the resumed run had frozen --text-encoders; without the option they are trained from here on")
+    if not cfg.text_encoders:
+        te1.load_state_dict(ckpt["text_encoder"])
+        te2.load_state_dict(ckpt["text_encoder_2"])
     if cfg.reinit_unet:
         log({"phase": "resume", "unet": "new", "transformer_layers": list(mcfg.transformer_layers)})
     elif cfg.grow_transformer_layers is None:
@@ -243,7 +287,10 @@ def make_ema(params: list[torch.nn.Parameter], cfg: TrainConfig, mcfg, start_ste
         log({"phase": "resume", "ema": "fresh (the new UNet has no saved EMA)"})
     elif cfg.resume_ema:
         with torch.no_grad():
-            for shadow, saved in zip(ema.shadow_params, _load_pipeline_weights(cfg.resume_ema, mcfg), strict=True):
+            saved_params = _load_pipeline_weights(cfg.resume_ema, mcfg)
+            if cfg.text_encoders:  # the UNet's come first; the frozen text encoders have no EMA
+                saved_params = saved_params[: len(ema.shadow_params)]
+            for shadow, saved in zip(ema.shadow_params, saved_params, strict=True):
                 shadow.copy_(saved.to(device=device, dtype=torch.float32))
         log({"phase": "resume", "ema_from": cfg.resume_ema})
     return ema
