@@ -7,20 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detailpp import Branch, DecompositionPlan, DetailConfig
+from detailpp import DetailConfig
 from detailpp.engine import BranchLayout, Conditioning, DetailEngine
 from detailpp.errors import DetailError
 from detailpp.plan import BranchTokens, validate_plan
 from detailpp.resources import load_clip_tokenizer
+from tests.plans import TEDDY_PLAN
 
-PLAN = DecompositionPlan(
-    prompt="a red teddy bear wearing a green tracksuit",
-    base="a teddy bear wearing a tracksuit",
-    branches=(
-        Branch("a red teddy bear wearing a tracksuit", "teddy bear", ("red",)),
-        Branch("a teddy bear wearing a green tracksuit", "tracksuit", ("green",)),
-    ),
-)
+PLAN = TEDDY_PLAN
 
 
 def test_layout_rows_and_share_ranges():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detailpp import Branch, DecompositionPlan, DetailConfig
+from detailpp import DetailConfig
 from detailpp.compile import compile_detail, nursing_graphs, uncompile
 from detailpp.engine import DetailEngine
 from detailpp.nursing import (
@@ -19,15 +19,9 @@ from detailpp.nursing import (
     token_columns,
 )
 from detailpp.tiny import build_tiny_pipeline
+from tests.plans import TEDDY_PLAN
 
-PLAN = DecompositionPlan(
-    prompt="a red teddy bear wearing a green tracksuit",
-    base="a teddy bear wearing a tracksuit",
-    branches=(
-        Branch("a red teddy bear wearing a tracksuit", "teddy bear", ("red",)),
-        Branch("a teddy bear wearing a green tracksuit", "tracksuit", ("green",)),
-    ),
-)
+PLAN = TEDDY_PLAN
 #: two nursing steps of three passes each, every pass updating (threshold 0), both loss terms
 CONFIG = DetailConfig(
     nursing_steps=2,

@@ -13,15 +13,9 @@ from detailpp import Branch, DecompositionPlan, DetailConfig
 from detailpp.attention import AttentionState, detail_processors, find_mask_layers
 from detailpp.compile import recompile_limit_key, uncompile
 from detailpp.tiny import build_tiny_pipeline
+from tests.plans import TEDDY_PLAN
 
-PLAN = DecompositionPlan(
-    prompt="a red teddy bear wearing a green tracksuit",
-    base="a teddy bear wearing a tracksuit",
-    branches=(
-        Branch("a red teddy bear wearing a tracksuit", "teddy bear", ("red",)),
-        Branch("a teddy bear wearing a green tracksuit", "tracksuit", ("green",)),
-    ),
-)
+PLAN = TEDDY_PLAN
 #: same shape (two subjects), other prompts and token positions
 OTHER = DecompositionPlan(
     prompt="a small blue cat next to a yellow old car",
