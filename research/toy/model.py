@@ -141,22 +141,28 @@ def build_vae(cfg: ToyModelConfig):
     )
 
 
-def build_text_encoders(cfg: ToyModelConfig):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.text_hidden,
-        intermediate_size=4 * cfg.text_hidden,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
+def clip_text_kwargs(vocab_size: int, hidden: int, layers: int, heads: int, projection_dim: int) -> dict:
+    """A toy CLIP text tower's config fields: CLIP's quick-GELU, 77 positions, the packaged tokenizer's special ids
+    (shared by the toy pipeline's text encoders and the contrastive pretraining of :mod:`research.toy.clip`)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         hidden_act="quick_gelu",
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=1,
-        projection_dim=cfg.projection_dim,
+        projection_dim=projection_dim,
     )
+
+
+def build_text_encoders(cfg: ToyModelConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    common = clip_text_kwargs(cfg.vocab_size, cfg.text_hidden, cfg.text_layers, cfg.text_heads, cfg.projection_dim)
     te1 = CLIPTextModel(CLIPTextConfig(**common))
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**common, "hidden_act": "gelu"}))
     return te1, te2

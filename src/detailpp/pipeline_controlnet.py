@@ -190,7 +190,8 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> None:
-        """The ControlNet pipeline's own ``check_inputs`` (image, scales, guidance windows), then IP-Adapter's."""
+        """The ControlNet pipeline's own ``check_inputs`` (image, scales, guidance windows; IP-Adapter's are
+        :meth:`check_ip_adapter_inputs`, run by ``detail_call`` for every plan)."""
         start, end = align_guidance(control_guidance_start, control_guidance_end, len(self.controlnets))
         self.check_inputs(
             prompt,
@@ -205,7 +206,6 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
             control_guidance_end=end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
 
     def unet_extras_for(self, layout: BranchLayout, conditioning: Any, arguments: dict[str, Any]) -> ControlResiduals:
         """The engine's extra UNet inputs: the call's ControlNet residuals (:meth:`control_residuals`)."""

@@ -11,16 +11,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from detailpp import Branch, DecompositionPlan, DetailConfig, PlanError
 from detailpp.attention import HookError, find_mask_layers
 from detailpp.pipeline import DetailInputError
+from tests.plans import TEDDY_PLAN
 
-PROMPT = "a red teddy bear wearing a green tracksuit"
-PLAN = DecompositionPlan(
-    prompt=PROMPT,
-    base="a teddy bear wearing a tracksuit",
-    branches=(
-        Branch("a red teddy bear wearing a tracksuit", "teddy bear", ("red",)),
-        Branch("a teddy bear wearing a green tracksuit", "tracksuit", ("green",)),
-    ),
-)
+PLAN = TEDDY_PLAN
+PROMPT = PLAN.prompt
 SIZE = {"height": 128, "width": 128}
 PLAIN = DetailConfig(share_attention=False, latent_modification=False, nursing=False)
 

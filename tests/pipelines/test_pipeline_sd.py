@@ -9,22 +9,16 @@ import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from detailpp import Branch, DecompositionPlan, DetailConfig
+from detailpp import DecompositionPlan, DetailConfig
 from detailpp.attention import _block_levels, find_mask_layers
 from detailpp.families import ModelFamily, UnsupportedModelError
 from detailpp.loading import FAMILY_PIPELINES, load_pipeline, pipeline_class_for
 from detailpp.pipeline_sd import DetailPlusPlusSDPipeline
 from detailpp.tiny_sd import build_tiny_sd_pipeline
+from tests.plans import TEDDY_PLAN
 
-PROMPT = "a red teddy bear wearing a green tracksuit"
-PLAN = DecompositionPlan(
-    prompt=PROMPT,
-    base="a teddy bear wearing a tracksuit",
-    branches=(
-        Branch("a red teddy bear wearing a tracksuit", "teddy bear", ("red",)),
-        Branch("a teddy bear wearing a green tracksuit", "tracksuit", ("green",)),
-    ),
-)
+PLAN = TEDDY_PLAN
+PROMPT = PLAN.prompt
 SIZE = {"height": 128, "width": 128}
 PLAIN = DetailConfig(share_attention=False, latent_modification=False, nursing=False)
 NO_NURSING = DetailConfig(nursing=False)

@@ -66,18 +66,8 @@ def build_clip(sizes: ClipSizes = DEFAULT_SIZES):
     the packaged tokenizer's special ids)."""
     from transformers import CLIPConfig, CLIPModel
 
-    text = dict(
-        vocab_size=sizes.vocab_size,
-        hidden_size=sizes.text_hidden,
-        intermediate_size=4 * sizes.text_hidden,
-        num_hidden_layers=sizes.text_layers,
-        num_attention_heads=sizes.text_heads,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-        projection_dim=sizes.projection_dim,
+    text = toy_model.clip_text_kwargs(
+        sizes.vocab_size, sizes.text_hidden, sizes.text_layers, sizes.text_heads, sizes.projection_dim
     )
     vision = dict(
         hidden_size=sizes.vision_hidden,
