@@ -467,9 +467,9 @@ def headline(results: dict[str, Any]) -> str:
         f"weights, 1024x1024, fp16, 20 and 50 steps, the same 4-branch plan): detailpp is "
         f"**{ratio_range(results, 'eager', False)} faster** without nursing "
         f"({ratio_range(results, 'compiled', False)} after `pipe.compile_detail()`) and "
-        f"**{ratio_range(results, 'eager', True)} faster** with every capped nursing pass, "
-        f"{ratio_range(results, 'eager+graphs', True)} with the opt-in CUDA-graphed nursing "
-        f"({ratio_range(results, 'compiled+graphs', True)} with `pipe.compile_detail(cuda_graphs=True)`), at "
+        f"**{ratio_range(results, 'eager+graphs', True)} faster** with every capped nursing pass, the passes "
+        f"replayed as CUDA graphs (the default on a GPU; {ratio_range(results, 'compiled+graphs', True)} after "
+        f"`pipe.compile_detail()`, {ratio_range(results, 'eager', True)} with `--eager-nursing`), at "
         f"{max(peaks, default=0):.1f} GiB against {max(theirs, default=0):.1f}{off}."
     )
 

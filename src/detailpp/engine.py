@@ -41,6 +41,7 @@ from detailpp.nursing import (
     NursingRecord,
     loss_and_gradient,
     max_iterations,
+    moves_weights_in_forward,
     nurse_latent,
     nursing_loss,
     step_size,
@@ -243,7 +244,7 @@ class DetailEngine:
         self.last_maps: torch.Tensor | None = None
         self.nursing_records: list[NursingRecord] = []
         #: nursing passes as one function of the UNet input (:meth:`nursing_gradient`), CUDA-graphed on a GPU
-        self.nursing_graphs = bool(getattr(unet, NURSING_GRAPHS_ATTRIBUTE, False)) and self.graphable_nursing()
+        self.nursing_graphs = self.wants_nursing_graphs() and self.graphable_nursing()
         self._nursing_graph: GraphedGradient | None = None
         self._nursing_columns: list[torch.Tensor] | None = None
 
@@ -319,8 +320,9 @@ class DetailEngine:
                 update_then_test=config.reference.update_then_test,
                 gradient_of=(lambda z0: self.nursing_gradient(z0, t)) if graphed else None,
             )
-        if i == self.nursing_steps - 1 and self._nursing_graph is not None:
-            self._nursing_graph.release()  # its memory pool is free for the steps after nursing
+        last = min(self.nursing_steps, self.num_inference_steps) - 1
+        if i == last and self._nursing_graph is not None:
+            self._nursing_graph.release()  # its memory pool is free for the steps after nursing (and the decode)
             self._nursing_graph = None
         logger.debug("nursing at step %d took %.3f s", i, time.perf_counter() - started)
         self.nursing_records.append(record)
@@ -358,12 +360,25 @@ class DetailEngine:
 
     # ------------------------------------------------------------------ nursing as one function (CUDA graphs)
 
+    def wants_nursing_graphs(self) -> bool:
+        """The UNet's switch (:func:`detailpp.compile.nursing_graphs`): on, off, or unset: on for a CUDA device."""
+        setting = getattr(self.unet, NURSING_GRAPHS_ATTRIBUTE, None)
+        return bool(setting) if setting is not None else torch.device(self.device).type == "cuda"
+
     def graphable_nursing(self) -> bool:
-        """Whether a nursing pass is a pure function of the UNet input and the timestep: no per-pass history
-        (``reference.nursing_maps_all_passes``), no host-made kernel (``reference.opencv_blur``), no
-        :attr:`unet_extras` (they see the step index)."""
+        """Whether a nursing pass is a pure function of the UNet input and the timestep, with weights that stay put:
+        no per-pass history (``reference.nursing_maps_all_passes``), no host-made kernel (``reference.opencv_blur``),
+        no :attr:`unet_extras` (they see the step index), no hook that moves or skips weights
+        (:func:`~detailpp.nursing.moves_weights_in_forward`)."""
         reference = self.config.reference
-        return not (reference.nursing_maps_all_passes or reference.opencv_blur or self.unet_extras is not None)
+        if reference.nursing_maps_all_passes or reference.opencv_blur or self.unet_extras is not None:
+            return False
+        if self.nursing_steps == 0:
+            return True
+        moving = moves_weights_in_forward(self.unet)
+        if moving:
+            logger.info("Nursing passes run eagerly, not as CUDA graphs: %s.", ", ".join(moving))
+        return not moving
 
     def sample_loss(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Eq. 6 from the UNet input ``sample`` (what :class:`~detailpp.nursing.GraphedGradient` captures)."""

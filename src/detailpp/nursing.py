@@ -202,9 +202,37 @@ class NursingRecord:
         return bool(self.losses) and self.losses[-1] < self.threshold
 
 
-#: The UNet attribute that asks for CUDA-graphed nursing passes (:func:`detailpp.compile.compile_detail`'s
-#: ``cuda_graphs=True``; :class:`GraphedGradient`); absent or false: eager passes.
+#: The UNet attribute that says whether nursing passes run as CUDA graphs (:class:`GraphedGradient`), set by
+#: :func:`detailpp.compile.nursing_graphs`: true, on every device (eager on the CPU); false, never; absent or
+#: ``None`` (the default), on CUDA devices.
 NURSING_GRAPHS_ATTRIBUTE = "_detailpp_nursing_graphs"
+
+
+def moves_weights_in_forward(module: torch.nn.Module) -> tuple[str, ...]:
+    """What makes ``module``'s forward read weights from other places in each call (a CUDA graph replays the
+    addresses of its capture): accelerate's sequential offload (hooks with ``offload=True``, parameters on the meta
+    device), diffusers' hooks (group offloading, the caches that skip blocks on the values). Empty when nothing does.
+
+    ``enable_model_cpu_offload()`` is not among them: it moves the whole UNet to the GPU before its first forward of
+    a call and leaves it there until another model runs, so the weights stay put for every nursing pass.
+    """
+    reasons: set[str] = set()
+    for m in module.modules():
+        hooks = [getattr(m, "_hf_hook", None)]
+        while hooks:
+            hook = hooks.pop()
+            if hook is None:
+                continue
+            hooks.extend(getattr(hook, "hooks", ()))  # accelerate's SequentialHook
+            if getattr(hook, "offload", None) is True:  # AlignDevicesHook(offload=True); CpuOffload's is a method
+                reasons.add("accelerate's sequential CPU offload")
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is not None and getattr(registry, "hooks", None):
+            reasons.update(f"diffusers' {name} hook" for name in registry.hooks)
+    if any(p.device.type == "meta" for p in module.parameters()):
+        reasons.add("parameters on the meta device")
+    return tuple(sorted(reasons))
+
 
 #: ``gradient_of(z) -> (loss, d loss / d z)``: one nursing pass, forward and backward (``z`` a leaf requiring grad)
 GradientOf = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -1,8 +1,11 @@
-"""The nursing pass as one function of the UNet input (what ``compile_detail(cuda_graphs=True)`` replays as a CUDA
-graph on a GPU): on the CPU it runs eagerly and must compute today's nursing loss and gradient bit for bit (tiny
-random SDXL). The capture itself needs CUDA (benchmarks/speed.py checks it on the GPU)."""
+"""The nursing pass as one function of the UNet input (what is replayed as a CUDA graph on a GPU, by default): on the
+CPU it runs eagerly and must compute today's nursing loss and gradient bit for bit (tiny random SDXL). The capture
+itself needs CUDA (``benchmarks/nursing_graph_default.py`` checks it on the GPU, with offload, LoRA and IP-Adapter).
+"""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from detailpp.nursing import (
     NURSING_GRAPHS_ATTRIBUTE,
     NursingRecord,
     loss_and_gradient,
+    moves_weights_in_forward,
     nurse_latent,
     subject_distributions,
     token_columns,
@@ -120,11 +124,65 @@ def test_the_switch_runs_the_graph_path_and_changes_nothing(pipe, monkeypatch):
     assert [r.updates for r in graphed.nursing] == [3, 3]
 
 
-def test_compile_detail_sets_and_uncompile_clears_the_switch():
+def test_compile_detail_sets_or_keeps_the_switch_and_uncompile_restores_the_default():
     pipe = build_tiny_pipeline(seed=0)
-    compile_detail(pipe.unet, recompile_limit=None, cuda_graphs=True, backend="eager")
-    try:
-        assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is True
-    finally:
-        uncompile(pipe.unet)
-    assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is False
+    for asked, expected in ((True, True), (False, False)):
+        compile_detail(pipe.unet, recompile_limit=None, cuda_graphs=asked, backend="eager")
+        try:
+            assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is expected
+            compile_detail(pipe.unet, recompile_limit=None, backend="eager")  # cuda_graphs=None: left as it is
+            assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is expected
+        finally:
+            uncompile(pipe.unet)
+        assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is None
+
+
+def switch_of(unet, device: str) -> bool:
+    """What an engine on ``device`` decides from the UNet's switch."""
+    return DetailEngine.wants_nursing_graphs(SimpleNamespace(unet=unet, device=torch.device(device)))
+
+
+def test_graphs_are_the_default_on_cuda_only_and_the_switch_overrides_it():
+    unet = build_tiny_pipeline(seed=0).unet
+    assert not hasattr(unet, NURSING_GRAPHS_ATTRIBUTE)
+    assert switch_of(unet, "cuda") and not switch_of(unet, "cpu")
+    nursing_graphs(unet, False)
+    assert not switch_of(unet, "cuda") and not switch_of(unet, "cpu")
+    nursing_graphs(unet, True)
+    assert switch_of(unet, "cuda") and switch_of(unet, "cpu")
+    nursing_graphs(unet, None)
+    assert switch_of(unet, "cuda") and not switch_of(unet, "cpu")
+
+
+def test_hooks_that_move_weights_are_found_and_model_offload_is_not():
+    from accelerate import cpu_offload, cpu_offload_with_hook
+    from diffusers.hooks import apply_group_offloading
+
+    assert moves_weights_in_forward(build_tiny_pipeline(seed=0).unet) == ()
+    unet = build_tiny_pipeline(seed=0).unet
+    cpu_offload_with_hook(unet, "cpu")  # enable_model_cpu_offload's hook: the whole model moves once
+    assert moves_weights_in_forward(unet) == ()
+    unet = build_tiny_pipeline(seed=0).unet
+    cpu_offload(unet, execution_device="cpu")  # enable_sequential_cpu_offload's
+    assert moves_weights_in_forward(unet) == (
+        "accelerate's sequential CPU offload",
+        "parameters on the meta device",
+    )
+    unet = build_tiny_pipeline(seed=0).unet
+    apply_group_offloading(unet, onload_device="cpu", offload_type="block_level", num_blocks_per_group=1)
+    assert "diffusers' group_offloading hook" in moves_weights_in_forward(unet)
+
+
+def test_nursing_stays_eager_where_weights_move_even_when_graphs_are_asked_for(monkeypatch):
+    from accelerate import cpu_offload
+
+    pipe = build_tiny_pipeline(seed=0)
+    expected = run(pipe)
+    cpu_offload(pipe.unet, execution_device="cpu")
+    calls = []
+    gradient = DetailEngine.nursing_gradient
+    monkeypatch.setattr(DetailEngine, "nursing_gradient", lambda e, z, t: calls.append(1) or gradient(e, z, t))
+    nursing_graphs(pipe.unet, True)
+    got = run(pipe)
+    assert calls == []  # the eager path, not the graphed one
+    assert torch.equal(got.images, expected.images)
