@@ -21,12 +21,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
 
 
+def eager_and_graphed_passes(engine, t: torch.Tensor, z0: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+    """(loss, gradient) of one nursing pass on ``z0``: eagerly twice (``nursing_loss`` + ``autograd.grad``), then
+    through ``engine.nursing_gradient`` three times (warm-up and capture, two replays on a GPU)."""
+    from detailpp.engine import frozen_parameters
+
+    z0 = z0.detach().clone()
+    results = []
+    with frozen_parameters(engine.unet):
+        for _ in range(2):
+            a = z0.clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = engine.nursing_loss(a, t)
+                (grad,) = torch.autograd.grad(loss, a)
+            results.append((float(loss), grad.detach().clone()))
+        for _ in range(3):
+            b = z0.clone().requires_grad_(True)
+            loss, grad = engine.nursing_gradient(b, t)
+            results.append((float(loss), grad.detach().clone()))
+    return results
+
+
 def main() -> int:
     from record import SUB_PROMPTS, SUBJECTS, Scenario, initial_latent  # noqa: F401
 
     from detailpp import DetailConfig
     from detailpp.compile import nursing_graphs
-    from detailpp.engine import DetailEngine, frozen_parameters
+    from detailpp.engine import DetailEngine
     from detailpp.pipeline import DetailPlusPlusPipeline
     from detailpp.sdxl_random import build_sdxl_random_pipeline
 
@@ -52,19 +73,7 @@ def main() -> int:
 
     def check(engine, i, t, latents):
         if i == 0 and not seen:
-            z0 = latents[0:1].detach().clone()
-            results = []
-            with frozen_parameters(engine.unet):
-                for _ in range(2):
-                    a = z0.clone().requires_grad_(True)
-                    with torch.enable_grad():
-                        loss = engine.nursing_loss(a, t)
-                        (grad,) = torch.autograd.grad(loss, a)
-                    results.append((float(loss), grad.detach().clone()))
-                for _ in range(3):
-                    b = z0.clone().requires_grad_(True)
-                    loss, grad = engine.nursing_gradient(b, t)
-                    results.append((float(loss), grad.detach().clone()))
+            results = eager_and_graphed_passes(engine, t, latents[0:1])
             names = ["eager1", "eager2", "graph_warmup", "replay1", "replay2"]
             for n, (loss, grad) in zip(names, results, strict=True):
                 seen[n] = {

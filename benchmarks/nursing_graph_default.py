@@ -97,7 +97,9 @@ def count_graph_calls() -> None:
 
 def one_pass_check(pipe, call: Callable[[int], Any]) -> dict[str, Any]:
     """At the first nursing step: the eager pass twice, then ``nursing_gradient`` three times, against eager 1."""
-    from detailpp.engine import DetailEngine, frozen_parameters
+    from nursing_graph_check import eager_and_graphed_passes  # (benchmarks/, the script's folder)
+
+    from detailpp.engine import DetailEngine
 
     seen: dict[str, Any] = {}
     nurse = DetailEngine.nurse
@@ -105,19 +107,7 @@ def one_pass_check(pipe, call: Callable[[int], Any]) -> dict[str, Any]:
     def check(engine, i, t, latents):
         if i == 0 and not seen:
             seen["graphs_in_use"] = bool(engine.nursing_graphs)
-            z0 = latents[0:1].detach().clone()
-            results = []
-            with frozen_parameters(engine.unet):
-                for _ in range(2):
-                    a = z0.clone().requires_grad_(True)
-                    with torch.enable_grad():
-                        loss = engine.nursing_loss(a, t)
-                        (grad,) = torch.autograd.grad(loss, a)
-                    results.append((float(loss), grad.detach().clone()))
-                for _ in range(3):
-                    b = z0.clone().requires_grad_(True)
-                    loss, grad = engine.nursing_gradient(b, t)
-                    results.append((float(loss), grad.detach().clone()))
+            results = eager_and_graphed_passes(engine, t, latents[0:1])
             for name, (loss, grad) in zip(("eager2", "warmup", "replay1", "replay2"), results[1:], strict=True):
                 seen[name] = {
                     "loss_equal": loss == results[0][0],
@@ -186,26 +176,13 @@ def variant(pipe, name: str, steps: tuple[int, ...], **extra: Any) -> dict[str, 
 
 
 def ip_adapter_folder(unet: torch.nn.Module) -> Path:
-    """A random IP-Adapter for ``unet`` in the original checkpoint layout (4 image tokens), saved to a folder."""
+    """A random IP-Adapter for ``unet`` (:func:`detailpp.sdxl_random.random_ip_adapter_state`, 4 image tokens),
+    saved in fp16 to a folder."""
     from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(3)
-    dim = unet.config.cross_attention_dim
-    state = {
-        "image_proj.proj.weight": torch.randn(4 * dim, IMAGE_EMBED_DIM, generator=g) * 0.02,
-        "image_proj.proj.bias": torch.zeros(4 * dim),
-        "image_proj.norm.weight": torch.ones(dim),
-        "image_proj.norm.bias": torch.zeros(dim),
-    }
-    modules = dict(unet.named_modules())
-    key_id = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
-            continue
-        hidden = modules[name.removesuffix(".processor")].to_k.out_features
-        for kind in ("to_k_ip", "to_v_ip"):
-            state[f"ip_adapter.{key_id}.{kind}.weight"] = torch.randn(hidden, dim, generator=g) * 0.02
-        key_id += 2
+    from detailpp.sdxl_random import random_ip_adapter_state
+
+    state = random_ip_adapter_state(unet, IMAGE_EMBED_DIM, scale=0.02)
     folder = Path(tempfile.mkdtemp(prefix="ip_adapter_"))
     save_file({k: v.half().contiguous() for k, v in state.items()}, str(folder / "ip_adapter.safetensors"))
     return folder

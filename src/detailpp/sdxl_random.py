@@ -167,3 +167,30 @@ def build_sdxl_random_pipeline(
         from detailpp.pipeline import DetailPlusPlusPipeline as pipeline_class
     components = sdxl_components(device, dtype, seed)
     return pipeline_class(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def random_ip_adapter_state(
+    unet: torch.nn.Module, image_embed_dim: int, seed: int = 3, scale: float = 0.3
+) -> dict[str, torch.Tensor]:
+    """A random IP-Adapter for ``unet`` in the original checkpoint layout, as ``pipe.load_ip_adapter`` reads it:
+    ``image_proj.*`` (4 image tokens from an image embedding of ``image_embed_dim``) and
+    ``ip_adapter.{1,3,5,..}.to_{k,v}_ip.weight``, one pair per cross-attention layer in processor order. Weights are
+    ``scale`` x N(0, 1), the projection's bias and the norm's offsets ``scale / 3`` x N(0, 1) (float32, CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = unet.config.cross_attention_dim
+    state = {
+        "image_proj.proj.weight": torch.randn(4 * dim, image_embed_dim, generator=g) * scale,
+        "image_proj.proj.bias": torch.randn(4 * dim, generator=g) * (scale / 3),
+        "image_proj.norm.weight": 1 + (scale / 3) * torch.randn(dim, generator=g),
+        "image_proj.norm.bias": (scale / 3) * torch.randn(dim, generator=g),
+    }
+    modules = dict(unet.named_modules())
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = modules[name.removesuffix(".processor")].to_k.out_features
+        for kind in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{key_id}.{kind}.weight"] = torch.randn(hidden, dim, generator=g) * scale
+        key_id += 2
+    return state

@@ -26,6 +26,7 @@ from detailpp.attention import (
     find_mask_layers,
 )
 from detailpp.inputs import DetailInputError
+from detailpp.sdxl_random import random_ip_adapter_state
 from detailpp.tiny import build_tiny_pipeline
 
 PLAN = {  # one detail branch: p0, p1 and p2 (the same image prompt in each)
@@ -40,34 +41,11 @@ IMAGE_EMBED_DIM = 16  # the tiny image encoder's projection size
 WEIGHT_NAME = "ip-adapter_tiny.safetensors"
 
 
-def tiny_ip_adapter_state(unet: torch.nn.Module, seed: int = 3) -> dict[str, torch.Tensor]:
-    """An IP-Adapter for ``unet`` in the original checkpoint layout: ``image_proj.*`` (4 image tokens) and
-    ``ip_adapter.{1,3,5,..}.to_{k,v}_ip.weight``, one pair per cross-attention layer in processor order."""
-    g = torch.Generator().manual_seed(seed)
-    dim = unet.config.cross_attention_dim
-    state = {
-        "image_proj.proj.weight": torch.randn(4 * dim, IMAGE_EMBED_DIM, generator=g) * 0.3,
-        "image_proj.proj.bias": torch.randn(4 * dim, generator=g) * 0.1,
-        "image_proj.norm.weight": 1 + 0.1 * torch.randn(dim, generator=g),
-        "image_proj.norm.bias": 0.1 * torch.randn(dim, generator=g),
-    }
-    modules = dict(unet.named_modules())
-    key_id = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
-            continue
-        hidden = modules[name.removesuffix(".processor")].to_k.out_features
-        for kind in ("to_k_ip", "to_v_ip"):
-            state[f"ip_adapter.{key_id}.{kind}.weight"] = torch.randn(hidden, dim, generator=g) * 0.3
-        key_id += 2
-    return state
-
-
 @pytest.fixture(scope="module")
 def adapter_folder(tmp_path_factory):
     """A folder with the tiny IP-Adapter's safetensors and its ``image_encoder/`` (save_pretrained)."""
     folder = tmp_path_factory.mktemp("ip_adapter")
-    save_file(tiny_ip_adapter_state(build_tiny_pipeline(0).unet), str(folder / WEIGHT_NAME))
+    save_file(random_ip_adapter_state(build_tiny_pipeline(0).unet, IMAGE_EMBED_DIM), str(folder / WEIGHT_NAME))
     torch.manual_seed(4)
     encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
