@@ -486,6 +486,16 @@ def markdown(r: dict[str, Any]) -> str:
             f"engine graphs {s['engine_graphs']}; 2 steps, {s['passes']} passes, {s['captures']} captures, "
             f"{s['replays']} replays, {s['s']:.1f} s.",
         ]
+    if "plain" in r:
+        lines += [
+            "",
+            "Beside them, same run: "
+            + "; ".join(
+                f"{label} {n} steps {at(r[key], n)['s']:.2f} s, peak {at(r[key], n)['peak_gib']:.2f} GiB"
+                for key, label in (("plain", "plain SDXL"), ("nursing_off", "detailpp nursing off"))
+                for n in (20, 50)
+            ),
+        ]
     if "floor" in r:
         f, p, off = r["floor"], r["plain"], r["nursing_off"]
         lines += [
