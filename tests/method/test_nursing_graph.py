@@ -186,3 +186,34 @@ def test_nursing_stays_eager_where_weights_move_even_when_graphs_are_asked_for(m
     got = run(pipe)
     assert calls == []  # the eager path, not the graphed one
     assert torch.equal(got.images, expected.images)
+
+
+@pytest.mark.parametrize(("nursing_steps", "steps", "released_at"), [(2, 3, 1), (6, 3, 2)])
+def test_the_graph_is_released_at_the_last_nursing_step_of_the_call(
+    pipe, monkeypatch, nursing_steps, steps, released_at
+):
+    """The graph's memory pool is freed after the last nursing step, also when the call has fewer steps than
+    nursing steps (then at its last step, before the decode). A stand-in graph records the step of its release."""
+    released: list[int] = []
+    nurse = DetailEngine.nurse
+
+    def with_graph(engine, i, t, latents):
+        if i == 0:
+            engine._nursing_graph = SimpleNamespace(release=lambda: released.append(engine.current_step))
+        return nurse(engine, i, t, latents)
+
+    monkeypatch.setattr(DetailEngine, "nurse", with_graph)
+    config = DetailConfig(
+        **{**CONFIG.to_dict(), "nursing_steps": nursing_steps, "nursing_thresholds": (0.0,) * nursing_steps}
+    )
+    out = pipe(
+        plan=PLAN,
+        height=128,
+        width=128,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        detail_config=config,
+    )
+    assert released == [released_at]
+    assert len(out.nursing) == min(nursing_steps, steps)
