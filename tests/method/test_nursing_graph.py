@@ -42,12 +42,12 @@ def pipe():
     return build_tiny_pipeline(seed=0)
 
 
-def run(pipe, config=CONFIG):
+def run(pipe, config=CONFIG, steps: int = 3):
     return pipe(
         plan=PLAN,
         height=128,
         width=128,
-        num_inference_steps=3,
+        num_inference_steps=steps,
         generator=torch.Generator().manual_seed(0),
         output_type="latent",
         detail_config=config,
@@ -206,14 +206,6 @@ def test_the_graph_is_released_at_the_last_nursing_step_of_the_call(
     config = DetailConfig(
         **{**CONFIG.to_dict(), "nursing_steps": nursing_steps, "nursing_thresholds": (0.0,) * nursing_steps}
     )
-    out = pipe(
-        plan=PLAN,
-        height=128,
-        width=128,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-        detail_config=config,
-    )
+    out = run(pipe, config, steps)
     assert released == [released_at]
     assert len(out.nursing) == min(nursing_steps, steps)
