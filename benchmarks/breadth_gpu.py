@@ -1,10 +1,11 @@
 """Detail++ beyond plain SDXL, timed on one GPU: SD 1.5 at 512x512 and SDXL + ControlNet at 1024x1024.
 
-Full-size models with random weights (:mod:`detailpp.sd_random`, :mod:`detailpp.sdxl_random`, a ControlNet made
-from the random SDXL UNet with ``ControlNetModel.from_unet``): the FLOPs and memory of the real models, images that
-are noise. One process, one card, fp16, Euler, 50 steps, guidance 7.5, a 4-branch plan (p0, p1, two subjects). Each
-row: a warm-up call, then ``--repeats`` timed calls (the best kept), peak memory after ``empty_cache``. Detail++ rows
-with nursing off and on (random weights never meet nursing's early-stop thresholds: every capped pass runs).
+Full-size models with random weights (:mod:`detailpp.models.sd_random`, :mod:`detailpp.models.sdxl_random`, a
+ControlNet made from the random SDXL UNet with ``ControlNetModel.from_unet``): the FLOPs and memory of the real models,
+images that are noise. One process, one card, fp16, Euler, 50 steps, guidance 7.5, a 4-branch plan (p0, p1, two
+subjects). Each row: a warm-up call, then ``--repeats`` timed calls (the best kept), peak memory after ``empty_cache``.
+Detail++ rows with nursing off and on (random weights never meet nursing's early-stop thresholds: every capped pass
+runs).
 
     python benchmarks/breadth_gpu.py --json $OUT/breadth_gpu.json
 
@@ -89,12 +90,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import ControlNetModel, StableDiffusionPipeline, StableDiffusionXLControlNetPipeline
     from PIL import Image
 
-    from detailpp.loading import dtype_kwarg
-    from detailpp.pipeline import DetailPlusPlusPipeline
-    from detailpp.pipeline_controlnet import DetailPlusPlusControlNetPipeline
-    from detailpp.pipeline_sd import DetailPlusPlusSDPipeline
-    from detailpp.sd_random import build_sd15_random_pipeline
-    from detailpp.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.models.loading import dtype_kwarg
+    from detailpp.models.sd_random import build_sd15_random_pipeline
+    from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.pipelines.sd import DetailPlusPlusSDPipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
+    from detailpp.pipelines.sdxl_controlnet import DetailPlusPlusControlNetPipeline
 
     fp16 = dtype_kwarg(torch.float16)
     results: dict[str, Any] = {

@@ -6,7 +6,7 @@ Usage (one CPU core, as the issue asks)::
 
 Figures (definitions are the script's, written so that they do not depend on the parser being measured):
 
-- **errors**: prompts for which :func:`detailpp.decompose.decompose_many` raised. Target: none.
+- **errors**: prompts for which :func:`detailpp.parsing.decompose.decompose_many` raised. Target: none.
 - **clean base**: the base prompt p1 contains no *word of its category*, as a whole word, case-insensitive.
   A category's words are the words that fill the attribute slots of that category's two-object template prompts
   ``"a(n) ATTR noun and a(n) ATTR noun"`` (all lower case; found by a regular expression over the file, minus the
@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from detailpp.decompose import decompose_many, load_nlp
+from detailpp.models.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
+from detailpp.parsing.decompose import decompose_many, load_nlp
 from detailpp.plan import DecompositionPlan, PlanError
-from detailpp.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
 
 logger = logging.getLogger("decompose_t2i")
 

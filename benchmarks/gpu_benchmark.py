@@ -1,6 +1,6 @@
 """Speed and memory of Detail++ on one GPU: plain SDXL, our pipeline, the materialised-map mode, and the floor.
 
-Builds SDXL at full size with *random* weights from its public configs (:mod:`detailpp.sdxl_random`; nothing is
+Builds SDXL at full size with *random* weights from its public configs (:mod:`detailpp.models.sdxl_random`; nothing is
 downloaded): same shapes, FLOPs and memory as the trained model, so every timing and memory figure holds for it. What
 does not hold is what depends on the weights' values: with random weights the nursing loss never falls under its
 early-stop thresholds, so nursing runs every capped iteration (6 + 6 + 6 + 6 + 6 + 3 at 50 steps): a worst case.
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from detailpp.sdxl_random import sdxl_components
+from detailpp.models.sdxl_random import sdxl_components
 
 # --------------------------------------------------------------------------- plans (hand-written: no spaCy needed)
 
@@ -166,7 +166,7 @@ def unet_inputs(unet, batch: int, latent_hw: tuple[int, int], device, dtype, see
 
 def frozen(module: torch.nn.Module, freeze: bool = True):
     """The pipeline's own weight freezing (what nursing uses), or nothing."""
-    from detailpp.pipeline import frozen_parameters
+    from detailpp.pipelines.sdxl import frozen_parameters
 
     return frozen_parameters(module) if freeze else contextlib.nullcontext()
 
@@ -198,7 +198,7 @@ def forward_backward(unet, inputs: dict[str, Any], stop_after: str | None = None
 
 
 def measure_floor(pipe, clock: Clock, args, batches: list[int], log: Callable[[str], None]) -> dict[str, Any]:
-    from detailpp.attention import find_mask_layers
+    from detailpp.method.attention import find_mask_layers
 
     unet, device, dtype = pipe.unet, pipe.unet.device, pipe.unet.dtype
     hw = (args.size // 8, args.size // 8)
@@ -434,11 +434,11 @@ class Benchmark:
     def build(self) -> None:
         from diffusers import StableDiffusionXLPipeline
 
-        from detailpp.pipeline import DetailPlusPlusPipeline
+        from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
         a = self.args
         if a.tiny:
-            from detailpp.tiny import tiny_components
+            from detailpp.models.tiny import tiny_components
 
             components = tiny_components(seed=0)
             for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -651,11 +651,11 @@ class Benchmark:
         nursing pass vs the truncated batch-1 forward+backward floor; top kernels go to profile_*.txt."""
         from torch.profiler import ProfilerActivity, profile
 
-        from detailpp.attention import AttentionState, CaptureSpec, detail_processors, find_mask_layers
         from detailpp.config import DetailConfig
-        from detailpp.engine import StopUNet as _StopUNet
-        from detailpp.engine import stop_after
-        from detailpp.nursing import nursing_loss
+        from detailpp.method.attention import AttentionState, CaptureSpec, detail_processors, find_mask_layers
+        from detailpp.method.engine import StopUNet as _StopUNet
+        from detailpp.method.engine import stop_after
+        from detailpp.method.nursing import nursing_loss
 
         unet, hw = self.detail.unet, (self.args.size // 8,) * 2
         layers = find_mask_layers(unet)
@@ -743,8 +743,8 @@ class Benchmark:
     # ---- torch.compile
 
     def compile_trial(self) -> None:
-        from detailpp.compile import recompile_limit_key, uncompile
         from detailpp.config import DetailConfig
+        from detailpp.method.compile import recompile_limit_key, uncompile
 
         a = self.args
         unet = self.detail.unet
@@ -885,7 +885,7 @@ def compile_regional(unet, **compile_kwargs) -> list[torch.nn.Module]:
     """Regional compilation as ``DetailPlusPlusPipeline.compile_detail()`` does it: every ``BasicTransformerBlock``
     (the attention processors inside it too), as diffusers' ``unet.compile_repeated_blocks()``, with dynamo's
     recompile limit raised so that plain SDXL's and each Detail++ configuration's graphs all stay compiled."""
-    from detailpp.compile import compile_detail
+    from detailpp.method.compile import compile_detail
 
     return [unet.get_submodule(name) for name in compile_detail(unet, **compile_kwargs)]
 

@@ -6,10 +6,11 @@ Runs the same command twice on the same prompts, each into its own folder under 
 2. ``python -m torch.distributed.run --standalone --nproc_per_node N -m detailpp.cli bench generate ...
    --output-dir OUT/gpus-N`` (each rank takes the items ``i % N == rank``; Accelerate gives each its GPU).
 
-The model is ``sdxl-random`` by default: SDXL base at full size with random weights (:mod:`detailpp.sdxl_random`),
-a speed/memory stand-in whose images are noise. With random weights nursing never stops early, so Detail++ runs
-every capped nursing pass: a worst case. The plans come from ``benchmarks/plans/t2i-color.jsonl`` (written with
-``detailpp bench plans --suite t2i-color``), so the GPU machine needs no spaCy.
+The model is ``sdxl-random`` by default: SDXL base at full size with random weights
+(:mod:`detailpp.models.sdxl_random`), a speed/memory stand-in whose images are noise. With random weights nursing never
+stops early, so Detail++ runs every capped nursing pass: a worst case. The plans come from
+``benchmarks/plans/t2i-color.jsonl`` (written with ``detailpp bench plans --suite t2i-color``), so the GPU machine
+needs no spaCy.
 
 Figures per run, from the manifests' timings and the launch's wall clock:
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
 def eager_and_graphed_passes(engine, t: torch.Tensor, z0: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
     """(loss, gradient) of one nursing pass on ``z0``: eagerly twice (``nursing_loss`` + ``autograd.grad``), then
     through ``engine.nursing_gradient`` three times (warm-up and capture, two replays on a GPU)."""
-    from detailpp.engine import frozen_parameters
+    from detailpp.method.engine import frozen_parameters
 
     z0 = z0.detach().clone()
     results = []
@@ -46,10 +46,10 @@ def main() -> int:
     from record import SUB_PROMPTS, SUBJECTS, Scenario, initial_latent  # noqa: F401
 
     from detailpp import DetailConfig
-    from detailpp.compile import nursing_graphs
-    from detailpp.engine import DetailEngine
-    from detailpp.pipeline import DetailPlusPlusPipeline
-    from detailpp.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.method.compile import nursing_graphs
+    from detailpp.method.engine import DetailEngine
+    from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     pipe = build_sdxl_random_pipeline(DetailPlusPlusPipeline, device="cuda", dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)

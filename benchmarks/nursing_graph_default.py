@@ -1,10 +1,10 @@
 """CUDA-graphed nursing as the default on CUDA: checked with LoRA, an IP-Adapter and offload; the floor; the memory.
 
-Full-size SDXL with random weights (:mod:`detailpp.sdxl_random`), one process on one GPU, fp16, 1024x1024, Euler,
-guidance 7.5, the 4-branch plan of ``breadth_gpu.py`` (p0, p1, two subjects), nursing on with centroid alignment
+Full-size SDXL with random weights (:mod:`detailpp.models.sdxl_random`), one process on one GPU, fp16, 1024x1024,
+Euler, guidance 7.5, the 4-branch plan of ``breadth_gpu.py`` (p0, p1, two subjects), nursing on with centroid alignment
 (step size 1750; random weights never meet the early-stop thresholds, so every capped pass runs). Sections, each
-written to the results file as it ends (a run cut short keeps what it measured); they run in the order 1 (the
-pipeline as it comes), 2, 3, 4, 1 (the other variants):
+written to the results file as it ends (a run cut short keeps what it measured); they run in the order 1 (the pipeline
+as it comes), 2, 3, 4, 1 (the other variants):
 
 1. **variants** -- the pipeline as it comes, with a random LoRA (peft, on every attention projection), with a random
    IP-Adapter (``load_ip_adapter``, image embeddings passed in), with ``enable_model_cpu_offload()``: at nursing's
@@ -84,7 +84,7 @@ def gpu_ms(call: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> float
 
 def count_graph_calls() -> None:
     """Count :class:`GraphedGradient` captures and replays in :data:`COUNTS`."""
-    from detailpp.nursing import GraphedGradient
+    from detailpp.method.nursing import GraphedGradient
 
     call = GraphedGradient.__call__
 
@@ -99,7 +99,7 @@ def one_pass_check(pipe, call: Callable[[int], Any]) -> dict[str, Any]:
     """At the first nursing step: the eager pass twice, then ``nursing_gradient`` three times, against eager 1."""
     from nursing_graph_check import eager_and_graphed_passes  # (benchmarks/, the script's folder)
 
-    from detailpp.engine import DetailEngine
+    from detailpp.method.engine import DetailEngine
 
     seen: dict[str, Any] = {}
     nurse = DetailEngine.nurse
@@ -147,7 +147,7 @@ def timed_call(call: Callable[[], Any]) -> dict[str, Any]:
 
 def variant(pipe, name: str, steps: tuple[int, ...], **extra: Any) -> dict[str, Any]:
     """One-pass check, then eager and default nursing at each of ``steps``."""
-    from detailpp.compile import nursing_graphs
+    from detailpp.method.compile import nursing_graphs
 
     def call(n: int, output_type: str = "pil"):
         return pipe(
@@ -176,11 +176,11 @@ def variant(pipe, name: str, steps: tuple[int, ...], **extra: Any) -> dict[str, 
 
 
 def ip_adapter_folder(unet: torch.nn.Module) -> Path:
-    """A random IP-Adapter for ``unet`` (:func:`detailpp.sdxl_random.random_ip_adapter_state`, 4 image tokens),
+    """A random IP-Adapter for ``unet`` (:func:`detailpp.models.sdxl_random.random_ip_adapter_state`, 4 image tokens),
     saved in fp16 to a folder."""
     from safetensors.torch import save_file
 
-    from detailpp.sdxl_random import random_ip_adapter_state
+    from detailpp.models.sdxl_random import random_ip_adapter_state
 
     state = random_ip_adapter_state(unet, IMAGE_EMBED_DIM, scale=0.02)
     folder = Path(tempfile.mkdtemp(prefix="ip_adapter_"))
@@ -253,12 +253,12 @@ def measure(out_path: Path) -> dict[str, Any]:
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    from detailpp.compile import nursing_graphs
-    from detailpp.engine import DetailEngine
-    from detailpp.loading import dtype_kwarg
-    from detailpp.nursing import moves_weights_in_forward
-    from detailpp.pipeline import DetailPlusPlusPipeline
-    from detailpp.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.method.compile import nursing_graphs
+    from detailpp.method.engine import DetailEngine
+    from detailpp.method.nursing import moves_weights_in_forward
+    from detailpp.models.loading import dtype_kwarg
+    from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     started = time.perf_counter()
     results: dict[str, Any] = {

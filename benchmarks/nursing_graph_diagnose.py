@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import speed
     import torch
 
-    import detailpp.engine as engine_module
+    import detailpp.method.engine as engine_module
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--authors", type=Path, required=True)

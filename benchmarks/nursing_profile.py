@@ -1,6 +1,6 @@
 """Where a nursing pass's time goes: the floor, our pass step by step, and the pipeline's own nursing.
 
-Full-size SDXL with random weights (:mod:`detailpp.sdxl_random`), fp16, 1024x1024 (latent 128x128), one GPU, the
+Full-size SDXL with random weights (:mod:`detailpp.models.sdxl_random`), fp16, 1024x1024 (latent 128x128), one GPU, the
 2-subject plan of ``benchmarks/reference`` (p0, p1, robot, tree). Each variant is one batch-1 pass as nursing runs
 it (conditional row of branch 0, weights frozen, the UNet stopped after the last 32x32 block, gradient to the
 latent), median of ``--repeats`` CUDA-synchronised calls after warm-up:
@@ -9,7 +9,7 @@ latent), median of ``--repeats`` CUDA-synchronised calls after warm-up:
   last mask block (no capture);
 - ``floor+sync``: the same with ``float(loss)`` between forward and backward (what testing the threshold costs);
 - ``ours``: Detail++'s processors capturing the 60 cross-attention maps with gradients, the nursing loss
-  (:func:`detailpp.nursing.nursing_loss`), ``autograd.grad``, no host sync before the backward;
+  (:func:`detailpp.method.nursing.nursing_loss`), ``autograd.grad``, no host sync before the backward;
 - ``ours+sync``: the same with ``float(loss)`` before the backward (the order ``nurse_latent`` uses);
 - ``pipeline``: ``nurse_latent`` as the pipeline runs it, timed around each call in a 2-step run, per pass.
 
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from detailpp.attention import AttentionState, CaptureSpec, detail_processors, find_mask_layers
 from detailpp.config import DetailConfig
-from detailpp.nursing import nursing_loss
+from detailpp.method.attention import AttentionState, CaptureSpec, detail_processors, find_mask_layers
+from detailpp.method.nursing import nursing_loss
 
 PLAN = {
     "prompt": "a sketch-style robot is leaning a oil-painting style tree",
@@ -66,9 +66,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
-    from detailpp.pipeline import DetailPlusPlusPipeline, frozen_parameters
+    from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline, frozen_parameters
     from detailpp.plan import load_plan, validate_plan
-    from detailpp.sdxl_random import build_sdxl_random_pipeline
 
     pipe = build_sdxl_random_pipeline(DetailPlusPlusPipeline, device="cuda", dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
@@ -143,7 +143,7 @@ def main() -> int:
     table_cpu = events.table(sort_by="self_cpu_time_total", row_limit=25)
 
     # The pipeline's own nursing, per pass.
-    import detailpp.engine as pipeline_module
+    import detailpp.method.engine as pipeline_module
 
     timings: list[tuple[float, int]] = []
     original = pipeline_module.nurse_latent

@@ -1,7 +1,7 @@
 """Issue 18's speed table from one run on one card: plain SDXL, detailpp (eager, CUDA-graphed nursing, compiled) and
 the authors' pipeline side by side at 20 and 50 steps, nursing off and on, plus the offloaded run.
 
-Full-size SDXL with random weights (:mod:`detailpp.sdxl_random`), fp16 (VAE decode fp32), 1024x1024, Euler,
+Full-size SDXL with random weights (:mod:`detailpp.models.sdxl_random`), fp16 (VAE decode fp32), 1024x1024, Euler,
 guidance 7.5, the 4-branch plan of the authors' style example (p0, p1, robot, tree; ``benchmarks/reference``),
 each call decoding to an image; nursing on = centroid alignment and step size 1750 (random weights never meet the
 early-stop thresholds: every capped pass runs, a worst case on both sides). One process, one card, in this order:
@@ -67,9 +67,9 @@ class Bench:
         from diffusers import StableDiffusionXLPipeline
         from record import versions
 
-        import detailpp.engine as engine
-        from detailpp.pipeline import DetailPlusPlusPipeline
-        from detailpp.sdxl_random import build_sdxl_random_pipeline
+        import detailpp.method.engine as engine
+        from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+        from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
         self.torch, self.out, self.budget_s = torch, out, budget_s
         self.started = time.perf_counter()
@@ -169,7 +169,7 @@ class Bench:
         from record import SUB_PROMPTS, SUBJECTS, authors_kwargs, initial_latent
 
         from detailpp import DetailConfig
-        from detailpp.compile import nursing_graphs
+        from detailpp.method.compile import nursing_graphs
 
         torch = self.torch
         s = self.scenario(steps, bool(nursing))
@@ -276,7 +276,7 @@ class Bench:
 
 
 def nursing_graphs_off(unet: Any) -> None:
-    from detailpp.compile import nursing_graphs
+    from detailpp.method.compile import nursing_graphs
 
     nursing_graphs(unet, False)
 
@@ -312,7 +312,7 @@ def gpu_main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("error: the GPU run needs a CUDA device")
         return 2
-    from detailpp.compile import uncompile
+    from detailpp.method.compile import uncompile
 
     out = args.json or Path(os.environ.get("OUT", ".")) / "speed.json"
     bench = Bench(args.authors, out, args.budget_s)

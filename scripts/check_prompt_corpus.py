@@ -14,7 +14,7 @@ The corpus is JSON Lines, one object a line, written by hand as a user of Detail
 - ``base``: the expected p1, exactly;
 - ``fallback: true``: the parser must not read the prompt (not English, or not readable with confidence): zero
   branches and a notice that points to ``--plan``;
-- ``rejected: true``: prompt-weight syntax; :func:`detailpp.decompose.decompose` must raise a
+- ``rejected: true``: prompt-weight syntax; :func:`detailpp.parsing.decompose.decompose` must raise a
   :class:`~detailpp.plan.PlanError` that names the syntax.
 
 An entry passes when every check it states holds. The exit status is 1 when the score is below ``--min``.
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detailpp.decompose import decompose, load_nlp
+from detailpp.models.resources import load_clip_tokenizer
+from detailpp.parsing.decompose import decompose, load_nlp
 from detailpp.plan import PlanError
-from detailpp.resources import load_clip_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "prompt_corpus.jsonl"
 

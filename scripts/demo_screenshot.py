@@ -15,7 +15,7 @@ from pathlib import Path
 import PIL.Image
 
 from detailpp.demo import build_demo, launch
-from detailpp.loading import load_pipeline
+from detailpp.models.loading import load_pipeline
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 ARGS += ["--disable-sync", "--no-first-run", "--disable-quic"]

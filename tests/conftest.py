@@ -19,11 +19,11 @@ The lab's tests live in ``research/tests``. Data files stay in ``tests/fixtures`
 (``pyproject.toml``: ``pythonpath = ["."]``).
 
 Fixtures:
-    tiny_components: the tiny random SDXL's seven components (:func:`detailpp.tiny.tiny_components`, seed 0),
+    tiny_components: the tiny random SDXL's seven components (:func:`detailpp.models.tiny.tiny_components`, seed 0),
         fresh for each test (a test may change them).
     tiny_pipe: the tiny random :class:`~detailpp.DetailPlusPlusPipeline` (seed 0, progress bar off), built once per
         test module: tests that share it leave it as they found it (processors, adapters, scheduler); a test that
-        changes it for good builds its own (:func:`detailpp.tiny.build_tiny_pipeline`).
+        changes it for good builds its own (:func:`detailpp.models.tiny.build_tiny_pipeline`).
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import pytest
 
 @pytest.fixture
 def tiny_components() -> dict:
-    from detailpp.tiny import tiny_components
+    from detailpp.models.tiny import tiny_components
 
     return tiny_components(seed=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from detailpp.tiny import build_tiny_pipeline
+    from detailpp.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)

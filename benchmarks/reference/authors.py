@@ -89,7 +89,7 @@ def _stand_in(name: str, **attributes: Any) -> None:
 
 def _opencv_gaussian_blur(image: np.ndarray, ksize: tuple[int, int], sigma: float) -> np.ndarray:
     """``cv2.GaussianBlur(image, (k, k), 0)`` for k in 1, 3, 5, 7: OpenCV's fixed kernels, reflect-101 borders."""
-    from detailpp.nursing import OPENCV_SMALL_KERNELS
+    from detailpp.method.nursing import OPENCV_SMALL_KERNELS
 
     if sigma != 0 or ksize[0] != ksize[1] or ksize[0] not in OPENCV_SMALL_KERNELS:
         raise NotImplementedError("the OpenCV stand-in only blurs with sigma 0 and square kernels of 1-7")

@@ -23,7 +23,8 @@ PROMPT = "A sketch-style robot is leaning a oil-painting style tree."
 def platform_fingerprint(pipe: Any) -> str:
     """sha256 (hex, first 16 digits) of the text encoders' and the UNet's fp32 outputs on fixed inputs.
 
-    ``pipe``: a pipeline built by :func:`detailpp.tiny.build_tiny_pipeline` (CPU, fp32). Runs in well under a second.
+    ``pipe``: a pipeline built by :func:`detailpp.models.tiny.build_tiny_pipeline` (CPU, fp32). Runs in well under a
+    second.
     """
     digest = hashlib.sha256()
     ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

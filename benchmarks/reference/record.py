@@ -10,7 +10,7 @@ Give it a checkout of the authors' repository (``clf28/Detail-plus-plus`` at e73
     python benchmarks/reference/record.py --authors /tmp/authors --gpu           # full size, fp16, timings
 
 Recording runs their ``ProT2IPipeline`` (:mod:`authors`) on detailpp's tiny random SDXL components
-(:func:`detailpp.tiny.tiny_components`, CPU, fp32) for each scenario of :data:`SCENARIOS` and writes, into
+(:func:`detailpp.models.tiny.tiny_components`, CPU, fp32) for each scenario of :data:`SCENARIOS` and writes, into
 ``tests/fixtures/authors_reference.safetensors``: every branch's final latent, the per-step binary subject masks and
 the nursing losses, with the commit and every setting in the file's metadata. ``tests/method/test_reference_parity.py``
 rebuilds the same inputs from that metadata and checks that ``DetailConfig.reference_preset()`` reproduces them; it
@@ -25,7 +25,7 @@ machines.
 ``--deviations`` starts from the preset and switches each of detailpp's deviations back to our default alone,
 printing the max abs difference of the final latent from the authors' (the table in ``docs/method.md``).
 
-``--gpu`` builds full-size SDXL with random weights (:mod:`detailpp.sdxl_random`) on the GPU, fp16, 1024x1024,
+``--gpu`` builds full-size SDXL with random weights (:mod:`detailpp.models.sdxl_random`) on the GPU, fp16, 1024x1024,
 and in one process on one card: compares the preset's final latent with the authors', and times plain SDXL, our
 default, our preset and the authors' pipeline at 20 and 50 steps, nursing off and on, with peak memory
 (``--rows`` picks rows; the table in BENCHMARKS.md). The authors' pipeline leaves its processors on every layer, so
@@ -140,10 +140,10 @@ MIN_ARGMAX_GAP = 1e-3
 def argmax_gaps() -> Iterator[list[float]]:
     """Record, for each blurred nursing map, ``(top1 - top2) / top1``: its argmax is a near tie below float noise.
 
-    Wraps :func:`detailpp.nursing.gaussian_blur` (called only for :func:`~detailpp.nursing.centroid_alignment_loss`'s
-    target) for the duration of the block.
+    Wraps :func:`detailpp.method.nursing.gaussian_blur` (called only for
+    :func:`~detailpp.method.nursing.centroid_alignment_loss`'s target) for the duration of the block.
     """
-    from detailpp import nursing
+    from detailpp.method import nursing
 
     gaps: list[float] = []
     original = nursing.gaussian_blur
@@ -172,7 +172,7 @@ def mask_margins(stop_below: float | None = None) -> Iterator[list[float]]:
     The cut is eq. 3's ``tau``, or with ``relative_mask_threshold`` (the authors' rule, the preset's)
     ``min + (max - min) * tau`` of each normalised map. A pixel whose distance is below the float noise of the maps
     may land on either side on another CPU; the scenario's margin is the minimum over every step and pixel. Wraps
-    :func:`detailpp.masks.binary_masks` where the engine calls it, for the duration of the block; with
+    :func:`detailpp.method.masks.binary_masks` where the engine calls it, for the duration of the block; with
     ``stop_below``, raises :class:`MarginTooSmall` at the first step whose margin is below it.
 
     CPU-to-CPU noise of the normalised maps, measured on the recording machine (AMD EPYC, AVX-512, MKL; torch 2.13,
@@ -180,7 +180,7 @@ def mask_margins(stop_below: float | None = None) -> Iterator[list[float]]:
     AVX-512 default, move the maps by at most 6.2e-6 (the final latents by up to 6e-5 nursing off, 3.8e-4 nursing
     on, with every mask equal). :data:`MIN_MASK_MARGIN` is about three times that.
     """
-    from detailpp import engine
+    from detailpp.method import engine
 
     margins: list[float] = []
     original = engine.binary_masks
@@ -275,7 +275,7 @@ def authors_kwargs(scenario: Scenario) -> dict[str, Any]:
 
 
 def tiny(scenario: Scenario, pipeline_class: Any = None) -> Any:
-    from detailpp.tiny import build_tiny_pipeline
+    from detailpp.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(scenario.component_seed, pipeline_class=pipeline_class)
 

@@ -93,7 +93,7 @@ def test_branch_objects_follow_token_order_and_repeated_shapes():
 
 
 def test_scene_plan_matches_the_rule():
-    from detailpp.resources import load_clip_tokenizer
+    from detailpp.models.resources import load_clip_tokenizer
 
     spec = PromptSpec(
         "an orange cross next to a striped purple cross",
@@ -340,7 +340,7 @@ def test_forced_layout_script_forces_every_branch_onto_branch_zero(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from detailpp import DetailConfig
-    from detailpp.tiny import build_tiny_pipeline
+    from detailpp.models.tiny import build_tiny_pipeline
     from research.toy import forced_layout as module
 
     pipe = build_tiny_pipeline(seed=0)

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="PNG of the maps")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    from detailpp.loading import TOY_MODEL_DIR, packaged_tokenizers
+    from detailpp.models.loading import TOY_MODEL_DIR, packaged_tokenizers
 
     folder = a.model or TOY_MODEL_DIR
     pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), **packaged_tokenizers(folder))

@@ -368,7 +368,7 @@ def coarse_error(pipe, n: int = 48, timesteps: Sequence[int] = (999, 900, 700), 
 def main(argv: list[str] | None = None) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
-    from detailpp.loading import TOY_MODEL_DIR, packaged_tokenizers
+    from detailpp.models.loading import TOY_MODEL_DIR, packaged_tokenizers
 
     p = argparse.ArgumentParser(description="Does the toy model's layout follow the noise? (plain sampling)")
     p.add_argument("--model", default=None, help="pipeline folder (default: the packaged toy model)")

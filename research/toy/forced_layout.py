@@ -35,7 +35,7 @@ logger = logging.getLogger("toy_forced_layout")
 def main(argv: list[str] | None = None) -> dict:
 
     from detailpp.atomic import atomic_write_bytes
-    from detailpp.loading import load_pipeline
+    from detailpp.models.loading import load_pipeline
     from research.toy.binding import _tokenizer, image_seed, scene_plan, split_prompts
     from research.toy.judge import score_image
 

@@ -194,14 +194,14 @@ def build_unet(cfg: ToyModelConfig):
 def build_scheduler():
     from diffusers import EulerDiscreteScheduler
 
-    from detailpp.tiny import SDXL_SCHEDULER_CONFIG
+    from detailpp.models.tiny import SDXL_SCHEDULER_CONFIG
 
     return EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
 
 
 def build_components(cfg: ToyModelConfig = DEFAULT) -> dict:
     """Freshly initialised components, keyed as :class:`~diffusers.StableDiffusionXLPipeline` expects."""
-    from detailpp.resources import load_clip_tokenizer
+    from detailpp.models.resources import load_clip_tokenizer
 
     te1, te2 = build_text_encoders(cfg)
     return {

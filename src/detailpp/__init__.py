@@ -26,23 +26,23 @@ __all__ = [
 def __getattr__(name: str):
     # The pipeline imports diffusers and torch: load it on first use so `detailpp decompose` stays light.
     if name == "DetailPlusPlusPipeline":
-        from detailpp.pipeline import DetailPlusPlusPipeline
+        from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
         return DetailPlusPlusPipeline
     if name == "DetailPlusPlusSDPipeline":
-        from detailpp.pipeline_sd import DetailPlusPlusSDPipeline
+        from detailpp.pipelines.sd import DetailPlusPlusSDPipeline
 
         return DetailPlusPlusSDPipeline
     if name == "DetailPlusPlusControlNetPipeline":
-        from detailpp.pipeline_controlnet import DetailPlusPlusControlNetPipeline
+        from detailpp.pipelines.sdxl_controlnet import DetailPlusPlusControlNetPipeline
 
         return DetailPlusPlusControlNetPipeline
     if name == "DetailPlusPlusPipelineOutput":
-        from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
+        from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 
         return DetailPlusPlusPipelineOutput
     if name == "decompose":
-        from detailpp.decompose import decompose
+        from detailpp.parsing.decompose import decompose
 
         return decompose
     raise AttributeError(f"module 'detailpp' has no attribute {name!r}")

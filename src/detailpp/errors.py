@@ -2,9 +2,9 @@
 
 Every error of the package derives from it (and keeps the built-in base it always had, so ``except ValueError`` code
 still catches it): :class:`~detailpp.config.ConfigError`, :class:`~detailpp.plan.PlanError`,
-:class:`~detailpp.pipeline.DetailInputError`, :class:`~detailpp.attention.HookError`,
-:class:`~detailpp.loading.ModelLoadError`, :class:`~detailpp.bench.BenchError`, the demo's ``DemoInputError`` and the
-command line's ``UserError``. The command line and the demo translate this family into their messages; anything
+:class:`~detailpp.pipelines.sdxl.DetailInputError`, :class:`~detailpp.method.attention.HookError`,
+:class:`~detailpp.models.loading.ModelLoadError`, :class:`~detailpp.bench.BenchError`, the demo's ``DemoInputError``
+and the command line's ``UserError``. The command line and the demo translate this family into their messages; anything
 else is a bug and keeps its traceback.
 """
 

@@ -1,8 +1,8 @@
 """The decomposition plan: the prompt p0, the base prompt p1 and one sub-prompt per subject (paper, step 1).
 
-A plan is what the prompt parser (:mod:`detailpp.decompose`) produces and what the pipeline consumes. It can also be
-written by hand (a JSON file or a Python object); :func:`validate_plan` then checks it against the prompt and the
-tokenizer before any denoising starts.
+A plan is what the prompt parser (:mod:`detailpp.parsing.decompose`) produces and what the pipeline consumes. It can
+also be written by hand (a JSON file or a Python object); :func:`validate_plan` then checks it against the prompt and
+the tokenizer before any denoising starts.
 """
 
 from __future__ import annotations

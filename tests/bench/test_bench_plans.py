@@ -26,11 +26,11 @@ OTHER = DecompositionPlan(prompt="a green dog", base="a dog", branches=(Branch("
 
 def test_sdxl_random_is_full_size_sdxl_by_name(caplog):
     torch = pytest.importorskip("torch")
-    from detailpp.loading import load_pipeline
-    from detailpp.pipeline import DetailPlusPlusPipeline
+    from detailpp.models.loading import load_pipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     state = torch.random.get_rng_state()
-    with caplog.at_level(logging.WARNING, logger="detailpp.loading"):
+    with caplog.at_level(logging.WARNING, logger="detailpp.models.loading"):
         pipe = load_pipeline("sdxl-random", device="meta")  # the real builder, shapes only
     assert torch.equal(state, torch.random.get_rng_state())  # the seeded build leaves the global RNG alone
     assert isinstance(pipe, DetailPlusPlusPipeline)
@@ -86,13 +86,13 @@ def test_generate_with_plans_needs_no_spacy_and_makes_the_same_images(tmp_path, 
     assert [b.subject for b in written["a green bench and a blue bowl"].branches] == ["bench", "bowl"]
     assert main(["bench", "generate", "--out", str(tmp_path / "parsed"), *common]) == 0
 
-    import detailpp.decompose
+    import detailpp.parsing.decompose
 
     def no_parser(*args, **kwargs):
         raise AssertionError("the parser ran although plans were given")
 
     monkeypatch.setitem(sys.modules, "spacy", None)  # `import spacy` now fails
-    monkeypatch.setattr(detailpp.decompose, "decompose", no_parser)
+    monkeypatch.setattr(detailpp.parsing.decompose, "decompose", no_parser)
     out = tmp_path / "given"
     assert main(["bench", "generate", "--out", str(out), "--plans", str(plans), *common]) == 0
     [parsed], [given] = read_jsonl(tmp_path / "parsed" / "manifest.jsonl"), read_jsonl(out / "manifest.jsonl")

@@ -114,7 +114,7 @@ def test_bad_command_inputs_give_one_line_errors(tmp_path, capsys):
 
 
 def test_generate_on_the_tiny_random_pipeline(tmp_path):
-    """The real wiring: `bench generate` on detailpp.loading's tiny random SDXL, both methods, then a resume."""
+    """The real wiring: `bench generate` on detailpp.models.loading's tiny random SDXL, both methods, then a resume."""
     from PIL import Image
 
     from detailpp.bench.manifest import read_jsonl
@@ -155,7 +155,7 @@ def test_generate_on_the_tiny_random_pipeline(tmp_path):
 def test_generate_compile_flag_reaches_compile_detail(tmp_path, monkeypatch, capsys):
     """`bench generate --compile` calls `pipe.compile_detail()` once per process, after loading; not without it."""
     from detailpp.cli import main
-    from detailpp.pipeline import DetailPlusPlusPipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     calls = []
     monkeypatch.setattr(DetailPlusPlusPipeline, "compile_detail", lambda self, *a, **k: calls.append((a, k)) or [])

@@ -37,9 +37,9 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
 @pytest.fixture
 def no_load(monkeypatch):
     """The model must not be loaded: every check runs before."""
-    import detailpp.loading
+    import detailpp.models.loading
 
-    monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(detailpp.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 # --- conventions -----------------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def test_unwritable_output_dir_is_a_file(tmp_path, capsys):
 
 def test_compile_flag_calls_compile_detail(tmp_path, capsys, monkeypatch):
     """`--compile` reaches `pipe.compile_detail()` once, after loading (recorded, not run: no inductor here)."""
-    from detailpp.pipeline import DetailPlusPlusPipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     calls = []
     monkeypatch.setattr(DetailPlusPlusPipeline, "compile_detail", lambda self, *a, **k: calls.append((a, k)) or [])
@@ -165,7 +165,7 @@ def test_compile_flag_calls_compile_detail(tmp_path, capsys, monkeypatch):
 
 
 def test_eager_nursing_flag_switches_the_nursing_graphs_off(tmp_path, monkeypatch):
-    from detailpp import compile as compile_module
+    from detailpp.method import compile as compile_module
 
     switches = []
     monkeypatch.setattr(compile_module, "nursing_graphs", lambda unet, enabled=True: switches.append(enabled))
@@ -178,7 +178,7 @@ def test_eager_nursing_flag_switches_the_nursing_graphs_off(tmp_path, monkeypatc
 
 
 def test_generate_takes_the_model_folders_detail_defaults_under_its_flags(tmp_path):
-    from detailpp.tiny import build_tiny_pipeline
+    from detailpp.models.tiny import build_tiny_pipeline
 
     folder = tmp_path / "model"
     pipe = build_tiny_pipeline(seed=0)
@@ -196,7 +196,7 @@ def test_generate_takes_the_model_folders_detail_defaults_under_its_flags(tmp_pa
 
 def test_preset_authors_reaches_the_pipeline_and_the_metadata(tmp_path, monkeypatch):
     from detailpp.config import ReferenceBehaviour
-    from detailpp.pipeline import DetailPlusPlusPipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     seen = []
     real_call = DetailPlusPlusPipeline.__call__
@@ -299,7 +299,7 @@ def test_controlnet_flags_are_checked_before_loading(flags, message, tmp_path, c
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("detailpp.loading.load_pipeline", no_loading)
+    monkeypatch.setattr("detailpp.models.loading.load_pipeline", no_loading)
     code = main(["generate", PROMPT, "--quiet", "--output-dir", str(tmp_path / "out"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
@@ -307,7 +307,7 @@ def test_controlnet_flags_are_checked_before_loading(flags, message, tmp_path, c
 
 def test_the_guidance_default_is_the_pipelines_own(tiny_pipe):
     from detailpp.cli.generate import default_guidance
-    from detailpp.tiny_sd import build_tiny_sd_pipeline
+    from detailpp.models.tiny_sd import build_tiny_sd_pipeline
 
     assert default_guidance(tiny_pipe) == 5.0  # SDXL's
     assert default_guidance(build_tiny_sd_pipeline()) == 7.5  # SD 1.x/2.x's

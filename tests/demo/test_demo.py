@@ -20,7 +20,7 @@ import pytest
 
 from detailpp.cli import main
 from detailpp.config import DetailConfig
-from detailpp.demo import (
+from detailpp.demo.session import (
     DemoInputError,
     DemoSession,
     branch_captions,
@@ -60,7 +60,7 @@ def settings(**changes):
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from detailpp.loading import load_pipeline
+    from detailpp.models.loading import load_pipeline
 
     return load_pipeline("tiny-random", device="cpu", dtype="float32")
 
@@ -295,7 +295,7 @@ def page_settings(demo) -> tuple:
 
 def test_the_settings_start_at_the_models_recommendation(tiny_pipe):
     from detailpp.demo import build_demo
-    from detailpp.pipeline import DetailPlusPlusPipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     assert page_settings(build_demo(tiny_pipe, model_name="tiny-random", initial_prompt="")) == (
         0.5,
@@ -352,10 +352,10 @@ def test_the_initial_parse_and_a_lazy_models_settings_follow_its_recommendation(
 
 def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
     import detailpp.demo
-    import detailpp.loading
+    import detailpp.models.loading
 
     launched, loaded = [], []
-    monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: loaded.append((a, k)) or FakePipe())
+    monkeypatch.setattr(detailpp.models.loading, "load_pipeline", lambda *a, **k: loaded.append((a, k)) or FakePipe())
     monkeypatch.setattr(detailpp.demo, "launch", lambda demo, host, port: launched.append((demo, host, port)))
     assert main(["demo", "--model", "tiny-random", "--port", "7861", "--steps", "3", "--size", "128"]) == 0
     assert loaded == [(("tiny-random",), {"device": "cpu", "dtype": None})]
@@ -383,9 +383,9 @@ def test_cli_demo_rejects_bad_arguments(args, message, capsys):
 
 
 def test_cli_demo_says_when_the_port_is_taken_before_loading_the_model(monkeypatch, capsys):
-    import detailpp.loading
+    import detailpp.models.loading
 
-    monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(detailpp.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -397,7 +397,7 @@ def test_a_controlnet_pipeline_takes_the_control_image_and_shows_its_field(tiny_
     import PIL.Image
 
     from detailpp.demo import build_demo
-    from detailpp.pipeline_controlnet import with_controlnets
+    from detailpp.pipelines.sdxl_controlnet import with_controlnets
 
     cn_pipe = with_controlnets(tiny_pipe, ["tiny-random"])
     session = DemoSession(cn_pipe, "tiny-random")
@@ -418,12 +418,12 @@ def test_a_controlnet_pipeline_takes_the_control_image_and_shows_its_field(tiny_
 
 def test_cli_demo_controlnet_flag_makes_a_controlnet_pipeline(monkeypatch):
     import detailpp.demo
-    import detailpp.loading
-    import detailpp.pipeline_controlnet
+    import detailpp.models.loading
+    import detailpp.pipelines.sdxl_controlnet
 
     attached, built = [], []
-    monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: FakePipe())
-    monkeypatch.setattr(detailpp.pipeline_controlnet, "with_controlnets", lambda p, s: attached.append(s) or p)
+    monkeypatch.setattr(detailpp.models.loading, "load_pipeline", lambda *a, **k: FakePipe())
+    monkeypatch.setattr(detailpp.pipelines.sdxl_controlnet, "with_controlnets", lambda p, s: attached.append(s) or p)
     monkeypatch.setattr(detailpp.demo, "build_demo", lambda pipe, **k: built.append(k) or "page")
     monkeypatch.setattr(detailpp.demo, "launch", lambda demo, host, port: None)
     assert main(["demo", "--model", "tiny-random", "--controlnet", "tiny-random", "--port", "0"]) == 0

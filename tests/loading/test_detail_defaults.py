@@ -17,9 +17,9 @@ import pytest
 from diffusers import StableDiffusionXLPipeline
 
 from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, read_detail_defaults
-from detailpp.loading import model_detail_defaults
-from detailpp.pipeline import DetailInputError, DetailPlusPlusPipeline
-from detailpp.tiny import build_tiny_pipeline
+from detailpp.models.loading import model_detail_defaults
+from detailpp.models.tiny import build_tiny_pipeline
+from detailpp.pipelines.sdxl import DetailInputError, DetailPlusPlusPipeline
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 FIELDS = {"mask_threshold": 0.3, "nursing": False}

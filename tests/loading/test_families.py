@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from detailpp.families import ModelFamily, UnsupportedModelError, family_of_class, model_family
+from detailpp.models.families import ModelFamily, UnsupportedModelError, family_of_class, model_family
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from detailpp import DetailConfig
-from detailpp.engine import BranchLayout, Conditioning, DetailEngine
 from detailpp.errors import DetailError
+from detailpp.method.engine import BranchLayout, Conditioning, DetailEngine
+from detailpp.models.resources import load_clip_tokenizer
 from detailpp.plan import BranchTokens, validate_plan
-from detailpp.resources import load_clip_tokenizer
 from tests.plans import TEDDY_PLAN
 
 PLAN = TEDDY_PLAN
@@ -62,11 +62,11 @@ def test_what_a_call_needs():
     [
         ("detailpp.config", "ConfigError"),
         ("detailpp.plan", "PlanError"),
-        ("detailpp.pipeline", "DetailInputError"),
-        ("detailpp.attention", "HookError"),
-        ("detailpp.loading", "ModelLoadError"),
+        ("detailpp.pipelines.sdxl", "DetailInputError"),
+        ("detailpp.method.attention", "HookError"),
+        ("detailpp.models.loading", "ModelLoadError"),
         ("detailpp.bench", "BenchError"),
-        ("detailpp.demo", "DemoInputError"),
+        ("detailpp.demo.session", "DemoInputError"),
         ("detailpp.cli", "UserError"),
     ],
 )

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from detailpp import DetailConfig
-from detailpp.compile import compile_detail, nursing_graphs, uncompile
-from detailpp.engine import DetailEngine
-from detailpp.nursing import (
+from detailpp.method.compile import compile_detail, nursing_graphs, uncompile
+from detailpp.method.engine import DetailEngine
+from detailpp.method.nursing import (
     NURSING_GRAPHS_ATTRIBUTE,
     NursingRecord,
     loss_and_gradient,
@@ -22,7 +22,7 @@ from detailpp.nursing import (
     subject_distributions,
     token_columns,
 )
-from detailpp.tiny import build_tiny_pipeline
+from detailpp.models.tiny import build_tiny_pipeline
 from tests.plans import TEDDY_PLAN
 
 PLAN = TEDDY_PLAN

@@ -38,7 +38,7 @@ from safetensors import safe_open
 
 from detailpp import DetailConfig
 from detailpp.config import ReferenceBehaviour
-from detailpp.tiny import build_tiny_pipeline
+from detailpp.models.tiny import build_tiny_pipeline
 from tests.paths import BENCHMARKS, FIXTURES, load_script
 
 platform_fingerprint = load_script(BENCHMARKS / "reference" / "fingerprint.py").platform_fingerprint
@@ -170,7 +170,7 @@ def test_golden_test_fails_when_a_reference_switch_is_flipped(tiny_pipe, same_pl
 def test_the_epsilon_switch_is_the_authors_arithmetic():
     """``nursing_no_epsilon`` moves the loss by ~1e-8 relative (below the nursing run's float noise, so the golden
     test cannot see it); where it matters, a flat subject map, the authors' arithmetic gives NaN and ours does not."""
-    from detailpp.nursing import nursing_loss
+    from detailpp.method.nursing import nursing_loss
 
     probs = torch.full((16, 77), 1 / 77)  # every token equally attended: flat subject maps
     ours = nursing_loss(probs, [[2], [4]], 6, (4, 4), DetailConfig())
@@ -186,7 +186,7 @@ def test_the_relative_threshold_switch_is_the_authors_rule():
     fixture's seeds are chosen to have none (its mask margin), so the golden test cannot see this switch. Where a
     pixel does lie between the cuts, the preset follows the authors' ``mask > min + (max - min) * tau`` and our
     default the plain ``> tau``."""
-    from detailpp.masks import binary_masks, normalized_maps
+    from detailpp.method.masks import binary_masks, normalized_maps
 
     r = 1e-6  # a map whose range is small: its normalised maximum is r / (r + 1e-8) = 0.990
     maps = torch.tensor([[0.0, 0.4975 * (r + 1e-8), r, 0.0]])

@@ -1,5 +1,5 @@
-"""Prompt decomposition (:mod:`detailpp.decompose`) and ``detailpp decompose``, against the real spaCy model and
-SDXL's real CLIP tokenizer (both loaded once per session)."""
+"""Prompt decomposition (:mod:`detailpp.parsing.decompose`) and ``detailpp decompose``, against the real spaCy model
+and SDXL's real CLIP tokenizer (both loaded once per session)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import re
 
 import pytest
 
-from detailpp import decompose as dec
 from detailpp.cli import main
+from detailpp.models.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
+from detailpp.parsing import decompose as dec
 from detailpp.plan import (
     CLIP_MAX_TOKENS,
     Branch,
@@ -19,7 +20,6 @@ from detailpp.plan import (
     load_plan,
     validate_plan,
 )
-from detailpp.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
 from tests.paths import SCRIPTS, load_script
 
 CORPUS_SCRIPT = SCRIPTS / "check_prompt_corpus.py"
@@ -155,7 +155,7 @@ def test_several_hyphenated_words(plan_of):
 
 
 def test_lexicalised_compounds_are_not_modifiers(plan_of, caplog):
-    with caplog.at_level(logging.INFO, logger="detailpp.decompose"):
+    with caplog.at_level(logging.INFO, logger="detailpp.parsing.decompose"):
         plan = plan_of("a hot dog and a red panda next to a polar bear and an ice cream")
     assert plan.base == plan.prompt
     assert plan.branches == ()
@@ -420,7 +420,7 @@ def test_negation_is_kept_in_every_prompt(plan_of, prompt, base, kept, expected)
     ],
 )
 def test_unreadable_prompts_fall_back_with_a_notice(plan_of, caplog, prompt, reason):
-    with caplog.at_level(logging.INFO, logger="detailpp.decompose"):
+    with caplog.at_level(logging.INFO, logger="detailpp.parsing.decompose"):
         plan = plan_of(prompt)
     assert plan.branches == ()
     assert plan.base == plan.prompt == prompt
@@ -525,7 +525,7 @@ def test_corpus_checks_can_fail(corpus_script, nlp, tokenizer):
     ],
 )
 def test_zero_branches_with_a_notice(plan_of, caplog, prompt, notice):
-    with caplog.at_level(logging.INFO, logger="detailpp.decompose"):
+    with caplog.at_level(logging.INFO, logger="detailpp.parsing.decompose"):
         plan = plan_of(prompt)
     assert plan.branches == ()
     assert plan.prompt == prompt
@@ -701,7 +701,7 @@ def test_cli_table(capsys):
 
 
 def test_cli_table_prints_the_fallback_notice(capsys, caplog):
-    with caplog.at_level(logging.INFO, logger="detailpp.decompose"):
+    with caplog.at_level(logging.INFO, logger="detailpp.parsing.decompose"):
         assert main(["decompose", "ein roter Hund und eine blaue Katze"]) == 0
     out = capsys.readouterr().out
     assert "branches     none (plain SDXL)" in out
@@ -723,7 +723,7 @@ def test_cli_weight_syntax_is_an_error(capsys):
 
 
 def test_cli_table_zero_branches(capsys, caplog):
-    with caplog.at_level(logging.INFO, logger="detailpp.decompose"):
+    with caplog.at_level(logging.INFO, logger="detailpp.parsing.decompose"):
         assert main(["decompose", "a cat and a dog"]) == 0
     out = capsys.readouterr().out
     assert "none" in out

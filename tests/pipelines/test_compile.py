@@ -10,9 +10,9 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from detailpp import Branch, DecompositionPlan, DetailConfig
-from detailpp.attention import AttentionState, detail_processors, find_mask_layers
-from detailpp.compile import recompile_limit_key, uncompile
-from detailpp.tiny import build_tiny_pipeline
+from detailpp.method.attention import AttentionState, detail_processors, find_mask_layers
+from detailpp.method.compile import recompile_limit_key, uncompile
+from detailpp.models.tiny import build_tiny_pipeline
 from tests.plans import TEDDY_PLAN
 
 PLAN = TEDDY_PLAN
@@ -91,7 +91,7 @@ def test_compiled_detail_equals_eager_without_recompiles_or_graph_breaks():
 
 
 def test_compile_detail_rejects_a_model_without_blocks():
-    from detailpp.compile import compile_detail
+    from detailpp.method.compile import compile_detail
 
     with pytest.raises(ValueError, match="no BasicTransformerBlock"):
         compile_detail(torch.nn.Linear(2, 2))

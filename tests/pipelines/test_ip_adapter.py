@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from detailpp import DetailConfig
-from detailpp.attention import (
+from detailpp.inputs import DetailInputError
+from detailpp.method.attention import (
     AttentionState,
     CaptureSpec,
     DetailAttnProcessor,
@@ -25,9 +26,8 @@ from detailpp.attention import (
     IPAdapterDetailProcessor,
     find_mask_layers,
 )
-from detailpp.inputs import DetailInputError
-from detailpp.sdxl_random import random_ip_adapter_state
-from detailpp.tiny import build_tiny_pipeline
+from detailpp.models.sdxl_random import random_ip_adapter_state
+from detailpp.models.tiny import build_tiny_pipeline
 
 PLAN = {  # one detail branch: p0, p1 and p2 (the same image prompt in each)
     "prompt": "a red dog and a cat",

@@ -9,8 +9,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from detailpp import DetailConfig
-from detailpp.lora import LoraError, LoraSpec, apply_loras, parse_lora
-from detailpp.tiny import build_tiny_pipeline
+from detailpp.models.lora import LoraError, LoraSpec, apply_loras, parse_lora
+from detailpp.models.tiny import build_tiny_pipeline
 
 PLAN = {
     "prompt": "a red dog and a blue cat",
@@ -137,9 +137,9 @@ def test_generate_takes_lora_flags(tmp_path, lora_file, capsys, monkeypatch):
     sidecar = json.loads(next(out.glob("*.json")).read_text())
     assert sidecar["loras"] == [{"path": str(lora_file), "scale": 0.5}]
 
-    import detailpp.loading
+    import detailpp.models.loading
 
-    monkeypatch.setattr(detailpp.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(detailpp.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     missing = tmp_path / "nope.safetensors"
     assert main(["generate", "a dog", *fast, "--lora", str(missing), "--output-dir", str(tmp_path / "o")]) == 2
     assert f"--lora {missing}: no such file or folder" in capsys.readouterr().err

@@ -9,8 +9,8 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from detailpp import Branch, DecompositionPlan, DetailConfig, PlanError
-from detailpp.attention import HookError, find_mask_layers
-from detailpp.pipeline import DetailInputError
+from detailpp.method.attention import HookError, find_mask_layers
+from detailpp.pipelines.sdxl import DetailInputError
 from tests.plans import TEDDY_PLAN
 
 PLAN = TEDDY_PLAN
@@ -255,7 +255,7 @@ def test_share_layers_all_shares_every_self_attention_layer(tiny_pipe):
 
 
 def test_model_folder_detail_defaults_round_trip_and_apply(tiny_pipe, tmp_path):
-    from detailpp.pipeline import DetailPlusPlusPipeline
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     folder = tmp_path / "model"
     tiny_pipe.set_detail_defaults({"nursing": False, "mask_threshold": 0.3})

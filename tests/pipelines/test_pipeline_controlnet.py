@@ -9,11 +9,11 @@ import torch
 from diffusers import StableDiffusionXLControlNetPipeline
 
 from detailpp import Branch, DecompositionPlan, DetailConfig
-from detailpp.control import controlnet_keep
 from detailpp.inputs import DetailInputError
-from detailpp.pipeline import DetailPlusPlusPipeline
-from detailpp.pipeline_controlnet import DetailPlusPlusControlNetPipeline, image_size, tiny_controlnet
-from detailpp.tiny import tiny_components
+from detailpp.models.tiny import tiny_components
+from detailpp.pipelines.control import controlnet_keep
+from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
+from detailpp.pipelines.sdxl_controlnet import DetailPlusPlusControlNetPipeline, image_size, tiny_controlnet
 
 PLAN = DecompositionPlan(
     prompt="a red dog and a blue cat",

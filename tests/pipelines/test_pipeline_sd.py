@@ -10,11 +10,11 @@ import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from detailpp import DecompositionPlan, DetailConfig
-from detailpp.attention import _block_levels, find_mask_layers
-from detailpp.families import ModelFamily, UnsupportedModelError
-from detailpp.loading import FAMILY_PIPELINES, load_pipeline, pipeline_class_for
-from detailpp.pipeline_sd import DetailPlusPlusSDPipeline
-from detailpp.tiny_sd import build_tiny_sd_pipeline
+from detailpp.method.attention import _block_levels, find_mask_layers
+from detailpp.models.families import ModelFamily, UnsupportedModelError
+from detailpp.models.loading import FAMILY_PIPELINES, load_pipeline, pipeline_class_for
+from detailpp.models.tiny_sd import build_tiny_sd_pipeline
+from detailpp.pipelines.sd import DetailPlusPlusSDPipeline
 from tests.plans import TEDDY_PLAN
 
 PLAN = TEDDY_PLAN
@@ -62,10 +62,11 @@ def lowest_level_layers(unet):
 
 
 def sdxl_unets():
-    from detailpp.sdxl_random import SDXL_UNET_CONFIG
-    from detailpp.tiny import build_tiny_pipeline
+    from detailpp.models.loading import TOY_MODEL_DIR
+    from detailpp.models.sdxl_random import SDXL_UNET_CONFIG
+    from detailpp.models.tiny import build_tiny_pipeline
 
-    toy = json.loads((__import__("detailpp.loading").loading.TOY_MODEL_DIR / "unet" / "config.json").read_text())
+    toy = json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
     with torch.device("meta"):
         full = UNet2DConditionModel(**SDXL_UNET_CONFIG)
         toy_unet = UNet2DConditionModel.from_config(toy)
@@ -90,7 +91,7 @@ def sd_layer_names(unet, blocks):
 
 
 def test_sd15_mask_layers_are_the_down_and_up_paths_lowest_attention_level(sd15):
-    from detailpp.sd_random import SD15_UNET_CONFIG
+    from detailpp.models.sd_random import SD15_UNET_CONFIG
 
     with torch.device("meta"):
         full = UNet2DConditionModel(**SD15_UNET_CONFIG)
@@ -194,7 +195,7 @@ def test_safety_checker_flags_give_black_images(sd15, monkeypatch, caplog):
         return torch.zeros_like(image), [True] * image.shape[0]
 
     monkeypatch.setattr(sd15, "run_safety_checker", checker)
-    with caplog.at_level(logging.WARNING, logger="detailpp.pipeline_sd"):
+    with caplog.at_level(logging.WARNING, logger="detailpp.pipelines.sd"):
         out = run(sd15, steps=1, detail_config=PLAIN)
     assert calls == [(1, 3, 128, 128)] and (out.images == 0).all()  # not denormalised: black, not grey
     assert "safety checker flagged 1 of 1" in caplog.text

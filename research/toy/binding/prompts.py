@@ -83,8 +83,8 @@ def _object_phrases(spec: PromptSpec) -> list[tuple[int, int]]:
 
 def scene_plan(spec: PromptSpec, tokenizer) -> dict:
     """The decomposition of a toy prompt read off its scene: p1 drops every colour and texture word, branch k puts
-    object k's back. Same rule as :func:`detailpp.decompose.decompose` (keep the sentence, delete modifiers); needs
-    no spaCy. Returns a plan dict with each subject's token indices (repeated shapes point at their own word)."""
+    object k's back. Same rule as :func:`detailpp.parsing.decompose.decompose` (keep the sentence, delete modifiers);
+    needs no spaCy. Returns a plan dict with each subject's token indices (repeated shapes point at their own word)."""
     from detailpp.plan import subject_token_indices
 
     spans = _object_phrases(spec)
@@ -114,7 +114,7 @@ def scene_plan(spec: PromptSpec, tokenizer) -> dict:
 
 
 def make_plans(specs: Sequence[PromptSpec], source: str, tokenizer, split: str = "test") -> dict[str, dict]:
-    """``{prompt: plan dict}``: ``source`` is ``"parser"`` (spaCy, :func:`detailpp.decompose.decompose`),
+    """``{prompt: plan dict}``: ``source`` is ``"parser"`` (spaCy, :func:`detailpp.parsing.decompose.decompose`),
     ``"scene"`` (:func:`scene_plan`) or the path of a JSON file written by an earlier call (``--write-plans``).
 
     A plans file is keyed by prompt text: it serves a run only if it holds a plan for each of the run's prompts
@@ -124,7 +124,7 @@ def make_plans(specs: Sequence[PromptSpec], source: str, tokenizer, split: str =
     if source == "scene":
         return {s.prompt: scene_plan(s, tokenizer) for s in specs}
     if source == "parser":
-        from detailpp.decompose import decompose
+        from detailpp.parsing.decompose import decompose
 
         return {s.prompt: decompose(s.prompt, tokenizer=tokenizer).to_dict() for s in specs}
     rewrite = (

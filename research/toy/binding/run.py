@@ -174,7 +174,7 @@ def _finish_item(records: list[dict]) -> list[dict]:
 def _load_pipe(settings: BindingSettings, device: str | None):
     import torch
 
-    from detailpp.loading import load_pipeline
+    from detailpp.models.loading import load_pipeline
 
     torch.set_num_threads(max(1, settings.threads))
     pipe = load_pipeline(settings.model, device=device, dtype=settings.dtype)
@@ -279,7 +279,7 @@ def run_benchmark(
         raise BenchError(f"unknown prompt split {split!r}; choose from {', '.join(SPLITS)}.")
     runs = list(settings.methods) + (list(settings.diagnostics) if settings.diagnostic_prompts > 0 else [])
     from detailpp.config import ConfigError
-    from detailpp.loading import model_detail_defaults
+    from detailpp.models.loading import model_detail_defaults
 
     try:
         model_defaults = model_detail_defaults(settings.model)
@@ -367,7 +367,7 @@ def run_benchmark(
 def _tokenizer(model: str):
     from transformers import CLIPTokenizer
 
-    from detailpp.resources import load_clip_tokenizer
+    from detailpp.models.resources import load_clip_tokenizer
 
     if model in ("toy", "tiny-random", "sdxl-random"):  # SDXL's tokenizer (the toy model ships no copy)
         return load_clip_tokenizer()

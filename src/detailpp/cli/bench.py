@@ -277,7 +277,7 @@ class PipelineGenerator:
         if self.pipe is not None:
             return
         try:
-            from detailpp.loading import load_pipeline
+            from detailpp.models.loading import load_pipeline
         except ImportError as e:
             raise BenchError(f"The Detail++ pipeline is not available in this installation ({e}).") from e
         pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype)
@@ -409,7 +409,7 @@ def _bench_detail_config(args: argparse.Namespace) -> tuple[Any, dict | None]:
             raise BenchError("--detail-config applies to --method detailpp only.")
         return None, None
     from detailpp.config import ConfigError
-    from detailpp.loading import model_detail_defaults
+    from detailpp.models.loading import model_detail_defaults
 
     try:
         defaults = model_detail_defaults(args.model)
@@ -432,7 +432,7 @@ def _suite_plans(args: argparse.Namespace, prompts: list[str]) -> dict | None:
 # --- plans -----------------------------------------------------------------------------------------------------------
 def _plans(args: argparse.Namespace) -> int:
     from detailpp.bench.plans import write_plans
-    from detailpp.decompose import decompose_many
+    from detailpp.parsing.decompose import decompose_many
 
     _, prompts = _suite_prompts(args)
     plans = decompose_many(prompts, args.granularity)

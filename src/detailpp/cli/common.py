@@ -55,7 +55,7 @@ def check_device(device: str | None) -> str:
     """The device to run on (the best available when ``None``); a name torch cannot use is refused here."""
     import torch
 
-    from detailpp.loading import resolve_device
+    from detailpp.models.loading import resolve_device
 
     if device is None:
         return resolve_device(None)
@@ -109,7 +109,7 @@ def native_size(model: str) -> int:
         return BUILTIN_SIZES[model]
     folder = Path(model)
     if model == "toy":
-        from detailpp.loading import TOY_MODEL_DIR as folder
+        from detailpp.models.loading import TOY_MODEL_DIR as folder
 
     def config(name: str) -> dict:
         path = folder / name / "config.json"
@@ -237,10 +237,11 @@ def _offline() -> bool:
 
 def check_model(model: str) -> None:
     """Refuse, before loading, a model name that names nothing, a Hub id that offline mode cannot load, or a model of
-    a family Detail++ cannot run on (its ``model_index.json``: :class:`~detailpp.families.UnsupportedModelError`)."""
+    a family Detail++ cannot run on (its ``model_index.json``:
+    :class:`~detailpp.models.families.UnsupportedModelError`)."""
     if model in BUILTIN_MODELS:
         return
-    from detailpp.families import model_family
+    from detailpp.models.families import model_family
 
     path = Path(model).expanduser()
     if not path.exists():

@@ -71,7 +71,7 @@ def _table(plan: DecompositionPlan) -> str:
 
 
 def _read_prompts(path: str) -> list[str]:
-    from detailpp.resources import read_prompt_file
+    from detailpp.models.resources import read_prompt_file
 
     if path == "-":
         text = sys.stdin.read()
@@ -86,7 +86,7 @@ def _read_prompts(path: str) -> list[str]:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Decompose the prompt (or every prompt of ``--file``) and print the plan(s)."""
-    from detailpp.decompose import decompose, decompose_many
+    from detailpp.parsing.decompose import decompose, decompose_many
 
     out = out or sys.stdout
     if args.file is not None and args.prompt is not None:

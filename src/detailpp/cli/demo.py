@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     from detailpp.cli.generate import default_model
     from detailpp.demo import build_demo, launch
-    from detailpp.loading import load_pipeline
+    from detailpp.models.loading import load_pipeline
 
     model = args.model or default_model()
     check_model(model)
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("Listening on %s: anyone who can reach this address can use the demo and its GPU.", args.host)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     if args.controlnet is not None:
-        from detailpp.pipeline_controlnet import with_controlnets
+        from detailpp.pipelines.sdxl_controlnet import with_controlnets
 
         pipe = with_controlnets(pipe, [args.controlnet])
     pipe.set_progress_bar_config(disable=True)

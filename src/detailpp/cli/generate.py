@@ -44,14 +44,14 @@ from detailpp.cli.common import (
 )
 from detailpp.config import PRESETS, DetailConfig
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
-from detailpp.lora import LoraError, apply_loras, check_peft, parse_lora
+from detailpp.models.lora import LoraError, apply_loras, check_peft, parse_lora
 from detailpp.plan import GRANULARITIES, DecompositionPlan, PlanError, check_prompt_text, load_plan
 
 logger = logging.getLogger(__name__)
 
 
 def default_model() -> str:
-    from detailpp.loading import toy_model_available
+    from detailpp.models.loading import toy_model_available
 
     return "toy" if toy_model_available() else "tiny-random"
 
@@ -181,8 +181,8 @@ def flag_fields(args: argparse.Namespace) -> dict:
 
 def check_token_window(text: str, what: str) -> None:
     """Refuse a prompt longer than CLIP's window (SDXL's text encoders would silently drop its end)."""
+    from detailpp.models.resources import load_clip_tokenizer
     from detailpp.plan import CLIP_MAX_TOKENS
-    from detailpp.resources import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
     ids = tokenizer(text, truncation=False, verbose=False).input_ids[1:-1]
@@ -233,14 +233,14 @@ def make_config(args: argparse.Namespace, model_fields: dict | None = None) -> D
 
 def early_plan(args: argparse.Namespace, config: DetailConfig) -> DecompositionPlan:
     """The plan (given or parsed), validated with SDXL's packaged CLIP tokenizer before the model is loaded."""
+    from detailpp.models.resources import load_clip_tokenizer
     from detailpp.plan import validate_plan
-    from detailpp.resources import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
     if args.plan is not None:
         plan = load_plan(args.plan)
     else:
-        from detailpp.decompose import decompose
+        from detailpp.parsing.decompose import decompose
 
         check_token_window(args.prompt, "prompt")
         plan = decompose(args.prompt, config.granularity, tokenizer=tokenizer)
@@ -272,14 +272,14 @@ def _run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     dtype = check_dtype(args.dtype, device)
     if model in ("toy",) or Path(model).is_dir():  # the model's recommended settings, readable before loading
-        from detailpp.loading import model_detail_defaults
+        from detailpp.models.loading import model_detail_defaults
 
         config = make_config(args, model_detail_defaults(model))
     plan = early_plan(args, config)
     pipe, load_seconds = load(args, model, device, dtype)
     config = make_config(args, dict(pipe.detail_defaults))
     if args.eager_nursing:
-        from detailpp.compile import nursing_graphs
+        from detailpp.method.compile import nursing_graphs
 
         nursing_graphs(pipe.unet, False)
     if args.compile:
@@ -304,7 +304,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def load(args: argparse.Namespace, model: str, device: str, dtype: str | None):
     """The pipeline, its scheduler, LoRAs and ControlNets set; and the seconds loading took."""
-    from detailpp.loading import load_pipeline
+    from detailpp.models.loading import load_pipeline
 
     if model.startswith("tiny-random"):
         logger.warning("Model %r has random weights: its images are noise (it checks the set-up only).", model)
@@ -313,7 +313,7 @@ def load(args: argparse.Namespace, model: str, device: str, dtype: str | None):
     started = time.perf_counter()
     pipe = load_pipeline(model, device=device, dtype=dtype)
     if args.controlnet:
-        from detailpp.pipeline_controlnet import with_controlnets
+        from detailpp.pipelines.sdxl_controlnet import with_controlnets
 
         pipe = with_controlnets(pipe, args.controlnet)
     load_seconds = time.perf_counter() - started

@@ -2,8 +2,8 @@
 
 Same modules, shapes and FLOPs as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (UNet 859,520,964 parameters, CLIP
 ViT-L/14's text tower, the VAE); nothing is downloaded, and there is no safety checker. Its images are noise: use it to
-time and size a run (``--model sd15-random``), never to judge quality. As with :mod:`detailpp.sdxl_random`, random
-weights keep the nursing loss above its early-stop thresholds, so nursing runs every capped iteration.
+time and size a run (``--model sd15-random``), never to judge quality. As with :mod:`detailpp.models.sdxl_random`,
+random weights keep the nursing loss above its early-stop thresholds, so nursing runs every capped iteration.
 
 The weights are initialised directly on the target device from a fixed seed; the global RNG state is left as it was.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from detailpp.sdxl_random import SDXL_TEXT_ENCODER_CONFIG, _rng_devices
+from detailpp.models.sdxl_random import SDXL_TEXT_ENCODER_CONFIG, _rng_devices
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def sd15_components(device: str | torch.device, dtype: torch.dtype, seed: int = 
     from diffusers.models import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from detailpp.resources import load_clip_tokenizer
-    from detailpp.tiny_sd import SD15_SCHEDULER_CONFIG
+    from detailpp.models.resources import load_clip_tokenizer
+    from detailpp.models.tiny_sd import SD15_SCHEDULER_CONFIG
 
     device = torch.device(device)
     with torch.random.fork_rng(devices=_rng_devices(device)):
@@ -98,5 +98,5 @@ def build_sd15_random_pipeline(
     """A Detail++ SD pipeline (or ``pipeline_class``) on full-size SD 1.5 with random weights (see the module's
     docstring)."""
     if pipeline_class is None:
-        from detailpp.pipeline_sd import DetailPlusPlusSDPipeline as pipeline_class
+        from detailpp.pipelines.sd import DetailPlusPlusSDPipeline as pipeline_class
     return pipeline_class(**sd15_components(device, dtype, seed), requires_safety_checker=False)

@@ -3,7 +3,7 @@
 :func:`compile_detail` is diffusers' ``unet.compile_repeated_blocks()`` (every ``BasicTransformerBlock`` is compiled
 and, as they share one ``forward``, they share dynamo's graphs) plus what Detail++ needs on top: dynamo's recompile
 limit raised so that every variant stays compiled, and the compiled modules' names returned. Detail++'s processors
-(:mod:`detailpp.attention`) are traced into
+(:mod:`detailpp.method.attention`) are traced into
 those graphs; they are written so that one graph serves every layer and every call:
 
 - the mask layers of a resolution level share one processor instance, which keeps no per-layer state (no layer name
@@ -18,9 +18,9 @@ steps after it, a nursing pass with gradients, and the plain layers at the other
 same plan shape (number of branches) and configuration compiles nothing. Another plan shape or configuration adds a
 graph or two. ``tests/pipelines/test_compile.py`` checks equality with eager, zero recompiles and zero graph breaks.
 
-Nursing passes also replay as CUDA graphs (:class:`detailpp.nursing.GraphedGradient`), compiled or not: a batch-1
-pass is bound by the host launching its kernels, and a replay costs only its GPU time. This is the default on CUDA
-devices (:func:`nursing_graphs` switches it; ``compile_detail(cuda_graphs=...)`` too); the passes stay eager where
+Nursing passes also replay as CUDA graphs (:class:`detailpp.method.nursing.GraphedGradient`), compiled or not: a
+batch-1 pass is bound by the host launching its kernels, and a replay costs only its GPU time. This is the default on
+CUDA devices (:func:`nursing_graphs` switches it; ``compile_detail(cuda_graphs=...)`` too); the passes stay eager where
 the UNet's weights move during a forward (sequential offload, group offloading, diffusers' caching hooks). The graph is
 captured at a call's first nursing pass and freed after its last nursing step; it computes what the eager pass
 computes.
@@ -52,11 +52,11 @@ def nursing_graphs(unet: torch.nn.Module, enabled: bool | None = True) -> None:
 
     Applies to the configurations whose pass is a pure function of the latent and the timestep (not the reference
     preset's maps averaged over every pass, its OpenCV blur kernel, or ``unet_extras`` such as ControlNet's) and whose
-    weights stay put (:func:`detailpp.nursing.moves_weights_in_forward`); elsewhere the passes stay eager. Costs one
-    capture per call (about one pass) and the pass's activations kept in the graph's memory pool during the nursing
+    weights stay put (:func:`detailpp.method.nursing.moves_weights_in_forward`); elsewhere the passes stay eager. Costs
+    one capture per call (about one pass) and the pass's activations kept in the graph's memory pool during the nursing
     steps.
     """
-    from detailpp.nursing import NURSING_GRAPHS_ATTRIBUTE
+    from detailpp.method.nursing import NURSING_GRAPHS_ATTRIBUTE
 
     setattr(unet, NURSING_GRAPHS_ATTRIBUTE, None if enabled is None else bool(enabled))
 

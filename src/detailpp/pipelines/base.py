@@ -4,10 +4,10 @@
 before the diffusers pipeline it extends (``StableDiffusionXLPipeline``, ``StableDiffusionPipeline``,
 ``StableDiffusionXLControlNetPipeline``). It holds the
 model's recommended settings (``detail_config.json``), the plan (parsed or loaded, validated once), the checks every
-call makes before anything is encoded, the run of :class:`~detailpp.engine.DetailEngine` over the timesteps, and the
-fall-back to the base pipeline's own ``__call__`` for a plan without detail branch. A subclass adds what its base
-model needs: :meth:`encode_branches` (the UNet's conditioning of the branch batch), :meth:`check_base_inputs` (its
-base pipeline's own checks), :meth:`decode_latents_to_images` and, for models with extra UNet inputs (ControlNet's
+call makes before anything is encoded, the run of :class:`~detailpp.method.engine.DetailEngine` over the timesteps, and
+the fall-back to the base pipeline's own ``__call__`` for a plan without detail branch. A subclass adds what its base
+model needs: :meth:`encode_branches` (the UNet's conditioning of the branch batch), :meth:`check_base_inputs` (its base
+pipeline's own checks), :meth:`decode_latents_to_images` and, for models with extra UNet inputs (ControlNet's
 residuals), an ``unet_extras`` callable given to the engine.
 """
 
@@ -26,9 +26,9 @@ import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
 from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, DetailConfig, check_detail_fields, read_detail_defaults
-from detailpp.engine import BranchLayout, Conditioning, DetailEngine, UNetExtras
 from detailpp.inputs import DetailInputError, check_image_side
-from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
+from detailpp.method.engine import BranchLayout, Conditioning, DetailEngine, UNetExtras
+from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import BranchTokens, DecompositionPlan, check_prompt_text, load_plan, validate_plan
 
 logger = logging.getLogger(__name__)
@@ -135,15 +135,15 @@ class DetailPipelineMixin:
         with this pipeline's dtype and progress-bar settings.
 
         ``from_pipe`` casts every module to one dtype (float32 unless told): it is given this pipeline's, which every
-        pipeline :func:`detailpp.loading.load_pipeline` makes holds throughout.
+        pipeline :func:`detailpp.models.loading.load_pipeline` makes holds throughout.
         """
         plain = self.base_pipeline_class.from_pipe(self, **dtype_kwarg(self.dtype))
         plain.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return plain
 
     def decompose(self, prompt: str, granularity: str = "subject") -> DecompositionPlan:
-        """The plan for ``prompt``, from the spaCy parser (:func:`detailpp.decompose.decompose`)."""
-        from detailpp.decompose import decompose
+        """The plan for ``prompt``, from the spaCy parser (:func:`detailpp.parsing.decompose.decompose`)."""
+        from detailpp.parsing.decompose import decompose
 
         return decompose(prompt, granularity=granularity, tokenizer=self.tokenizer)
 
@@ -165,9 +165,9 @@ class DetailPipelineMixin:
 
         Like diffusers' ``unet.compile_repeated_blocks()``, and it also raises dynamo's recompile limit so that the
         variants of the plain pipeline and Detail++ (a few graphs per plan shape) all stay compiled
-        (:func:`detailpp.compile.compile_detail`). The first call compiles; later calls with the same plan shape and
-        configuration reuse the graphs. Outputs equal eager ones up to the backend's numerics; BENCHMARKS.md has the
-        measured compilation time and speed-up. Not worth it on the CPU.
+        (:func:`detailpp.method.compile.compile_detail`). The first call compiles; later calls with the same plan shape
+        and configuration reuse the graphs. Outputs equal eager ones up to the backend's numerics; BENCHMARKS.md has
+        the measured compilation time and speed-up. Not worth it on the CPU.
 
         Args:
             recompile_limit: lowest ``torch._dynamo.config.recompile_limit`` to set (process-wide); ``None``: keep.
@@ -176,7 +176,7 @@ class DetailPipelineMixin:
         Returns:
             The names of the compiled modules.
         """
-        from detailpp.compile import compile_detail
+        from detailpp.method.compile import compile_detail
 
         if self.device.type == "cpu":
             logger.warning("compile_detail() is meant for GPUs; on the CPU it adds compilation time.")
@@ -364,7 +364,7 @@ class DetailPipelineMixin:
     def unet_extras_for(
         self, layout: BranchLayout, conditioning: Conditioning, arguments: dict[str, Any]
     ) -> UNetExtras | None:
-        """Extra UNet inputs of this call for the engine (:class:`~detailpp.engine.UNetExtras`): none here; the
+        """Extra UNet inputs of this call for the engine (:class:`~detailpp.method.engine.UNetExtras`): none here; the
         ControlNet pipeline returns its residuals."""
         return None
 

@@ -9,7 +9,7 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
-from detailpp.nursing import NursingRecord
+from detailpp.method.nursing import NursingRecord
 from detailpp.plan import DecompositionPlan
 
 

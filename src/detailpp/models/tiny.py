@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from detailpp.resources import load_clip_tokenizer
+from detailpp.models.resources import load_clip_tokenizer
 
 #: SDXL base's scheduler settings.
 SDXL_SCHEDULER_CONFIG = {
@@ -97,7 +97,7 @@ def build_tiny_pipeline(seed: int = 0, pipeline_class=None, dtype: torch.dtype =
     Default image size 256x256 (latent 32x32; the lowest-resolution attention layers see 8x8 tokens).
     """
     if pipeline_class is None:
-        from detailpp.pipeline import DetailPlusPlusPipeline as pipeline_class
+        from detailpp.pipelines.sdxl import DetailPlusPlusPipeline as pipeline_class
     pipe = pipeline_class(**tiny_components(seed), force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -6,14 +6,15 @@ per branch, and then calls :meth:`DetailEngine.step` once per timestep. A step i
 order of diffusers' modular SDXL loop (before the denoiser, the denoiser, after the denoiser):
 
 1. :meth:`~DetailEngine.nurse`: attention nursing of branch 0's latent at the first steps (eqs. 6-9,
-   :mod:`detailpp.nursing`);
+   :mod:`detailpp.method.nursing`);
 2. :meth:`~DetailEngine.predict`: the guided noise prediction of the branches still needed; within the first S steps
-   with shared self-attention and subject cross-attention capture (:mod:`detailpp.attention`), after them only the
-   last branch (pruning) unless every branch's image was asked for;
+   with shared self-attention and subject cross-attention capture (:mod:`detailpp.method.attention`), after them only
+   the last branch (pruning) unless every branch's image was asked for;
 3. :meth:`~DetailEngine.guide`: classifier-free guidance per branch (and guidance rescale);
 4. the scheduler step;
-5. :meth:`~DetailEngine.modify`: the step's subject masks from the accumulated maps (eq. 3, :mod:`detailpp.masks`)
-   and Accumulative Latent Modification (eq. 4, :mod:`detailpp.latent_modification`).
+5. :meth:`~DetailEngine.modify`: the step's subject masks from the accumulated maps (eq. 3,
+   :mod:`detailpp.method.masks`)
+   and Accumulative Latent Modification (eq. 4, :mod:`detailpp.method.latent_modification`).
 
 The engine knows the UNet (``UNet2DConditionModel``'s call signature) and the scheduler, nothing of text encoders,
 VAEs or output formats.
@@ -31,11 +32,11 @@ from typing import Any, Protocol
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 
-from detailpp.attention import AttentionState, CaptureSpec, HookError, detail_processors, find_mask_layers
 from detailpp.config import DetailConfig
-from detailpp.latent_modification import FIRST_DETAIL_BRANCH, accumulate_latents
-from detailpp.masks import MaskAccumulator, binary_masks, normalized_maps
-from detailpp.nursing import (
+from detailpp.method.attention import AttentionState, CaptureSpec, HookError, detail_processors, find_mask_layers
+from detailpp.method.latent_modification import FIRST_DETAIL_BRANCH, accumulate_latents
+from detailpp.method.masks import MaskAccumulator, binary_masks, normalized_maps
+from detailpp.method.nursing import (
     NURSING_GRAPHS_ATTRIBUTE,
     GraphedGradient,
     NursingRecord,
@@ -361,7 +362,7 @@ class DetailEngine:
     # ------------------------------------------------------------------ nursing as one function (CUDA graphs)
 
     def wants_nursing_graphs(self) -> bool:
-        """The UNet's switch (:func:`detailpp.compile.nursing_graphs`): on, off, or unset: on for a CUDA device."""
+        """The UNet's switch (:func:`detailpp.method.compile.nursing_graphs`): on, off, or unset: on for CUDA."""
         setting = getattr(self.unet, NURSING_GRAPHS_ATTRIBUTE, None)
         return bool(setting) if setting is not None else torch.device(self.device).type == "cuda"
 
@@ -369,7 +370,7 @@ class DetailEngine:
         """Whether a nursing pass is a pure function of the UNet input and the timestep, with weights that stay put:
         no per-pass history (``reference.nursing_maps_all_passes``), no host-made kernel (``reference.opencv_blur``),
         no :attr:`unet_extras` (they see the step index), no hook that moves or skips weights
-        (:func:`~detailpp.nursing.moves_weights_in_forward`)."""
+        (:func:`~detailpp.method.nursing.moves_weights_in_forward`)."""
         reference = self.config.reference
         if reference.nursing_maps_all_passes or reference.opencv_blur or self.unet_extras is not None:
             return False
@@ -381,7 +382,7 @@ class DetailEngine:
         return not moving
 
     def sample_loss(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Eq. 6 from the UNet input ``sample`` (what :class:`~detailpp.nursing.GraphedGradient` captures)."""
+        """Eq. 6 from the UNet input ``sample`` (what :class:`~detailpp.method.nursing.GraphedGradient` captures)."""
         if self._nursing_columns is None or self._nursing_columns[0].device != sample.device:
             self._nursing_columns = token_columns(self.tokens.in_full, sample.device)
         probs = self.nursing_probs(sample, t, check=False)

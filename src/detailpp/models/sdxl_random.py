@@ -130,8 +130,8 @@ def sdxl_components(device: str | torch.device, dtype: torch.dtype, seed: int = 
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from detailpp.resources import load_clip_tokenizer
-    from detailpp.tiny import SDXL_SCHEDULER_CONFIG
+    from detailpp.models.resources import load_clip_tokenizer
+    from detailpp.models.tiny import SDXL_SCHEDULER_CONFIG
 
     device = torch.device(device)
     with torch.random.fork_rng(devices=_rng_devices(device)):
@@ -164,7 +164,7 @@ def build_sdxl_random_pipeline(
     base's ``model_index.json``.
     """
     if pipeline_class is None:
-        from detailpp.pipeline import DetailPlusPlusPipeline as pipeline_class
+        from detailpp.pipelines.sdxl import DetailPlusPlusPipeline as pipeline_class
     components = sdxl_components(device, dtype, seed)
     return pipeline_class(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
 

@@ -1,7 +1,7 @@
 """``DetailPlusPlusSDPipeline``: Progressive Detail Injection on Stable Diffusion 1.x / 2.x, as a diffusers pipeline.
 
-The same engine and shared part as SDXL's :class:`~detailpp.DetailPlusPlusPipeline` (:mod:`detailpp.engine`,
-:mod:`detailpp.pipeline_base`); this module adds SD's part (:class:`SDBranchesMixin`): one text encoder and no added
+The same engine and shared part as SDXL's :class:`~detailpp.DetailPlusPlusPipeline` (:mod:`detailpp.method.engine`,
+:mod:`detailpp.pipelines.base`); this module adds SD's part (:class:`SDBranchesMixin`): one text encoder and no added
 conditioning, SD's VAE decoding and its safety checker.
 """
 
@@ -15,9 +15,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from detailpp.config import DetailConfig
-from detailpp.engine import Conditioning
-from detailpp.pipeline_base import DetailPipelineMixin, shared_arguments
-from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
+from detailpp.method.engine import Conditioning
+from detailpp.pipelines.base import DetailPipelineMixin, shared_arguments
+from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ EXAMPLE_DOC_STRING = """
         ```py
         >>> import torch
         >>> from detailpp import DetailConfig
-        >>> from detailpp.pipeline_sd import DetailPlusPlusSDPipeline
+        >>> from detailpp.pipelines.sd import DetailPlusPlusSDPipeline
 
         >>> pipe = DetailPlusPlusSDPipeline.from_pretrained(
         ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16
@@ -128,11 +128,11 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
 
     Detail++ layers and defaults on SD. The mask and shared self-attention layers are the down and up paths' lowest
     attention level (``down_blocks.2``, ``up_blocks.1``: a 16x16 token grid at 512x512, 24x24 for SD 2.1 at 768x768;
-    :func:`~detailpp.attention.find_mask_layers`), not the mid block (8x8). Nursing's early-stop thresholds were set
-    for SDXL's 32x32 grid and scale with ``ln(grid tokens)`` (``DetailConfig.scale_thresholds``, on by default): at
+    :func:`~detailpp.method.attention.find_mask_layers`), not the mid block (8x8). Nursing's early-stop thresholds were
+    set for SDXL's 32x32 grid and scale with ``ln(grid tokens)`` (``DetailConfig.scale_thresholds``, on by default): at
     512x512 with two subjects they are ``ln 256 / ln 1024 = 0.8`` of the SDXL values. The other defaults
-    (``mask_threshold`` 0.5, S = 0.8 T, six nursing steps, the step size 1750, the blur of 5 cells, sigma 1.1) are
-    the SDXL ones; they are not tuned for SD (the blur covers twice the image fraction on a 16x16 grid).
+    (``mask_threshold`` 0.5, S = 0.8 T, six nursing steps, the step size 1750, the blur of 5 cells, sigma 1.1) are the
+    SDXL ones; they are not tuned for SD (the blur covers twice the image fraction on a 16x16 grid).
 
     LoRA and IP-Adapter (``load_ip_adapter``, then ``ip_adapter_image=``) work as on SD: every branch gets them. A
     loaded safety checker runs on the final image (and the branch images) as in SD.

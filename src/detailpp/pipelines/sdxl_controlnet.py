@@ -3,7 +3,8 @@
 A thin subclass over the shared engine: SDXL's conditioning of the branches (:class:`SDXLBranchesMixin`), the
 Detail++ call (:class:`DetailPipelineMixin`) and diffusers' ``StableDiffusionXLControlNetPipeline`` for loading, the
 control image's preparation and the plain fall-back. The ControlNet's residuals of each UNet call come from
-:class:`detailpp.control.ControlResiduals` (computed once per call on its first branch, repeated to every branch).
+:class:`detailpp.pipelines.control.ControlResiduals` (computed once per call on its first branch, repeated to every
+branch).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from detailpp.config import DetailConfig
-from detailpp.control import ControlResiduals, align_guidance, as_list
-from detailpp.engine import BranchLayout
 from detailpp.inputs import DetailInputError
-from detailpp.pipeline import SDXLBranchesMixin
-from detailpp.pipeline_base import DetailPipelineMixin, arguments_of, shared_arguments
-from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
+from detailpp.method.engine import BranchLayout
+from detailpp.pipelines.base import DetailPipelineMixin, arguments_of, shared_arguments
+from detailpp.pipelines.control import ControlResiduals, align_guidance, as_list
+from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
+from detailpp.pipelines.sdxl import SDXLBranchesMixin
 from detailpp.plan import DecompositionPlan
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers import ControlNetModel
         >>> from diffusers.utils import load_image
-        >>> from detailpp.pipeline_controlnet import DetailPlusPlusControlNetPipeline
+        >>> from detailpp.pipelines.sdxl_controlnet import DetailPlusPlusControlNetPipeline
 
         >>> controlnet = ControlNetModel.from_pretrained(
         ...     "diffusers/controlnet-canny-sdxl-1.0", torch_dtype=torch.float16
@@ -86,7 +87,7 @@ def load_controlnet(source: str, unet: torch.nn.Module, seed: int = 0) -> Contro
     :func:`tiny_controlnet` (seeded with ``seed``)."""
     if source == "tiny-random":
         return tiny_controlnet(unet, seed)
-    from detailpp.pipeline_base import dtype_kwarg
+    from detailpp.pipelines.base import dtype_kwarg
 
     return ControlNetModel.from_pretrained(source, **dtype_kwarg(unet.dtype)).to(unet.device)
 
@@ -95,7 +96,7 @@ def with_controlnets(pipe, sources: list[str]) -> DetailPlusPlusControlNetPipeli
     """``pipe`` (an SDXL Detail++ pipeline) as a ControlNet one on the same components, its dtype, settings and
     recommended Detail++ settings kept (``from_pipe``): one ControlNet, or a ``MultiControlNetModel`` of several
     (:func:`load_controlnet` each; ``tiny-random`` ones get distinct seeds)."""
-    from detailpp.pipeline_base import dtype_kwarg
+    from detailpp.pipelines.base import dtype_kwarg
 
     nets = [load_controlnet(source, pipe.unet, seed=i) for i, source in enumerate(sources)]
     controlnet = nets[0] if len(nets) == 1 else nets

@@ -2,8 +2,8 @@
 
 ``B_i = 1[(M_i - min M_i) / (max M_i - min M_i) > tau]`` where ``M_i`` is subject i's cross-attention map, averaged
 over the subject's tokens, the heads and the lowest-resolution cross-attention layers (done while capturing, in
-:mod:`detailpp.attention`), over the denoising steps so far (:class:`MaskAccumulator`), and upsampled bilinearly to
-the latent size.
+:mod:`detailpp.method.attention`), over the denoising steps so far (:class:`MaskAccumulator`), and upsampled bilinearly
+to the latent size.
 """
 
 from __future__ import annotations

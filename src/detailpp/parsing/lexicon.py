@@ -1,9 +1,9 @@
-"""Word lists of the prompt parser (:mod:`detailpp.decompose`), all lower case.
+"""Word lists of the prompt parser (:mod:`detailpp.parsing.decompose`), all lower case.
 
 Two kinds: the *modifier lexicon* (colours, materials, shapes, styles, names whose adjective is part of the name,
 clothing, ...), which says which words before a noun describe it, and the *global lexicon* (quality, lighting,
 camera and medium tags, leading media, other languages' function words), which says which parts of a prompt belong
-to the whole image and are never split. The grammar that uses them is in :mod:`detailpp.decompose`.
+to the whole image and are never split. The grammar that uses them is in :mod:`detailpp.parsing.decompose`.
 """
 
 from __future__ import annotations

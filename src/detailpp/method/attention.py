@@ -7,8 +7,8 @@ UNet's structure and the latent size of the call, and every processor checks at 
 it was chosen for. Every other layer keeps the processor it had (LoRA, IP-Adapter, ...), and :func:`detail_processors`
 restores the replaced ones on exit, also after an exception. The layers of a resolution level share one processor
 instance, which keeps no per-layer state and reads only tensors and per-call values from :class:`AttentionState`:
-compiled transformer blocks (:mod:`detailpp.compile`) then need no per-layer graph, no recompile between calls and no
-graph break.
+compiled transformer blocks (:mod:`detailpp.method.compile`) then need no per-layer graph, no recompile between calls
+and no graph break.
 
 Sharing. Branch b's shared self-attention is ``softmax(Q0 K0^T / sqrt(d)) V_b`` (branch 0's map, its own values).
 That is exactly ``SDPA(Q0, K0, V_b)``: we copy branch 0's queries and keys into the other rows of the shared CFG
@@ -166,9 +166,10 @@ class AttentionState:
 
     Everything a processor reads from here is either a tensor or a plain value fixed for the whole UNet call and the
     same in every layer (the share ranges, which captures are armed, each resolution level's token count), so that a
-    compiled transformer block (:func:`detailpp.compile.compile_detail`) needs no per-layer graph and no recompile
-    from one call to the next. :meth:`begin` prepares the capture's row selection and token weights as tensors on
-    the UNet's device before the call; the processors count their calls in a tensor that :meth:`end` reads once.
+    compiled transformer block (:func:`detailpp.method.compile.compile_detail`) needs no per-layer graph and no
+    recompile from one call to the next. :meth:`begin` prepares the capture's row selection and token weights as
+    tensors on the UNet's device before the call; the processors count their calls in a tensor that :meth:`end` reads
+    once.
     """
 
     def __init__(self, layers: MaskLayers, grid: tuple[int, int], expected_tokens: dict[str, int] | None = None):

@@ -203,7 +203,7 @@ class NursingRecord:
 
 
 #: The UNet attribute that says whether nursing passes run as CUDA graphs (:class:`GraphedGradient`), set by
-#: :func:`detailpp.compile.nursing_graphs`: true, on every device (eager on the CPU); false, never; absent or
+#: :func:`detailpp.method.compile.nursing_graphs`: true, on every device (eager on the CPU); false, never; absent or
 #: ``None`` (the default), on CUDA devices.
 NURSING_GRAPHS_ATTRIBUTE = "_detailpp_nursing_graphs"
 

@@ -1,11 +1,11 @@
-"""ControlNet's residuals for the Detail++ branch batch: the engine's :class:`~detailpp.engine.UNetExtras` for SDXL
-ControlNet (one ``ControlNetModel`` or a ``MultiControlNetModel``).
+"""ControlNet's residuals for the Detail++ branch batch: the engine's :class:`~detailpp.method.engine.UNetExtras` for
+SDXL ControlNet (one ``ControlNetModel`` or a ``MultiControlNetModel``).
 
 What is computed once and what is repeated. Every branch of a Detail++ call denoises the same layout (the branches
 differ only in their prompts), so one control image serves them all. Before each UNet call of the engine,
 :class:`ControlResiduals` runs the ControlNet ONCE, on the FIRST branch of the call's rows: that branch's latent (the
 call's ``sample`` row of its unconditional and of its conditional row), its prompt's conditioning
-(:meth:`Conditioning.rows <detailpp.engine.Conditioning.rows>`) and the matching half of the CFG-doubled control
+(:meth:`Conditioning.rows <detailpp.method.engine.Conditioning.rows>`) and the matching half of the CFG-doubled control
 image. The residuals are then repeated to every row of the call: each unconditional row gets the unconditional
 residual, each conditional row the conditional one. Within the sharing window the first branch is p0 (branch 0),
 whose self-attention every branch shares too; the ControlNet's own attention layers keep their processors.
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from detailpp.engine import BranchLayout, Conditioning, frozen_parameters
+from detailpp.method.engine import BranchLayout, Conditioning, frozen_parameters
 
 #: The UNet's ``added_cond_kwargs`` the ControlNet reads (diffusers gives it SDXL's text and time embeddings).
 CONTROLNET_ADDED = ("text_embeds", "time_ids")
@@ -62,7 +62,7 @@ def controlnet_keep(num_steps: int, start: Sequence[float], end: Sequence[float]
 @dataclass
 class ControlResiduals:
     """ControlNet's ``down_block_additional_residuals`` and ``mid_block_additional_residual`` for each UNet call of
-    the engine (an :class:`~detailpp.engine.UNetExtras`; see the module's documentation).
+    the engine (an :class:`~detailpp.method.engine.UNetExtras`; see the module's documentation).
 
     Attributes:
         controlnet: a ``ControlNetModel`` or a ``MultiControlNetModel``.

@@ -1,10 +1,10 @@
 """``DetailPlusPlusPipeline``: Progressive Detail Injection on SDXL (paper, section 3), as a diffusers pipeline.
 
 One call denoises p0 (the full prompt), p1 (the base prompt) and p2..pn (one sub-prompt per subject) as branches of
-one UNet batch from the same initial noise (:mod:`detailpp.engine` runs the steps; :mod:`detailpp.pipeline_base`
-holds what every Detail++ pipeline shares). This module adds SDXL's part: both text encoders and the pooled, size and
-crop conditioning of each branch (:class:`SDXLBranchesMixin`, shared with the SDXL ControlNet pipeline), SDXL's VAE
-decoding and watermark.
+one UNet batch from the same initial noise (:mod:`detailpp.method.engine` runs the steps;
+:mod:`detailpp.pipelines.base` holds what every Detail++ pipeline shares). This module adds SDXL's part: both text
+encoders and the pooled, size and crop conditioning of each branch (:class:`SDXLBranchesMixin`, shared with the SDXL
+ControlNet pipeline), SDXL's VAE decoding and watermark.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ except ImportError:  # diffusers < 0.40: no offload-aware helper
         return module.device
 
 
-from detailpp.attention import HookError
 from detailpp.config import DetailConfig
-from detailpp.engine import Conditioning, StopUNet, frozen_parameters
 from detailpp.inputs import DetailInputError
-from detailpp.pipeline_base import UNSUPPORTED, DetailPipelineMixin, shared_arguments
-from detailpp.pipeline_output import DetailPlusPlusPipelineOutput
+from detailpp.method.attention import HookError
+from detailpp.method.engine import Conditioning, StopUNet, frozen_parameters
+from detailpp.pipelines.base import UNSUPPORTED, DetailPipelineMixin, shared_arguments
+from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan
 
 logger = logging.getLogger(__name__)

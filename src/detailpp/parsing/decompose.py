@@ -9,8 +9,8 @@ branch, so "a man wearing a brown hat stands in front of a red sports car" keeps
     p2  a man wearing a brown hat stands in front of a sports car      subject "hat",        attributes ["brown"]
     p3  a man wearing a hat stands in front of a red sports car        subject "sports car", attributes ["red"]
 
-Rules (spaCy ``en_core_web_sm`` tags and parse + the word lists of :mod:`detailpp.lexicon`; every ambiguous case
-below is a choice, and is tested):
+Rules (spaCy ``en_core_web_sm`` tags and parse + the word lists of :mod:`detailpp.parsing.lexicon`; every ambiguous
+case below is a choice, and is tested):
 
 1. **Words joined by hyphens are one word** ("sky-blue", "sketch-style", "oil-painting", "T-shirt").
 2. **Noun phrases are found linearly**, not from the parse tree: the small model parses the fragment prompts of
@@ -65,18 +65,18 @@ below is a choice, and is tested):
     subject is no error (a 1000-word prompt without modifiers gets a zero-branch plan).
 12. **Global tags and leading media** belong to the whole image: they stay in p1 and in every branch, are never
     subjects, and their adjectives ("sharp", "soft", "best", "highly") are never modifiers. Read per segment (the
-    text between ",", ";", "|", "." ...) with the global lexicon of :mod:`detailpp.lexicon`: a segment made only of
-    tag words, figures and function words ("masterpiece", "best quality", "8k", "highly detailed", "depth of field",
-    "award winning photography"); one that opens with a lead ("by greg rutkowski", "trending on artstation",
+    text between ",", ";", "|", "." ...) with the global lexicon of :mod:`detailpp.parsing.lexicon`: a segment made
+    only of tag words, figures and function words ("masterpiece", "best quality", "8k", "highly detailed", "depth of
+    field", "award winning photography"); one that opens with a lead ("by greg rutkowski", "trending on artstation",
     "in the style of ...", "shot on ..."); a short tag of adjectives and nouns without a determiner ending in a tag
-    head ("neon lights", "dark background", "warm tones", "wide angle lens", "anime style"); a tag name with tag
-    words around it ("still life painting", "black and white photography"). At a segment's start: a leading medium
-    "[a] [tag words] MEDIUM of" ("photo of", "watercolor painting of", "cinematic still of", "a black and white
-    photo of"), and an opening noun phrase of tag words only before "with"/"of"/"in"/"at"/"on" ("an epic fantasy
-    landscape with ..."). Inside a sentence: two or more tag words (no colour) ending in a tag head and followed by
-    no noun or colour ("in soft light", "with sharp focus"), or opening with an intensifier ("a highly detailed red
-    car"). A style word before one subject stays that subject's ("a lego-style car", "a realistic tree"); "A long,
-    narrow kitchen" is no tag (a determiner and no noun).
+    head ("neon lights", "dark background", "warm tones", "wide angle lens", "anime style"); a tag name with tag words
+    around it ("still life painting", "black and white photography"). At a segment's start: a leading medium "[a] [tag
+    words] MEDIUM of" ("photo of", "watercolor painting of", "cinematic still of", "a black and white photo of"), and
+    an opening noun phrase of tag words only before "with"/"of"/"in"/"at"/"on" ("an epic fantasy landscape with ...").
+    Inside a sentence: two or more tag words (no colour) ending in a tag head and followed by no noun or colour ("in
+    soft light", "with sharp focus"), or opening with an intensifier ("a highly detailed red car"). A style word before
+    one subject stays that subject's ("a lego-style car", "a realistic tree"); "A long, narrow kitchen" is no tag (a
+    determiner and no noun).
 13. **Negation is never split**: "not"/"n't"/"never" (with the verb right after it: "not wearing"), "without" and
     the determiner "no" take the words after them up to the end of one noun phrase ("not black", "not a white one",
     "without a red hat", "no chimney"); those words stay in every prompt, are no subjects, and an attribute phrase
@@ -104,7 +104,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from detailpp.lexicon import (
+from detailpp.parsing.lexicon import (
     ACTION_GERUNDS,
     CLOTHING,
     COLOURS,
@@ -179,7 +179,7 @@ def load_nlp() -> Any:
 
 
 def _default_tokenizer() -> Any:
-    from detailpp.resources import load_clip_tokenizer
+    from detailpp.models.resources import load_clip_tokenizer
 
     return load_clip_tokenizer()
 

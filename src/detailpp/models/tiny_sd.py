@@ -1,6 +1,6 @@
 """Tiny random Stable Diffusion 1.5 and 2.1: their block names and schedulers, random weights, built offline at once.
 
-Like :mod:`detailpp.tiny` (SDXL), these exist to run the SD code paths (tests, ``--model tiny-random-sd15`` and
+Like :mod:`detailpp.models.tiny` (SDXL), these exist to run the SD code paths (tests, ``--model tiny-random-sd15`` and
 ``tiny-random-sd21``) where no weights can be had; their images are noise.
 
 * SD 1.5: ``CrossAttnDownBlock2D`` x3 + ``DownBlock2D``, ``UpBlock2D`` + ``CrossAttnUpBlock2D`` x3, a convolutional
@@ -21,8 +21,8 @@ import torch
 from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from detailpp.resources import load_clip_tokenizer
-from detailpp.tiny import tiny_vae
+from detailpp.models.resources import load_clip_tokenizer
+from detailpp.models.tiny import tiny_vae
 
 #: SD 1.5's scheduler_config.json (stable-diffusion-v1-5): PNDM (PLMS) on the scaled-linear schedule.
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -122,7 +122,7 @@ def build_tiny_sd_pipeline(
     """A tiny random :class:`~detailpp.DetailPlusPlusSDPipeline` (or ``pipeline_class``, e.g.
     ``StableDiffusionPipeline``) on the CPU. Default image size 256x256."""
     if pipeline_class is None:
-        from detailpp.pipeline_sd import DetailPlusPlusSDPipeline as pipeline_class
+        from detailpp.pipelines.sd import DetailPlusPlusSDPipeline as pipeline_class
     pipe = pipeline_class(**tiny_sd_components(variant, seed), requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

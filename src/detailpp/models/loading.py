@@ -4,8 +4,8 @@ the built-in models (``tiny-random``, ``tiny-random-sd15``, ``tiny-random-sd21``
 small model trained on synthetic scenes, when it is installed).
 
 A folder or Hub id loads the Detail++ pipeline of its family (:data:`FAMILY_PIPELINES`, from its
-``model_index.json``: :func:`detailpp.families.model_family`); an unsupported family is refused before any weight
-loads. Single-file checkpoints load as SDXL."""
+``model_index.json``: :func:`detailpp.models.families.model_family`); an unsupported family is refused before any
+weight loads. Single-file checkpoints load as SDXL."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from detailpp.errors import DetailError
-from detailpp.families import ModelFamily, UnsupportedModelError, model_family
-from detailpp.pipeline_base import dtype_kwarg  # (re-exported: its home is the pipelines' room)
-from detailpp.resources import DATA_DIR
+from detailpp.models.families import ModelFamily, UnsupportedModelError, model_family
+from detailpp.models.resources import DATA_DIR
+from detailpp.pipelines.base import dtype_kwarg  # (re-exported: its home is the pipelines' room)
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ BUILTIN_MODELS: dict[str, ModelFamily] = {
 }
 #: The Detail++ pipeline class of each model family, as ``module:attribute`` (imported only when used).
 FAMILY_PIPELINES: dict[ModelFamily, str] = {
-    ModelFamily("sdxl"): "detailpp.pipeline:DetailPlusPlusPipeline",
-    ModelFamily("sd"): "detailpp.pipeline_sd:DetailPlusPlusSDPipeline",
-    ModelFamily("sdxl", True): "detailpp.pipeline_controlnet:DetailPlusPlusControlNetPipeline",
+    ModelFamily("sdxl"): "detailpp.pipelines.sdxl:DetailPlusPlusPipeline",
+    ModelFamily("sd"): "detailpp.pipelines.sd:DetailPlusPlusSDPipeline",
+    ModelFamily("sdxl", True): "detailpp.pipelines.sdxl_controlnet:DetailPlusPlusControlNetPipeline",
 }
 
 
@@ -52,8 +52,8 @@ class ModelLoadError(DetailError, OSError):
 def pipeline_class_for(family: ModelFamily | None) -> type:
     """The Detail++ pipeline class of a model family (``None``: no ``model_index.json`` to tell, SDXL).
 
-    Raises :class:`~detailpp.families.UnsupportedModelError` for a family without one (SD 1.x/2.x + ControlNet) or
-    whose module is not installed.
+    Raises :class:`~detailpp.models.families.UnsupportedModelError` for a family without one (SD 1.x/2.x + ControlNet)
+    or whose module is not installed.
     """
     family = ModelFamily("sdxl") if family is None else family
     if family not in FAMILY_PIPELINES:
@@ -102,10 +102,10 @@ def toy_model_available() -> bool:
 def packaged_tokenizers(folder: str | Path) -> dict:
     """``tokenizer=``/``tokenizer_2=`` for ``from_pretrained`` of a pipeline folder that ships no tokenizer (the
     embedded toy model, on SDXL's vocabulary): the package's one copy of SDXL's CLIP tokenizer files
-    (:func:`~detailpp.resources.load_clip_tokenizer`); ``{}`` for a folder with its own ``tokenizer/``."""
+    (:func:`~detailpp.models.resources.load_clip_tokenizer`); ``{}`` for a folder with its own ``tokenizer/``."""
     if (Path(folder) / "tokenizer").is_dir():
         return {}
-    from detailpp.resources import load_clip_tokenizer
+    from detailpp.models.resources import load_clip_tokenizer
 
     return {"tokenizer": load_clip_tokenizer(), "tokenizer_2": load_clip_tokenizer(second=True)}
 
@@ -139,7 +139,7 @@ def load_pipeline(
             a ``.safetensors``/``.ckpt`` single-file SDXL checkpoint, or a Hub id (SDXL, SD 1.x/2.x or a fine-tune).
             A folder or Hub id gets its family's pipeline (:data:`FAMILY_PIPELINES`): ``DetailPlusPlusPipeline`` for
             SDXL, ``DetailPlusPlusSDPipeline`` for SD 1.x/2.x; an unsupported family (SD3, FLUX, Kandinsky...) raises
-            :class:`~detailpp.families.UnsupportedModelError` before any weight loads.
+            :class:`~detailpp.models.families.UnsupportedModelError` before any weight loads.
         device: ``"cuda"``, ``"cpu"``, ``"mps"``...; the best available when ``None``.
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``; float16 on CUDA and float32 elsewhere when ``None``.
         pipeline_class: load with this class instead of the family's.
@@ -193,11 +193,11 @@ def _load_builtin(model: str, pipeline_class: type, device: str, torch_dtype: to
     """A built-in model with random weights, built in code (no download)."""
     if model.startswith("tiny-random"):
         if model == "tiny-random":
-            from detailpp.tiny import build_tiny_pipeline
+            from detailpp.models.tiny import build_tiny_pipeline
 
             pipe = build_tiny_pipeline(pipeline_class=pipeline_class, dtype=torch_dtype)
         else:
-            from detailpp.tiny_sd import build_tiny_sd_pipeline
+            from detailpp.models.tiny_sd import build_tiny_sd_pipeline
 
             variant = model.removeprefix("tiny-random-")
             pipe = build_tiny_sd_pipeline(variant, pipeline_class=pipeline_class, dtype=torch_dtype)
@@ -209,9 +209,9 @@ def _load_builtin(model: str, pipeline_class: type, device: str, torch_dtype: to
         "SDXL" if model == "sdxl-random" else "SD 1.5",
     )
     if model == "sdxl-random":
-        from detailpp.sdxl_random import build_sdxl_random_pipeline
+        from detailpp.models.sdxl_random import build_sdxl_random_pipeline
 
         return build_sdxl_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
-    from detailpp.sd_random import build_sd15_random_pipeline
+    from detailpp.models.sd_random import build_sd15_random_pipeline
 
     return build_sd15_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
