@@ -590,11 +590,12 @@ class Benchmark:
                 (
                     f"materialised_{k}subj_nursing_off_pruned",
                     k,
-                    off.replace(reference_attention=True),
+                    off.replace(materialised_attention=True),
                     a.repeats if k == 2 else a.grid_repeats,
                 )
             )
-        rows.append(("materialised_2subj_nursing_on_pruned", 2, on.replace(reference_attention=True), a.grid_repeats))
+        materialised = on.replace(materialised_attention=True)
+        rows.append(("materialised_2subj_nursing_on_pruned", 2, materialised, a.grid_repeats))
         if a.quick:
             keep = (
                 "detail_2subj_nursing_off_unpruned",
@@ -615,7 +616,7 @@ class Benchmark:
         for k in (1, 2, 3):
             for ref in (False, True):
                 cfg = DetailConfig(
-                    reference_attention=ref,
+                    materialised_attention=ref,
                     nursing_steps=1,
                     nursing_max_iterations_early=1,
                     nursing_max_iterations_late=1,

@@ -13,7 +13,7 @@ Recording runs their ``ProT2IPipeline`` (:mod:`authors`) on detailpp's tiny rand
 (:func:`detailpp.models.tiny.tiny_components`, CPU, fp32) for each scenario of :data:`SCENARIOS` and writes, into
 ``tests/fixtures/authors_reference.safetensors``: every branch's final latent, the per-step binary subject masks and
 the nursing losses, with the commit and every setting in the file's metadata. ``tests/method/test_reference_parity.py``
-rebuilds the same inputs from that metadata and checks that ``DetailConfig.reference_preset()`` reproduces them; it
+rebuilds the same inputs from that metadata and checks that ``DetailConfig.authors_preset()`` reproduces them; it
 never reads the authors' code. Each recording is also checked against the preset here before it is written.
 
 Float results of the same code differ between CPUs, so the metadata also holds the recording machine's platform
@@ -54,7 +54,7 @@ sys.path.insert(0, str(HERE))
 from authors import COMMIT, CheckoutError, check_checkout, import_authors, run_authors  # noqa: E402
 from fingerprint import platform_fingerprint  # noqa: E402
 
-from detailpp.config import AUTHORS_SETTINGS, DetailConfig, ReferenceBehaviour  # noqa: E402
+from detailpp.config import AUTHORS_SETTINGS, AuthorsBehaviour, DetailConfig  # noqa: E402
 
 logger = logging.getLogger("record")
 
@@ -92,7 +92,7 @@ class Scenario:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def detail_config(self) -> DetailConfig:
-        return DetailConfig.reference_preset(**self.config)
+        return DetailConfig.authors_preset(**self.config)
 
     def plan(self) -> dict[str, Any]:
         p = self.sub_prompts
@@ -382,7 +382,7 @@ def versions() -> dict[str, str]:
 #: Our deviations from the authors' code, as changes to the reference preset: the name in the table, the change.
 def deviations() -> list[tuple[str, dict[str, Any]]]:
     rows: list[tuple[str, dict[str, Any]]] = []
-    for f in fields(ReferenceBehaviour):
+    for f in fields(AuthorsBehaviour):
         rows.append((f.name, {"reference": {f.name: False}}))
     defaults = DetailConfig()
     for name in AUTHORS_SETTINGS:
@@ -396,7 +396,7 @@ def config_with(scenario: Scenario, change: dict[str, Any]) -> DetailConfig:
     reference = change.get("reference")
     others = {k: v for k, v in change.items() if k != "reference"}
     if reference is not None:
-        others["reference"] = ReferenceBehaviour(**{**{f.name: True for f in fields(ReferenceBehaviour)}, **reference})
+        others["reference"] = AuthorsBehaviour(**{**{f.name: True for f in fields(AuthorsBehaviour)}, **reference})
     return base.replace(**others)
 
 

@@ -28,11 +28,11 @@ class ConfigError(DetailError, ValueError):
 
 
 @dataclass(frozen=True)
-class ReferenceBehaviour:
+class AuthorsBehaviour:
     """What the authors' code (``clf28/Detail-plus-plus`` at e73155b) does where detailpp does otherwise.
 
-    Every field is off in detailpp's default and on in :meth:`DetailConfig.reference`, the preset that reproduces the
-    authors' pipeline (``docs/method.md`` measures each one's effect on the final latent). Each can be switched on
+    Every field is off in detailpp's default and on in :meth:`DetailConfig.authors_preset`, the preset that reproduces
+    the authors' pipeline (``docs/method.md`` measures each one's effect on the final latent). Each can be switched on
     alone, for ablations and for the deviation table of ``benchmarks/reference/record.py``.
 
     Attributes:
@@ -86,13 +86,13 @@ class ReferenceBehaviour:
     one_batch_after_window: bool = False
 
     @classmethod
-    def authors(cls) -> ReferenceBehaviour:
+    def all(cls) -> AuthorsBehaviour:
         """Every switch on: the authors' code."""
         return cls(**{f.name: True for f in fields(cls)})
 
     @property
-    def is_authors(self) -> bool:
-        """True when every switch is on (the reference preset's behaviour)."""
+    def is_all(self) -> bool:
+        """True when every switch is on (the authors' preset's behaviour)."""
         return all(getattr(self, f.name) for f in fields(self))
 
     @property
@@ -101,7 +101,7 @@ class ReferenceBehaviour:
         return tuple(f.name for f in fields(self) if getattr(self, f.name))
 
 
-#: DetailConfig fields the authors' code fixes, with their values there: the reference preset cannot honour others.
+#: DetailConfig fields the authors' code fixes, with their values there: the authors' preset cannot honour others.
 AUTHORS_FIXED: dict[str, Any] = {
     "share_halves": "cond",
     "share_layers": "lowest",
@@ -115,8 +115,8 @@ AUTHORS_FIXED: dict[str, Any] = {
     "blur_kernel_size": 5,
 }
 
-#: DetailConfig fields the reference preset sets to the authors' behaviour (each is one of our deviations too).
-AUTHORS_SETTINGS: dict[str, Any] = {"scale_thresholds": False, "reference_attention": True, "prune_branches": False}
+#: DetailConfig fields the authors' preset sets to the authors' behaviour (each is one of our deviations too).
+AUTHORS_SETTINGS: dict[str, Any] = {"scale_thresholds": False, "materialised_attention": True, "prune_branches": False}
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,12 @@ class DetailConfig:
             (the authors read T before setting the timesteps, which makes alpha nearly constant; we do not).
         prune_branches: after the first S steps stop computing every branch but the last one, unless branch images
             were asked for. The final image is identical either way.
-        reference_attention: use the materialised-map reference processors in every attention layer (what the
-            authors' code does). Slow and memory-hungry: for tests and benchmarks only.
+        materialised_attention: compute attention through materialised maps, ``softmax(QK^T / sqrt(d)) V``, in every
+            attention layer (what the authors' code does). Slow and memory-hungry: for tests and benchmarks only.
         granularity: how a prompt is split when no plan is given: one branch per ``"subject"`` (authors' code) or
             one per ``"attribute"``.
-        reference: the authors' code's behaviours where ours differ (:class:`ReferenceBehaviour`; all off by
-            default, all on in :meth:`reference`).
+        authors: the authors' code's behaviours where ours differ (:class:`AuthorsBehaviour`; all off by
+            default, all on in :meth:`authors_preset`).
     """
 
     share_steps: float = 0.8
@@ -191,33 +191,33 @@ class DetailConfig:
     nursing_max_iterations_late: int = 3
     nursing_step_size: float = 1750.0
     prune_branches: bool = True
-    reference_attention: bool = False
+    materialised_attention: bool = False
     granularity: Literal["subject", "attribute"] = "subject"
-    reference: ReferenceBehaviour = field(default_factory=ReferenceBehaviour)
+    authors: AuthorsBehaviour = field(default_factory=AuthorsBehaviour)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nursing_thresholds", tuple(float(x) for x in self.nursing_thresholds))
-        if isinstance(self.reference, dict):
-            object.__setattr__(self, "reference", _reference_from_dict(self.reference))
+        if isinstance(self.authors, dict):
+            object.__setattr__(self, "authors", _authors_from_dict(self.authors))
         self.validate()
 
     @classmethod
-    def reference_preset(cls, **changes: Any) -> DetailConfig:
+    def authors_preset(cls, **changes: Any) -> DetailConfig:
         """The preset that reproduces the authors' pipeline (``clf28/Detail-plus-plus`` at e73155b).
 
-        Every :class:`ReferenceBehaviour` on, materialised attention maps in every layer, raw nursing thresholds, and
+        Every :class:`AuthorsBehaviour` on, materialised attention maps in every layer, raw nursing thresholds, and
         every branch computed to the end; ``changes`` set the fields their code lets a user choose (``nursing``,
         ``centroid_alignment``, ``mask_threshold``, ``share_steps``, ``nursing_step_size``, thresholds, caps...).
         Fields their code fixes (:data:`AUTHORS_FIXED`) raise :class:`ConfigError` when changed.
         """
-        return cls(**{**AUTHORS_SETTINGS, **changes, "reference": ReferenceBehaviour.authors()})
+        return cls(**{**AUTHORS_SETTINGS, **changes, "authors": AuthorsBehaviour.all()})
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> DetailConfig:
-        """A named preset: ``"detailpp"`` (our defaults) or ``"authors"`` (:meth:`reference_preset`)."""
+        """A named preset: ``"detailpp"`` (our defaults) or ``"authors"`` (:meth:`authors_preset`)."""
         if name not in PRESETS:
             raise ConfigError(f"Unknown preset {name!r}; use one of {PRESETS}.")
-        return cls.reference_preset(**changes) if name == "authors" else cls(**changes)
+        return cls.authors_preset(**changes) if name == "authors" else cls(**changes)
 
     @classmethod
     def from_fields(
@@ -237,8 +237,8 @@ class DetailConfig:
 
     @property
     def preset_name(self) -> str:
-        """``"authors"`` when every reference behaviour is on, else ``"detailpp"`` (our defaults, or a custom mix)."""
-        return "authors" if self.reference.is_authors else "detailpp"
+        """``"authors"`` when every authors' behaviour is on, else ``"detailpp"`` (our defaults, or a custom mix)."""
+        return "authors" if self.authors.is_all else "detailpp"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for any value out of range (no side effects)."""
@@ -268,14 +268,14 @@ class DetailConfig:
             raise ConfigError(f"entropy_temperature must be > 0, got {self.entropy_temperature}.")
         if self.nursing and not self.nursing_thresholds:
             raise ConfigError("nursing_thresholds must hold at least one value while nursing is on.")
-        if not isinstance(self.reference, ReferenceBehaviour):
-            raise ConfigError(f"reference must be a ReferenceBehaviour, got {type(self.reference).__name__}.")
-        if self.reference.is_authors:
+        if not isinstance(self.authors, AuthorsBehaviour):
+            raise ConfigError(f"authors must be an AuthorsBehaviour, got {type(self.authors).__name__}.")
+        if self.authors.is_all:
             for name, value in AUTHORS_FIXED.items():
                 if getattr(self, name) != value:
                     raise ConfigError(
                         f"The authors' preset cannot honour {name}={getattr(self, name)!r}: their code fixes it to "
-                        f"{value!r}. Drop the preset, or switch single reference behaviours on instead."
+                        f"{value!r}. Drop the preset, or switch single authors' behaviours on instead."
                     )
 
     @property
@@ -286,14 +286,14 @@ class DetailConfig:
 
     def num_share_steps(self, num_inference_steps: int) -> int:
         """S: how many of the first denoising steps share attention and modify latents."""
-        if self.reference.floor_share_steps:
+        if self.authors.floor_share_steps:
             return int(self.share_steps * num_inference_steps)
         return int(round(self.share_steps * num_inference_steps))
 
     def num_modify_steps(self, num_inference_steps: int) -> int:
         """How many of the first steps end with Accumulative Latent Modification: S (the authors' code: S - 1)."""
         share = self.num_share_steps(num_inference_steps)
-        return max(0, share - 1) if self.reference.alm_one_step_short else share
+        return max(0, share - 1) if self.authors.alm_one_step_short else share
 
     def threshold_at(self, step: int, num_subjects: int = 2, grid_tokens: int = 1024) -> float:
         """The early-stop threshold of nursing at ``step`` (see ``scale_thresholds``)."""
@@ -323,12 +323,12 @@ class DetailConfig:
 PRESETS = ("detailpp", "authors")
 
 
-def _reference_from_dict(data: dict[str, Any]) -> ReferenceBehaviour:
-    known = {f.name for f in fields(ReferenceBehaviour)}
+def _authors_from_dict(data: dict[str, Any]) -> AuthorsBehaviour:
+    known = {f.name for f in fields(AuthorsBehaviour)}
     unknown = set(data) - known
     if unknown:
-        raise ConfigError(f"Unknown reference behaviour(s) {sorted(unknown)}; known: {sorted(known)}.")
-    return ReferenceBehaviour(**data)
+        raise ConfigError(f"Unknown authors' behaviour(s) {sorted(unknown)}; known: {sorted(known)}.")
+    return AuthorsBehaviour(**data)
 
 
 #: The file of a model folder that holds the Detail++ settings recommended for that model (DetailConfig fields).

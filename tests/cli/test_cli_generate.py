@@ -195,7 +195,7 @@ def test_generate_takes_the_model_folders_detail_defaults_under_its_flags(tmp_pa
 
 
 def test_preset_authors_reaches_the_pipeline_and_the_metadata(tmp_path, monkeypatch):
-    from detailpp.config import ReferenceBehaviour
+    from detailpp.config import AuthorsBehaviour
     from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     seen = []
@@ -209,7 +209,7 @@ def test_preset_authors_reaches_the_pipeline_and_the_metadata(tmp_path, monkeypa
     out = tmp_path / "out"
     assert main(["generate", PROMPT, *FAST, "--preset", "authors", "--tau", "0.4", "--output-dir", str(out)]) == 0
     (config,) = seen
-    assert config.reference == ReferenceBehaviour.authors() and config.reference_attention
+    assert config.authors == AuthorsBehaviour.all() and config.materialised_attention
     assert config.mask_threshold == 0.4 and not config.scale_thresholds
     chunks = read_png_text(str(next(out.glob("*.png"))))
     assert "Detail++ preset: authors" in chunks["parameters"]

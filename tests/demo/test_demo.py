@@ -138,7 +138,7 @@ def test_settings_become_a_detail_config():
     assert (s.seed, s.steps, s.height, s.width, s.guidance_scale) == (7, 2, 128, 64, 5.0)
     assert s.config == DetailConfig(mask_threshold=0.5, share_steps=0.8, nursing=True, granularity="attribute")
     authors = check_settings(**GOOD | {"nursing": True, "granularity": "subject", "preset": "authors"})
-    assert authors.config == DetailConfig.reference_preset(mask_threshold=0.5, share_steps=0.8, nursing=True)
+    assert authors.config == DetailConfig.authors_preset(mask_threshold=0.5, share_steps=0.8, nursing=True)
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ def test_shared_qk_sdpa_equals_materialised_map_and_the_formula(attn):
     for reference in (False, True):
         state = make_state()
         state.begin(share=[(n_branches, 2 * n_branches)])
-        outputs[reference] = DetailAttnProcessor("self", state, reference=reference)(attn, x.clone())
+        outputs[reference] = DetailAttnProcessor("self", state, materialise=reference)(attn, x.clone())
         assert state.self_calls == 1
     assert torch.allclose(outputs[False], outputs[True], atol=1e-5)
 

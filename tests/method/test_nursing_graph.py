@@ -112,7 +112,7 @@ def test_the_switch_runs_the_graph_path_and_changes_nothing(pipe, monkeypatch):
         assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is True
         graphed = run(pipe)
         # the reference preset's maps over every pass are history, not a function of the latent: eager
-        preset = DetailConfig.reference_preset(nursing=True, nursing_steps=1, nursing_max_iterations_early=1)
+        preset = DetailConfig.authors_preset(nursing=True, nursing_steps=1, nursing_max_iterations_early=1)
         n = len(calls)
         run(pipe, preset)
         assert len(calls) == n

@@ -1,4 +1,4 @@
-"""The golden test: ``DetailConfig.reference_preset()`` computes what the authors' pipeline computed.
+"""The golden test: ``DetailConfig.authors_preset()`` computes what the authors' pipeline computed.
 
 ``tests/fixtures/authors_reference.safetensors`` holds what the authors' ``ProT2IPipeline`` (clf28/Detail-plus-plus at
 e73155b) computed on the tiny random SDXL components, recorded by ``benchmarks/reference/record.py`` (which says how
@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 
 from detailpp import DetailConfig
-from detailpp.config import ReferenceBehaviour
+from detailpp.config import AuthorsBehaviour
 from detailpp.models.tiny import build_tiny_pipeline
 from tests.paths import BENCHMARKS, FIXTURES, load_script
 
@@ -51,7 +51,14 @@ def load_fixture() -> tuple[dict[str, str], dict[str, dict], dict[str, torch.Ten
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert meta["commit"].startswith("e73155b")
-    return meta, {s["name"]: s for s in json.loads(meta["scenarios"])}, tensors
+    scenarios = {s["name"]: s for s in json.loads(meta["scenarios"])}
+    for s in scenarios.values():  # recorded before two DetailConfig fields were renamed
+        s["detail_config"] = {RENAMED.get(k, k): v for k, v in s["detail_config"].items()}
+    return meta, scenarios, tensors
+
+
+#: DetailConfig fields renamed since the fixture was recorded: old name -> new name.
+RENAMED = {"reference": "authors", "reference_attention": "materialised_attention"}
 
 
 META, SCENARIOS, TENSORS = load_fixture()
@@ -137,7 +144,7 @@ def mismatches(name: str, ours: dict, same_platform: bool) -> list[str]:
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_preset_reproduces_the_authors_pipeline(tiny_pipe, same_platform, name):
     s = SCENARIOS[name]
-    config = DetailConfig.reference_preset(**s["config"])
+    config = DetailConfig.authors_preset(**s["config"])
     assert config.to_dict() == s["detail_config"], "the preset is not what the fixture was recorded with"
     assert mismatches(name, run_preset(tiny_pipe, name, config), same_platform) == []
 
@@ -156,13 +163,13 @@ def test_the_fixture_records_its_platform_and_margins():
 ARITHMETIC_ONLY = {"nursing_no_epsilon", "relative_mask_threshold"}
 
 
-@pytest.mark.parametrize("switch", [f.name for f in fields(ReferenceBehaviour) if f.name not in ARITHMETIC_ONLY])
+@pytest.mark.parametrize("switch", [f.name for f in fields(AuthorsBehaviour) if f.name not in ARITHMETIC_ONLY])
 def test_golden_test_fails_when_a_reference_switch_is_flipped(tiny_pipe, same_platform, switch):
     if not same_platform and switch in BELOW_PLATFORM_NOISE:
         pytest.skip(f"{switch} moves the latents less than this machine's rounding differs from the recording's")
     name = "nursing_on" if switch in NURSING_SWITCHES else "nursing_off"
-    preset = DetailConfig.reference_preset(**SCENARIOS[name]["config"])
-    flipped = preset.replace(reference=ReferenceBehaviour(**{**preset.reference.__dict__, switch: False}))
+    preset = DetailConfig.authors_preset(**SCENARIOS[name]["config"])
+    flipped = preset.replace(authors=AuthorsBehaviour(**{**preset.authors.__dict__, switch: False}))
     found = mismatches(name, run_preset(tiny_pipe, name, flipped), same_platform)
     assert found, f"flipping {switch} went unnoticed"
 
@@ -175,7 +182,7 @@ def test_the_epsilon_switch_is_the_authors_arithmetic():
     probs = torch.full((16, 77), 1 / 77)  # every token equally attended: flat subject maps
     ours = nursing_loss(probs, [[2], [4]], 6, (4, 4), DetailConfig())
     theirs = nursing_loss(
-        probs, [[2], [4]], 6, (4, 4), DetailConfig(reference=ReferenceBehaviour(nursing_no_epsilon=True))
+        probs, [[2], [4]], 6, (4, 4), DetailConfig(authors=AuthorsBehaviour(nursing_no_epsilon=True))
     )
     assert torch.isfinite(ours) and torch.isnan(theirs)
 
@@ -200,10 +207,10 @@ def test_preset_refuses_what_the_authors_code_cannot_do():
     from detailpp.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"cannot honour share_halves='both'.*fixes it to 'cond'"):
-        DetailConfig.reference_preset(share_halves="both")
+        DetailConfig.authors_preset(share_halves="both")
     with pytest.raises(ConfigError, match="Unknown preset 'paper'"):
         DetailConfig.preset("paper")
     assert DetailConfig.preset("authors", nursing=False).preset_name == "authors"
     assert DetailConfig.preset("detailpp").preset_name == "detailpp"
-    config = DetailConfig.reference_preset(nursing=False)
+    config = DetailConfig.authors_preset(nursing=False)
     assert DetailConfig.from_dict(config.to_dict()) == config

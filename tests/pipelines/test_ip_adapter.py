@@ -134,11 +134,11 @@ def test_processor_equals_diffusers_ip_adapter_processor_and_captures_text_only(
     states = [AttentionState(layers, (2, 2)) for _ in range(2)]
     for state in states:
         state.begin(capture=CaptureSpec(rows=[0, 2], tokens=[[2, 3], [5]]))
-    detail_proc = DetailAttnProcessor("layer", states[0], reference=reference)
+    detail_proc = DetailAttnProcessor("layer", states[0], materialise=reference)
     ours = IPAdapterDetailProcessor(detail_proc, ip)(attn, hidden, (text, image_tokens))
     expected = theirs(attn, hidden, (text, image_tokens))
     assert torch.equal(ours, expected)  # the same operations in the same order: bit for bit (measured: 0.0)
-    text_only = DetailAttnProcessor("layer", states[1], reference=reference)(attn, hidden, text)
+    text_only = DetailAttnProcessor("layer", states[1], materialise=reference)(attn, hidden, text)
     assert not torch.allclose(ours, text_only, atol=1e-3)  # the image prompt contributed
     assert torch.equal(states[0].maps, states[1].maps)  # captured from the 77 text keys only
     with pytest.raises(HookError, match="replaced no IP-Adapter processor"):  # image tokens, no IP weights
@@ -227,6 +227,6 @@ def test_ip_adapter_masks_and_two_image_inputs_are_refused(adapter_folder):
 def test_reference_attention_composes_with_ip_adapter_end_to_end(adapter_folder):
     pipe = with_adapter(adapter_folder)
     sdpa = detail(pipe, ip_adapter_image_embeds=embeds(0))
-    ref = detail(pipe, config=NO_NURSING.replace(reference_attention=True), ip_adapter_image_embeds=embeds(0))
+    ref = detail(pipe, config=NO_NURSING.replace(materialised_attention=True), ip_adapter_image_embeds=embeds(0))
     torch.testing.assert_close(ref, sdpa, rtol=0, atol=1e-4)
     assert all(type(p).__name__ != "DetailAttnProcessor" for p in pipe.unet.attn_processors.values())

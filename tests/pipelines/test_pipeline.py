@@ -88,7 +88,7 @@ def test_sharing_and_alm_change_the_result(tiny_pipe):
 def test_reference_attention_matches_sdpa_end_to_end(tiny_pipe):
     config = DetailConfig(nursing=False)
     fast = run(tiny_pipe, detail_config=config, output_type="latent")
-    ref = run(tiny_pipe, detail_config=config.replace(reference_attention=True), output_type="latent")
+    ref = run(tiny_pipe, detail_config=config.replace(materialised_attention=True), output_type="latent")
     assert torch.allclose(fast.images, ref.images, atol=1e-4)
 
 

@@ -177,7 +177,7 @@ def check_settings(
     """Every setting checked before anything runs; :class:`DemoInputError` says which one and why.
 
     ``preset``: ``"detailpp"`` (our defaults) or ``"authors"`` (the authors' code, see
-    :meth:`DetailConfig.reference_preset`).
+    :meth:`DetailConfig.authors_preset`).
     """
     seed_value = _as_int("The seed", seed)
     if not 0 <= seed_value < 2**63:

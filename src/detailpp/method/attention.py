@@ -13,18 +13,19 @@ and no graph break.
 Sharing. Branch b's shared self-attention is ``softmax(Q0 K0^T / sqrt(d)) V_b`` (branch 0's map, its own values).
 That is exactly ``SDPA(Q0, K0, V_b)``: we copy branch 0's queries and keys into the other rows of the shared CFG
 half and call ``F.scaled_dot_product_attention``, so no map is ever materialised and flash/efficient kernels stay on.
-:class:`DetailAttnProcessor` with ``reference=True`` materialises ``softmax(QK^T/sqrt(d))`` and multiplies by V
-instead (what the authors' code does in every layer); tests use it as the reference, benchmarks as the baseline.
+:class:`DetailAttnProcessor` with ``materialise=True`` materialises ``softmax(QK^T/sqrt(d))`` and multiplies by V
+instead (what the authors' code does in every layer); tests use it as the formula's reference value, benchmarks as the
+authors' cost.
 
 Capture. Cross-attention probabilities are computed only for the rows and subject tokens that a mask needs: a
 ``(rows x heads x tokens x 77)`` softmax next to SDPA (77 keys make this cheap), averaged over heads and the
 subject's tokens, summed over layers in :class:`AttentionState`.
 
-IP-Adapter. A mask layer (or, in reference mode, any layer) whose processor is diffusers' IP-Adapter processor gets an
-:class:`IPAdapterDetailProcessor`: the level's shared :class:`DetailAttnProcessor` computes the text attention (and
-captures from its 77 keys only), then adds ``scale * attention(Q, K_ip, V_ip)`` per adapter with the replaced
-processor's own modules, which it holds (so they stay in the UNet's parameters) and which are restored on exit. These
-wrappers are per layer (compiling a UNet with an IP-Adapter is not measured).
+IP-Adapter. A mask layer (or, with materialised attention, any layer) whose processor is diffusers' IP-Adapter
+processor gets an :class:`IPAdapterDetailProcessor`: the level's shared :class:`DetailAttnProcessor` computes the text
+attention (and captures from its 77 keys only), then adds ``scale * attention(Q, K_ip, V_ip)`` per adapter with the
+replaced processor's own modules, which it holds (so they stay in the UNet's parameters) and which are restored on
+exit. These wrappers are per layer (compiling a UNet with an IP-Adapter is not measured).
 """
 
 from __future__ import annotations
@@ -369,13 +370,13 @@ class _Projected:
 
 
 class DetailAttnProcessor:
-    """Attention processor of Detail++'s layers (``state`` given) or a plain reference layer (``state=None``).
+    """Attention processor of Detail++'s layers (``state`` given) or a plain materialising layer (``state=None``).
 
     One instance serves every Detail++ layer of a resolution level (``level``; default the mask layers'): it shares
     self-attention as the state says in self-attention layers and captures in cross-attention layers (the role comes
     from the call: ``encoder_hidden_states`` or not). It keeps no per-layer state and reads only tensors and values
     fixed for the call, so regional compilation traces it once for all its layers (``name`` labels errors only).
-    ``reference=True`` computes attention through the materialised map instead of
+    ``materialise=True`` computes attention through the materialised map instead of
     ``F.scaled_dot_product_attention``, in the arithmetic of diffusers' ``AttnProcessor`` (and of the authors'
     processor), and shares self-attention by copying branch 0's map. A layer with an IP-Adapter gets an
     :class:`IPAdapterDetailProcessor` around this instance, which adds the image prompt's attention.
@@ -385,12 +386,12 @@ class DetailAttnProcessor:
         self,
         name: str = "Detail++ attention layer",
         state: AttentionState | None = None,
-        reference: bool = False,
+        materialise: bool = False,
         level: int | None = None,
     ):
         self.name = name
         self.state = state
-        self.reference = reference
+        self.materialise = materialise
         self.level = level
 
     def __call__(
@@ -461,7 +462,7 @@ class DetailAttnProcessor:
         batch_size, sequence_length, _ = encoder_hidden_states.shape if is_cross else hidden_states.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            if not self.reference:
+            if not self.materialise:
                 attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -476,7 +477,8 @@ class DetailAttnProcessor:
 
     def _share(self, attn: Attention, p: _Projected) -> tuple[tuple[int, int], ...]:
         """Check the layer's token count; in a sharing self-attention layer copy branch 0's queries and keys into
-        the other rows of each share range (SDPA) and return the ranges (the reference copies the map instead)."""
+        the other rows of each share range (SDPA) and return the ranges (a materialising processor copies the map
+        instead)."""
         state = self.state
         if state is None:
             return ()
@@ -493,7 +495,7 @@ class DetailAttnProcessor:
         if not state.share:
             return ()
         state.count(cross=False)
-        if not self.reference:
+        if not self.materialise:
             for start, end in state.share:
                 # Rows start+1..end-1 take row `start`'s (branch 0's) queries and keys: SDPA(Q0, K0, V_b).
                 p.query[start + 1 : end] = p.query[start]
@@ -513,8 +515,8 @@ class DetailAttnProcessor:
         attention_mask: torch.Tensor | None,
         share: tuple[tuple[int, int], ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention (batch x heads x tokens x head_dim), and the map itself when the reference materialised it."""
-        if not self.reference:
+        """Attention (batch x heads x tokens x head_dim), and the map itself when it was materialised."""
+        if not self.materialise:
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
@@ -618,13 +620,13 @@ class IPAdapterDetailProcessor(torch.nn.Module):
 
 @contextmanager
 def detail_processors(
-    unet: torch.nn.Module, state: AttentionState, reference: bool = False
+    unet: torch.nn.Module, state: AttentionState, materialise: bool = False
 ) -> Iterator[dict[str, DetailAttnProcessor | IPAdapterDetailProcessor]]:
-    """Install Detail++ processors on the mask layers (and, with ``reference``, plain reference processors on
+    """Install Detail++ processors on the mask layers (and, with ``materialise``, plain materialising processors on
     every other attention layer) for the duration of the block; restore exactly the replaced ones afterwards.
 
     The layers of one resolution level share one processor instance (one instance for all mask layers at
-    ``share="lowest"``), and the other layers one reference instance: a compiled transformer block then finds the
+    ``share="lowest"``), and the other layers one materialising instance: a compiled transformer block then finds the
     same processor state in every layer and in every call. A layer whose processor is an IP-Adapter's gets its own
     :class:`IPAdapterDetailProcessor` around that instance, reading the image prompt's weights from the IP-Adapter
     processor it replaces (restored, the same object, on exit).
@@ -632,17 +634,17 @@ def detail_processors(
     layers = state.layers
     mask_names = set(layers.shared_self_attention) | set(layers.cross_attention)
     modules = {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
-    targets = [n for n in modules if n in mask_names or reference]
+    targets = [n for n in modules if n in mask_names or materialise]
     saved = {n: modules[n].processor for n in targets}
     per_level: dict[int, DetailAttnProcessor] = {}
-    plain = DetailAttnProcessor("reference attention layer", None, reference=True) if reference else None
+    plain = DetailAttnProcessor("materialised attention layer", None, materialise=True) if materialise else None
     installed: dict[str, DetailAttnProcessor | IPAdapterDetailProcessor] = {}
     for n in targets:
         if n in mask_names:
             level = layers.levels.get(n, layers.level)
             if level not in per_level:
                 per_level[level] = DetailAttnProcessor(
-                    f"a level-{level} Detail++ layer", state, reference=reference, level=level
+                    f"a level-{level} Detail++ layer", state, materialise=materialise, level=level
                 )
             proc = per_level[level]
         else:

@@ -50,7 +50,7 @@ def nursing_graphs(unet: torch.nn.Module, enabled: bool | None = True) -> None:
     """Replay Detail++'s nursing passes on ``unet`` as CUDA graphs: ``True`` on (on a CPU the restructured pass runs
     eagerly), ``False`` off (eager passes), ``None`` the default (on for CUDA devices).
 
-    Applies to the configurations whose pass is a pure function of the latent and the timestep (not the reference
+    Applies to the configurations whose pass is a pure function of the latent and the timestep (not the authors'
     preset's maps averaged over every pass, its OpenCV blur kernel, or ``unet_extras`` such as ControlNet's) and whose
     weights stay put (:func:`detailpp.method.nursing.moves_weights_in_forward`); elsewhere the passes stay eager. Costs
     one capture per call (about one pass) and the pass's activations kept in the graph's memory pool during the nursing

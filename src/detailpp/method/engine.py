@@ -223,7 +223,7 @@ class DetailEngine:
         self.unet_extras = unet_extras
         #: the step being computed (what :attr:`unet_extras` is told)
         self.current_step = 0
-        reference = config.reference
+        authors = config.authors
 
         self.layers = find_mask_layers(unet, share=config.share_layers if config.share_attention else "lowest")
         self.state = AttentionState(
@@ -237,9 +237,9 @@ class DetailEngine:
         self.nursing_steps = self.num_nursing_steps(config, self.n_detail)
         self.nursing_capture = CaptureSpec(rows=[0], tokens=[], full=True)
         self.accumulator = MaskAccumulator(
-            config.mask_average, aliased=reference.aliased_mask_sum and config.resolved_mask_source == "previous"
+            config.mask_average, aliased=authors.aliased_mask_sum and config.resolved_mask_source == "previous"
         )
-        #: the running sum of the nursing maps over every pass so far (``reference.nursing_maps_all_passes``)
+        #: the running sum of the nursing maps over every pass so far (``authors.nursing_maps_all_passes``)
         self.nursing_history: dict[str, Any] = {"sum": None, "passes": 0}
         #: the accumulated subject maps of the latest step within the window (subjects x tokens), or ``None``
         self.last_maps: torch.Tensor | None = None
@@ -280,9 +280,12 @@ class DetailEngine:
     def attention(self) -> Iterator[None]:
         """Detail++'s attention processors installed for the block, when the call needs any; restored after."""
         uses = (
-            bool(self.share) or self.capture is not None or self.nursing_steps > 0 or self.config.reference_attention
+            bool(self.share)
+            or self.capture is not None
+            or self.nursing_steps > 0
+            or self.config.materialised_attention
         )
-        processors = detail_processors(self.unet, self.state, self.config.reference_attention) if uses else None
+        processors = detail_processors(self.unet, self.state, self.config.materialised_attention) if uses else None
         with processors or nullcontext():
             yield
 
@@ -318,7 +321,7 @@ class DetailEngine:
                 threshold=config.threshold_at(i, self.n_detail, self.state.num_tokens),
                 alpha=step_size(config, i, self.num_inference_steps, train_steps),
                 record=record,
-                update_then_test=config.reference.update_then_test,
+                update_then_test=config.authors.update_then_test,
                 gradient_of=(lambda z0: self.nursing_gradient(z0, t)) if graphed else None,
             )
         last = min(self.nursing_steps, self.num_inference_steps) - 1
@@ -331,10 +334,10 @@ class DetailEngine:
 
     def nursing_loss(self, z0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Eq. 6 on branch 0's conditional cross-attention, from a UNet pass cut after the last mask layer."""
-        reference = self.config.reference
-        sample = z0 if reference.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t)
+        authors = self.config.authors
+        sample = z0 if authors.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t)
         probs = self.nursing_probs(sample, t)
-        if reference.nursing_maps_all_passes:  # one store for every pass; the gradient flows through this one
+        if authors.nursing_maps_all_passes:  # one store for every pass; the gradient flows through this one
             history = self.nursing_history
             total = probs if history["sum"] is None else history["sum"] + probs
             history["sum"], history["passes"] = total.detach(), history["passes"] + 1
@@ -368,11 +371,11 @@ class DetailEngine:
 
     def graphable_nursing(self) -> bool:
         """Whether a nursing pass is a pure function of the UNet input and the timestep, with weights that stay put:
-        no per-pass history (``reference.nursing_maps_all_passes``), no host-made kernel (``reference.opencv_blur``),
+        no per-pass history (``authors.nursing_maps_all_passes``), no host-made kernel (``authors.opencv_blur``),
         no :attr:`unet_extras` (they see the step index), no hook that moves or skips weights
         (:func:`~detailpp.method.nursing.moves_weights_in_forward`)."""
-        reference = self.config.reference
-        if reference.nursing_maps_all_passes or reference.opencv_blur or self.unet_extras is not None:
+        authors = self.config.authors
+        if authors.nursing_maps_all_passes or authors.opencv_blur or self.unet_extras is not None:
             return False
         if self.nursing_steps == 0:
             return True
@@ -399,7 +402,7 @@ class DetailEngine:
         input scaling. The same kernels on the same values as :meth:`nursing_loss` and ``autograd.grad``.
         """
         with torch.enable_grad():
-            sample = z0 if self.config.reference.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t)
+            sample = z0 if self.config.authors.unscaled_nursing_input else self.scheduler.scale_model_input(z0, t)
         leaf = sample.detach().requires_grad_(True)
         if leaf.device.type == "cuda":
             first = self._nursing_graph is None
@@ -432,7 +435,7 @@ class DetailEngine:
             if self.capture is not None:
                 self.last_maps = self.accumulator.update(self.state.mean_maps())
             return eps
-        if self.keep_all and self.config.reference.one_batch_after_window:
+        if self.keep_all and self.config.authors.one_batch_after_window:
             return self.denoise(every, latents, t)  # the authors' code: one batch to the end
         # After the window only the last branch feeds the final image. It always runs on its own, so that neither
         # pruning nor asking for the other branches' images can change it.
@@ -472,10 +475,10 @@ class DetailEngine:
         """After the denoiser: the step's binary masks (eq. 3) and Accumulative Latent Modification (eq. 4)."""
         if i >= self.modify_steps or not self.config.latent_modification or self.last_maps is None:
             return latents, None
-        reference = self.config.reference
+        authors = self.config.authors
         normalized = normalized_maps(self.last_maps, self.state.grid, self.latent_hw)
-        masks = binary_masks(normalized, self.config.mask_threshold, relative=reference.relative_mask_threshold)
-        return accumulate_latents(latents, masks, blend=reference.blend_latents), masks
+        masks = binary_masks(normalized, self.config.mask_threshold, relative=authors.relative_mask_threshold)
+        return accumulate_latents(latents, masks, blend=authors.blend_latents), masks
 
     def masks(self) -> torch.Tensor | None:
         """Each detail branch's normalised subject map at the end of the window (on the CPU), or ``None``."""

@@ -19,7 +19,7 @@ class MaskAccumulator:
 
     ``aliased=True`` reproduces what the authors' code computes with masks from the previous branch (nursing off):
     every step after the first is added twice, ``(m_0 + 2 (m_1 + ... + m_k)) / (k + 1)`` (their controllers'
-    overlapping views of one tensor; see :class:`detailpp.config.ReferenceBehaviour`).
+    overlapping views of one tensor; see :class:`detailpp.config.AuthorsBehaviour`).
     """
 
     def __init__(self, mode: Literal["running", "current"] = "running", aliased: bool = False):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detailpp.config import DetailConfig, ReferenceBehaviour
+from detailpp.config import AuthorsBehaviour, DetailConfig
 
 logger = logging.getLogger(__name__)
 
@@ -115,32 +115,32 @@ def centroid_alignment_loss(
     weight: float,
     kernel_size: int,
     sigma: float,
-    reference: ReferenceBehaviour | None = None,
+    authors: AuthorsBehaviour | None = None,
 ) -> torch.Tensor:
     """``L_align``: squared distance (grid units) between each map's centroid and its blurred argmax.
 
-    ``reference`` switches on the authors' blur kernel, centroid coordinates and missing epsilon
-    (:class:`detailpp.config.ReferenceBehaviour`).
+    ``authors`` switches on the authors' blur kernel, centroid coordinates and missing epsilon
+    (:class:`detailpp.config.AuthorsBehaviour`).
     """
-    reference = reference or ReferenceBehaviour()
+    authors = authors or AuthorsBehaviour()
     h, w = grid
     maps = p.reshape(-1, h, w)
-    if reference.centroid_unit_grid:  # on linspace(0, 1, n), then times the grid's width (theirs: attention_res[0])
+    if authors.centroid_unit_grid:  # on linspace(0, 1, n), then times the grid's width (theirs: attention_res[0])
         ys = torch.linspace(0, 1, h, dtype=maps.dtype, device=maps.device)
         xs = torch.linspace(0, 1, w, dtype=maps.dtype, device=maps.device)
     else:
         ys = torch.arange(h, dtype=maps.dtype, device=maps.device)
         xs = torch.arange(w, dtype=maps.dtype, device=maps.device)
     rows, cols = maps.sum(dim=2), maps.sum(dim=1)
-    if reference.nursing_no_epsilon:
+    if authors.nursing_no_epsilon:
         centroid = torch.stack([(rows * ys).sum(1) / rows.sum(1), (cols * xs).sum(1) / cols.sum(1)], dim=1)
     else:
         mass = maps.sum(dim=(1, 2)) + 1e-8
         centroid = torch.stack([(rows * ys).sum(1), (cols * xs).sum(1)], dim=1) / mass[:, None]
-    if reference.centroid_unit_grid:
+    if authors.centroid_unit_grid:
         centroid = centroid * w
     with torch.no_grad():
-        blurred = gaussian_blur(maps.detach(), kernel_size, sigma, opencv=reference.opencv_blur)
+        blurred = gaussian_blur(maps.detach(), kernel_size, sigma, opencv=authors.opencv_blur)
         flat = blurred.flatten(1).argmax(dim=1)
         target = torch.stack([flat // w, flat % w], dim=1).to(maps.dtype)
     return weight * ((centroid - target) ** 2).mean(dim=1).mean()
@@ -156,14 +156,14 @@ def nursing_loss(
 ) -> torch.Tensor:
     """``L = L_align + lambda * L_ent`` (eq. 6) from the averaged cross-attention of branch 0 (``columns``: see
     :func:`subject_distributions`)."""
-    eps = 0.0 if config.reference.nursing_no_epsilon else 1e-8
+    eps = 0.0 if config.authors.nursing_no_epsilon else 1e-8
     p = subject_distributions(probs, token_indices, prompt_length, config.entropy_temperature, eps, columns)
     loss = p.new_zeros(())
     if config.entropy_loss:
         loss = loss + config.entropy_weight * entropy_loss(p)
     if config.centroid_alignment:
         loss = loss + centroid_alignment_loss(
-            p, grid, config.alignment_weight, config.blur_kernel_size, config.blur_sigma, config.reference
+            p, grid, config.alignment_weight, config.blur_kernel_size, config.blur_sigma, config.authors
         )
     return loss
 
@@ -171,10 +171,10 @@ def nursing_loss(
 def step_size(config: DetailConfig, step: int, num_steps: int, num_train_timesteps: int = 1000) -> float:
     """``alpha_t = alpha_0 * sqrt(1 - step / (T - 1))``: decays from alpha_0 at the first step to 0 at the last.
 
-    With ``reference.fresh_scheduler_step_size`` the decay runs over ``num_train_timesteps`` instead of the run's T
+    With ``authors.fresh_scheduler_step_size`` the decay runs over ``num_train_timesteps`` instead of the run's T
     steps, as the authors' ``np.linspace(1, 0, len(scheduler.timesteps))`` does on a fresh scheduler.
     """
-    if config.reference.fresh_scheduler_step_size:
+    if config.authors.fresh_scheduler_step_size:
         return config.nursing_step_size * float(np.sqrt(np.linspace(1.0, 0.0, num_train_timesteps)[step]))
     if num_steps <= 1:
         return config.nursing_step_size

@@ -127,7 +127,7 @@ class DetailPipelineMixin:
 
     def make_detail_config(self, preset: str = "detailpp", **fields: Any) -> DetailConfig:
         """A DetailConfig of ``fields`` over the model's :attr:`detail_defaults` over the ``preset``'s defaults
-        (``"detailpp"``: ours; ``"authors"``: :meth:`DetailConfig.reference_preset`)."""
+        (``"detailpp"``: ours; ``"authors"``: :meth:`DetailConfig.authors_preset`)."""
         return DetailConfig.from_fields(fields, defaults=self.detail_defaults, preset=preset)
 
     def plain_pipeline(self):
@@ -278,7 +278,7 @@ class DetailPipelineMixin:
 
     def branch_prompts(self, plan: DecompositionPlan, config: DetailConfig) -> list[str]:
         """The prompts the branches are encoded with: p0, p1, p2..pn (normalised in the authors' preset)."""
-        if config.reference.normalize_prompts:  # the authors' preprocess_prompts
+        if config.authors.normalize_prompts:  # the authors' preprocess_prompts
             return [p.lower().strip().strip(".").strip() for p in plan.prompts]
         return plan.prompts
 
