@@ -379,11 +379,11 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
-#: Our deviations from the authors' code, as changes to the reference preset: the name in the table, the change.
+#: Our deviations from the authors' code, as changes to the authors' preset: the name in the table, the change.
 def deviations() -> list[tuple[str, dict[str, Any]]]:
     rows: list[tuple[str, dict[str, Any]]] = []
     for f in fields(AuthorsBehaviour):
-        rows.append((f.name, {"reference": {f.name: False}}))
+        rows.append((f.name, {"authors": {f.name: False}}))
     defaults = DetailConfig()
     for name in AUTHORS_SETTINGS:
         if name != "prune_branches":  # changes no branch's latent (the last branch is computed alike either way)
@@ -393,10 +393,10 @@ def deviations() -> list[tuple[str, dict[str, Any]]]:
 
 def config_with(scenario: Scenario, change: dict[str, Any]) -> DetailConfig:
     base = scenario.detail_config()
-    reference = change.get("reference")
-    others = {k: v for k, v in change.items() if k != "reference"}
-    if reference is not None:
-        others["reference"] = AuthorsBehaviour(**{**{f.name: True for f in fields(AuthorsBehaviour)}, **reference})
+    switches = change.get("authors")
+    others = {k: v for k, v in change.items() if k != "authors"}
+    if switches is not None:
+        others["authors"] = AuthorsBehaviour(**{**{f.name: True for f in fields(AuthorsBehaviour)}, **switches})
     return base.replace(**others)
 
 

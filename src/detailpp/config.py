@@ -6,13 +6,10 @@ Defaults follow the paper where it gives a value and the authors' code where the
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from detailpp.errors import DetailError
@@ -333,81 +330,6 @@ def _authors_from_dict(data: dict[str, Any]) -> AuthorsBehaviour:
 
 #: The file of a model folder that holds the Detail++ settings recommended for that model (DetailConfig fields).
 DETAIL_DEFAULTS_FILE = "detail_config.json"
-
-
-def _hub_misses() -> tuple[type[BaseException], ...]:
-    """What ``hf_hub_download`` raises when a repo has no such file or cannot be reached (huggingface_hub 0.x-2.x)."""
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-
-    misses: tuple[type[BaseException], ...] = (EntryNotFoundError, HFValidationError, OSError)
-    for module in ("httpx", "httpx2"):  # huggingface_hub >= 1 reports network errors as httpx's (not OSErrors)
-        try:
-            misses += (importlib.import_module(module).HTTPError,)
-        except (ImportError, AttributeError):
-            pass
-    return misses  # RepositoryNotFoundError, LocalEntryNotFoundError, requests' errors... are OSErrors
-
-
-def detail_defaults_path(
-    model: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: bool | str | None = None,
-    local_files_only: bool = False,
-) -> Path | None:
-    """Where ``model``'s :data:`DETAIL_DEFAULTS_FILE` is, or ``None`` when it has none.
-
-    A local folder: the file in it, if there. A Hub id (a string that names no local path): the file fetched into the
-    Hugging Face cache with ``hf_hub_download`` and the given ``revision``, ``cache_dir``, ``token`` and
-    ``local_files_only`` (``HF_HUB_OFFLINE`` is honoured too); a repo without the file, one that does not exist or
-    cannot be reached (offline, network errors) gives ``None``, logged at debug level. Anything else (a single-file
-    checkpoint, a missing local path) gives ``None``.
-    """
-    name = os.fspath(model)
-    if os.path.isdir(name):
-        path = Path(name) / DETAIL_DEFAULTS_FILE
-        return path if path.is_file() else None
-    if not isinstance(model, str) or os.path.exists(name):
-        return None
-    from huggingface_hub import hf_hub_download
-
-    try:
-        fetched = hf_hub_download(
-            name,
-            DETAIL_DEFAULTS_FILE,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-        )
-    except _hub_misses() as e:
-        logger.debug("no %s for %r on the Hub: %s: %s", DETAIL_DEFAULTS_FILE, name, type(e).__name__, e)
-        return None
-    return Path(fetched)
-
-
-def read_detail_defaults(model: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
-    """The DetailConfig fields a model recommends (its :data:`DETAIL_DEFAULTS_FILE`), ``{}`` if it has none.
-
-    ``model`` is a local folder or a Hub id; ``hub_kwargs`` (``revision``, ``cache_dir``, ``token``,
-    ``local_files_only``) say how to fetch a Hub id's file (see :func:`detail_defaults_path`). Raises
-    :class:`ConfigError` naming the file when it is found but unreadable or holds fields DetailConfig rejects.
-    """
-    import json
-
-    path = detail_defaults_path(model, **hub_kwargs)
-    if path is None:
-        return {}
-    source = (
-        str(path) if os.path.isdir(os.fspath(model)) else f"{path} (the Hub repo {model}'s {DETAIL_DEFAULTS_FILE})"
-    )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"Cannot read the model's Detail++ settings {source}: {e}. Fix or delete the file.") from e
-    check_detail_fields(data, source)
-    return data
 
 
 def check_detail_fields(data: Any, source: str) -> None:

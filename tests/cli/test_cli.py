@@ -428,3 +428,14 @@ def test_setup_script_torch_index(tmp_path, env, torch_args):
     subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, env={**clean, **env}, check=True, timeout=60)
     calls = (fake.parent / "calls").read_text().splitlines()
     assert calls == ["-m pip install -q --upgrade pip", torch_args, "-m pip install -q -e .[test,bench,demo]"]
+
+
+@pytest.mark.parametrize("command", [["generate"], ["demo"], ["bench", "generate"]])
+def test_every_command_lists_every_builtin_model(capsys, command):
+    from detailpp.models.families import BUILTIN_MODELS
+
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # (argparse wraps at hyphens)
+    assert all(name in text for name in BUILTIN_MODELS), [n for n in BUILTIN_MODELS if n not in text]
+    assert "bf16" in text  # the dtype aliases, in every command

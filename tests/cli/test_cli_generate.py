@@ -213,7 +213,7 @@ def test_preset_authors_reaches_the_pipeline_and_the_metadata(tmp_path, monkeypa
     assert config.mask_threshold == 0.4 and not config.scale_thresholds
     chunks = read_png_text(str(next(out.glob("*.png"))))
     assert "Detail++ preset: authors" in chunks["parameters"]
-    assert json.loads(chunks["detailpp"])["detail_config"]["reference"]["aliased_mask_sum"] is True
+    assert json.loads(chunks["detailpp"])["detail_config"]["authors"]["aliased_mask_sum"] is True
 
 
 def test_unknown_preset_is_refused_by_argparse(tmp_path, capsys):

@@ -16,7 +16,8 @@ import os
 import pytest
 from diffusers import StableDiffusionXLPipeline
 
-from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, read_detail_defaults
+from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError
+from detailpp.hub import read_detail_defaults
 from detailpp.models.loading import model_detail_defaults
 from detailpp.models.tiny import build_tiny_pipeline
 from detailpp.pipelines.sdxl import DetailInputError, DetailPlusPlusPipeline
@@ -59,7 +60,7 @@ def test_a_hub_ids_detail_defaults_come_from_the_hf_cache(tmp_path, offline, cap
     assert read_detail_defaults("org/name", revision=COMMIT, **hub) == FIELDS
     assert model_detail_defaults("org/name", cache_dir=str(tmp_path), local_files_only=True) == FIELDS
     # a repo, revision or file the cache does not hold is no recommendation, and no error
-    with caplog.at_level(logging.DEBUG, logger="detailpp.config"):
+    with caplog.at_level(logging.DEBUG, logger="detailpp.hub"):
         assert read_detail_defaults("org/absent", **hub) == {}
         assert read_detail_defaults("org/name", revision="no-such-branch", **hub) == {}
     assert "no detail_config.json for 'org/absent'" in caplog.text

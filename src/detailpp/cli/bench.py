@@ -30,6 +30,7 @@ from detailpp.bench.models import default_device
 from detailpp.bench.sharding import resolve_shard
 from detailpp.bench.suites import BASE_SEED, DEFAULT_IMAGES_PER_PROMPT, SUITE_NAMES, Suite, load_suite
 from detailpp.cli import HelpFormatter, add_deprecated_alias, add_output_flags
+from detailpp.cli.flags import add_compile_flag, add_device_flags, add_model_flag, add_size_flags
 from detailpp.plan import GRANULARITIES
 
 logger = logging.getLogger(__name__)
@@ -83,13 +84,7 @@ def _add_generate_parser(sub: Any) -> None:
     add_output_flags(p)
     _suite_args(p)
     p.add_argument("--method", choices=METHODS, default="detailpp", help="plain SDXL or Detail++ (default)")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Hub id or local folder (SDXL or SD 1.x/2.x), toy (the embedded model), tiny-random / tiny-random-sd15 / "
-        "tiny-random-sd21 (random weights: plumbing only), or sdxl-random / sd15-random (full size, random weights: "
-        f"timing only) (default: {DEFAULT_MODEL})",
-    )
+    add_model_flag(p, DEFAULT_MODEL, DEFAULT_MODEL)
     _output_dir_arg(p, "the run's folder (one method and setting per folder)")
     p.add_argument("--images-per-prompt", type=int, default=DEFAULT_IMAGES_PER_PROMPT)
     p.add_argument("--base-seed", type=int, default=BASE_SEED, help="image k of each prompt uses base + k")
@@ -100,26 +95,14 @@ def _add_generate_parser(sub: Any) -> None:
     p.add_argument(
         "--guidance-scale", type=float, help="classifier-free guidance (default: 7.5 as in the paper; 5.0 on toy)"
     )
-    p.add_argument("--height", type=int, help="pixels (default: the model's size: 1024 for SDXL, 128 for toy)")
-    p.add_argument("--width", type=int, help="pixels (default: the model's size: 1024 for SDXL, 128 for toy)")
-    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: the launcher's or the best available)")
-    p.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        help="(default: float16 on CUDA, float32 elsewhere; float16 on the CPU falls back to float32)",
-    )
+    add_size_flags(p)
+    add_device_flags(p, "the launcher's, else the best available")
     p.add_argument("--detail-config", help="DetailConfig fields as JSON or a JSON file (method detailpp)")
     p.add_argument(
         "--plans", type=Path, help="precomputed plans (from `bench plans`): no spaCy needed (method detailpp)"
     )
     p.add_argument("--label", help="the method's name in reports (default: --method)")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): some seconds of compilation in "
-        "each process's first image, then somewhat faster on a GPU (figures: BENCHMARKS.md); not useful on CPU. A "
-        "speed setting like --device: not part of the run's identity",
-    )
+    add_compile_flag(p, "; a speed setting like --device: not part of the run's identity")
     _shard_args(p)
     p.set_defaults(_bench=_generate)
 

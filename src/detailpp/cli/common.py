@@ -226,7 +226,6 @@ def a1111_sampler(scheduler) -> str:
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
-BUILTIN_MODELS = ("toy", "tiny-random", "sdxl-random", "tiny-random-sd15", "tiny-random-sd21", "sd15-random")
 
 
 def _offline() -> bool:
@@ -239,9 +238,10 @@ def check_model(model: str) -> None:
     """Refuse, before loading, a model name that names nothing, a Hub id that offline mode cannot load, or a model of
     a family Detail++ cannot run on (its ``model_index.json``:
     :class:`~detailpp.models.families.UnsupportedModelError`)."""
+    from detailpp.models.families import BUILTIN_MODELS, model_family
+
     if model in BUILTIN_MODELS:
         return
-    from detailpp.models.families import model_family
 
     path = Path(model).expanduser()
     if not path.exists():

@@ -18,14 +18,13 @@ import socket
 
 from detailpp.cli import UserError, add_deprecated_alias
 from detailpp.cli.common import (
-    DTYPE_NAMES,
     check_controlnet_source,
     check_device,
     check_dtype,
     check_model,
     check_size,
-    dtype_name,
 )
+from detailpp.cli.flags import add_device_flags, add_model_flag, add_size_flags
 
 logger = logging.getLogger(__name__)
 
@@ -33,27 +32,14 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="Hub id, local folder (SDXL or SD 1.x/2.x), .safetensors file, 'toy', 'tiny-random' or "
-        "'tiny-random-sd15' (default: the embedded toy model, else tiny-random)",
-    )
+    add_model_flag(p, None, "the embedded toy model, else tiny-random")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
-    p.add_argument(
-        "--dtype",
-        type=dtype_name,
-        choices=DTYPE_NAMES,
-        default=None,
-        help="(default: float16 on CUDA, float32 elsewhere; float16 on the CPU falls back to float32)",
-    )
+    add_device_flags(p)
     p.add_argument(
         "--steps", type=int, default=None, help="the page's initial steps (default: 50, 30 on embedded models)"
     )
-    p.add_argument("--width", type=int, default=None, help="the page's initial width (default: the model's size)")
-    p.add_argument("--height", type=int, default=None, help="the page's initial height (default: the model's size)")
+    add_size_flags(p, "the page's initial value in pixels")
     p.add_argument(
         "--controlnet",
         default=None,

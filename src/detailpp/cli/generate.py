@@ -24,7 +24,6 @@ from pathlib import Path
 from detailpp.atomic import atomic_write_text
 from detailpp.cli import UserError
 from detailpp.cli.common import (
-    DTYPE_NAMES,
     SCHEDULERS,
     a1111_sampler,
     check_controlnet_args,
@@ -34,7 +33,6 @@ from detailpp.cli.common import (
     check_output_dir,
     check_size,
     default_steps,
-    dtype_name,
     numbered_stem,
     quiet_loading,
     resolve_seeds,
@@ -42,6 +40,7 @@ from detailpp.cli.common import (
     set_scheduler,
     slug,
 )
+from detailpp.cli.flags import add_compile_flag, add_device_flags, add_model_flag, add_size_flags
 from detailpp.config import PRESETS, DetailConfig
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
 from detailpp.models.lora import LoraError, apply_loras, check_peft, parse_lora
@@ -58,13 +57,7 @@ def default_model() -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt (may be omitted with --plan)")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="Hub id or local folder (SDXL or SD 1.x/2.x, told apart by its model_index.json), SDXL .safetensors "
-        "file, 'toy', or random weights: 'tiny-random' (SDXL), 'tiny-random-sd15', 'tiny-random-sd21', "
-        "'sdxl-random', 'sd15-random' (full size) (default: the embedded toy model, else tiny-random)",
-    )
+    add_model_flag(p, None, "the embedded toy model, else tiny-random")
     p.add_argument(
         "--seed", type=int, nargs="+", default=[0], help="one image per seed; -1: a random seed, recorded (default: 0)"
     )
@@ -75,8 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="classifier-free guidance (default: the pipeline's, SDXL 5.0, SD 7.5)",
     )
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    add_size_flags(p)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument(
         "--scheduler",
@@ -115,20 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-branches", action="store_true", help="also write a grid of every branch")
     p.add_argument("--save-masks", action="store_true", help="also write each subject's mask over the image")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="(default: outputs)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
-    p.add_argument(
-        "--dtype",
-        type=dtype_name,
-        choices=DTYPE_NAMES,
-        default=None,
-        help="(default: float16 on CUDA, float32 elsewhere; float16 on the CPU falls back to float32)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the UNet's transformer blocks (pipe.compile_detail()): the first image compiles, the "
-        "later ones run faster on a GPU (BENCHMARKS.md has the measured figures); not useful on CPU",
-    )
+    add_device_flags(p)
+    add_compile_flag(p)
     p.add_argument(
         "--eager-nursing",
         action="store_true",

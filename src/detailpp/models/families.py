@@ -9,13 +9,12 @@ deep inside loading.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from detailpp.errors import DetailError
+from detailpp.hub import read_model_index
 
 
 class UnsupportedModelError(DetailError, ValueError):
@@ -79,24 +78,6 @@ def family_of_class(class_name: str) -> ModelFamily:
     )
 
 
-def read_model_index(model: str | os.PathLike, **hub_kwargs: Any) -> dict | None:
-    """The model's ``model_index.json`` (a local folder's, or a Hub repo's fetched into the cache), or ``None``."""
-    name = os.fspath(model)
-    if os.path.isdir(name):
-        path = Path(name) / "model_index.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    if os.path.exists(name):  # a single-file checkpoint: no index
-        return None
-    from huggingface_hub import hf_hub_download
-
-    from detailpp.config import _hub_misses
-
-    try:
-        return json.loads(Path(hf_hub_download(name, "model_index.json", **hub_kwargs)).read_text(encoding="utf-8"))
-    except _hub_misses():
-        return None
-
-
 def model_family(model: str | os.PathLike, **hub_kwargs: Any) -> ModelFamily | None:
     """The family of a model folder or Hub id from its ``model_index.json``; ``None`` when it has none to read."""
     index = read_model_index(model, **hub_kwargs)
@@ -106,3 +87,33 @@ def model_family(model: str | os.PathLike, **hub_kwargs: Any) -> ModelFamily | N
     if not isinstance(class_name, str):
         raise UnsupportedModelError(f"{model}'s model_index.json names no pipeline class (_class_name).")
     return family_of_class(class_name)
+
+
+#: The built-in models (no download) and their families.
+BUILTIN_MODELS: dict[str, ModelFamily] = {
+    "toy": ModelFamily("sdxl"),
+    "tiny-random": ModelFamily("sdxl"),
+    "sdxl-random": ModelFamily("sdxl"),
+    "tiny-random-sd15": ModelFamily("sd"),
+    "tiny-random-sd21": ModelFamily("sd"),
+    "sd15-random": ModelFamily("sd"),
+}
+
+#: What each built-in model is for, as the command line's ``--model`` help groups them.
+BUILTIN_ROLES: dict[str, str] = {
+    "toy": "trained",
+    "tiny-random": "tiny",
+    "tiny-random-sd15": "tiny",
+    "tiny-random-sd21": "tiny",
+    "sdxl-random": "full",
+    "sd15-random": "full",
+}
+
+
+def builtin_models_help() -> str:
+    """The built-in models in one phrase, from :data:`BUILTIN_MODELS` (so that no command's help can miss one)."""
+    by_role = {role: [n for n, r in BUILTIN_ROLES.items() if r == role] for role in ("trained", "tiny", "full")}
+    return (
+        f"{', '.join(by_role['trained'])} (the embedded model), random weights for checking the set-up: "
+        f"{', '.join(by_role['tiny'])} (tiny) and {', '.join(by_role['full'])} (full size, for timing)"
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from detailpp.errors import DetailError
-from detailpp.models.families import ModelFamily, UnsupportedModelError, model_family
+from detailpp.models.families import BUILTIN_MODELS, ModelFamily, UnsupportedModelError, model_family
 from detailpp.models.resources import DATA_DIR
 from detailpp.pipelines.base import dtype_kwarg  # (re-exported: its home is the pipelines' room)
 
@@ -28,15 +28,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-#: The built-in models (no download) and their families.
-BUILTIN_MODELS: dict[str, ModelFamily] = {
-    "toy": ModelFamily("sdxl"),
-    "tiny-random": ModelFamily("sdxl"),
-    "sdxl-random": ModelFamily("sdxl"),
-    "tiny-random-sd15": ModelFamily("sd"),
-    "tiny-random-sd21": ModelFamily("sd"),
-    "sd15-random": ModelFamily("sd"),
-}
 #: The Detail++ pipeline class of each model family, as ``module:attribute`` (imported only when used).
 FAMILY_PIPELINES: dict[ModelFamily, str] = {
     ModelFamily("sdxl"): "detailpp.pipelines.sdxl:DetailPlusPlusPipeline",
@@ -116,7 +107,7 @@ def model_detail_defaults(model: str, **hub_kwargs) -> dict:
     ``local_files_only``); ``{}`` for the other built-in models, single-file checkpoints and repos without the file
     or out of reach. Readable before loading (run identities, argument checks, the demo's controls). Raises
     :class:`~detailpp.config.ConfigError` when the file is found but holds bad fields."""
-    from detailpp.config import read_detail_defaults
+    from detailpp.hub import read_detail_defaults
 
     if model == "toy":
         return read_detail_defaults(TOY_MODEL_DIR)

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
-from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, DetailConfig, check_detail_fields, read_detail_defaults
+from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, DetailConfig, check_detail_fields
+from detailpp.hub import read_detail_defaults
 from detailpp.inputs import DetailInputError, check_image_side
 from detailpp.method.engine import BranchLayout, Conditioning, DetailEngine, UNetExtras
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
