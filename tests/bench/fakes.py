@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 
-from detailpp.bench.runner import run_identity
+from detailpp.bench.generation import run_identity
 from detailpp.bench.suites import Suite
 
 SUITE = Suite("custom", ("a red car and a blue bench", "a green dog", "a cat_with underscores / slash", "a bowl"))

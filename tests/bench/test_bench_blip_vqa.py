@@ -171,7 +171,8 @@ def test_the_enc_token_matters(blip):
 
 def test_score_command_on_a_tiny_model(blip, tmp_path):
     """`detailpp bench score --metric blip-vqa` end to end on a generated folder, resumable."""
-    from detailpp.bench.runner import load_manifest, run_generation, run_identity
+    from detailpp.bench.generation import run_generation, run_identity
+    from detailpp.bench.runs import load_manifest
     from detailpp.bench.suites import Suite
     from detailpp.cli import main
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from detailpp.bench.generation import run_generation, run_identity
 from detailpp.bench.metrics import Metric
-from detailpp.bench.runner import run_generation, run_identity, run_scoring
+from detailpp.bench.scoring import run_scoring
 from detailpp.bench.suites import Suite
 from tests.bench.fakes import SUITE, CountingScorer, fake_generate
 

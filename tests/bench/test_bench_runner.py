@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from detailpp.bench import BenchError
+from detailpp.bench.generation import run_generation
 from detailpp.bench.manifest import read_jsonl, strip_volatile
 from detailpp.bench.metrics import Metric
-from detailpp.bench.runner import plan_items, run_generation, run_scoring
+from detailpp.bench.runs import plan_items
+from detailpp.bench.scoring import run_scoring
 from detailpp.bench.sharding import Shard
 from tests.bench.fakes import IPP, SUITE, CountingScorer, fake_generate, identity
 from tests.paths import REPO, SRC
@@ -82,7 +84,7 @@ def _free_port() -> int:
 WORKER = """
 import sys
 from tests.bench.fakes import SUITE, fake_generate, identity
-from detailpp.bench.runner import run_generation
+from detailpp.bench.generation import run_generation
 from detailpp.bench.sharding import resolve_shard
 shard = resolve_shard()
 assert shard.launcher == "distributed" and shard.count == 2, shard

@@ -254,7 +254,7 @@ def test_written_files_honour_the_umask(tmp_path, umask, mode):
 
 
 def test_bench_manifest_has_the_mode_of_its_parts(tmp_path):
-    from detailpp.bench.runner import run_generation, run_identity
+    from detailpp.bench.generation import run_generation, run_identity
     from detailpp.bench.suites import load_suite
 
     suite = load_suite("t2i-color", None)

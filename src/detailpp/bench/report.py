@@ -20,7 +20,7 @@ from detailpp.atomic import atomic_write_bytes, atomic_write_text
 from detailpp.bench import BenchError
 from detailpp.bench.manifest import RUN_FILE, load_json
 from detailpp.bench.metrics import DECIMALS, LABELS, METRIC_NAMES
-from detailpp.bench.runner import _current_metric_configs, load_manifest, load_scores
+from detailpp.bench.runs import current_metric_configs, load_manifest, load_scores
 from detailpp.bench.suites import SUITE_NAMES
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def collect(folders: list[str | Path]) -> list[RunScores]:
             run.get("suite", "?"),
             int(run.get("num_prompts", 0)) * int(run.get("images_per_prompt", 0)),
         )
-        for metric in _current_metric_configs(folder):
+        for metric in current_metric_configs(folder):
             scored = load_scores(folder, metric)
             pairs = [
                 (records[i], s["score"])

@@ -302,7 +302,7 @@ def _suite_prompts(args: argparse.Namespace) -> tuple[Suite, list[str]]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from detailpp.bench.runner import check_run_identity, run_generation, run_identity
+    from detailpp.bench.generation import check_run_identity, run_generation, run_identity
     from detailpp.cli.common import quiet_loading
 
     suite, prompts = _suite_prompts(args)
@@ -433,7 +433,7 @@ def _plans(args: argparse.Namespace) -> int:
 # --- score -----------------------------------------------------------------------------------------------------------
 def _score(args: argparse.Namespace) -> int:
     from detailpp.bench.manifest import RUN_FILE, load_json
-    from detailpp.bench.runner import run_scoring
+    from detailpp.bench.scoring import run_scoring
 
     if not args.dir.is_dir():
         raise BenchError(f"{args.dir} is not a folder; give the --out folder of `detailpp bench generate`.")
