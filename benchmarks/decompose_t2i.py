@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from detailpp.models.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
 from detailpp.parsing.decompose import decompose_many, load_nlp
 from detailpp.plan import DecompositionPlan, PlanError
+from detailpp.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
 
 logger = logging.getLogger("decompose_t2i")
 

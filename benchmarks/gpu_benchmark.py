@@ -166,7 +166,7 @@ def unet_inputs(unet, batch: int, latent_hw: tuple[int, int], device, dtype, see
 
 def frozen(module: torch.nn.Module, freeze: bool = True):
     """The pipeline's own weight freezing (what nursing uses), or nothing."""
-    from detailpp.pipelines.sdxl import frozen_parameters
+    from detailpp.method.backbone import frozen_parameters
 
     return frozen_parameters(module) if freeze else contextlib.nullcontext()
 
@@ -198,7 +198,7 @@ def forward_backward(unet, inputs: dict[str, Any], stop_after: str | None = None
 
 
 def measure_floor(pipe, clock: Clock, args, batches: list[int], log: Callable[[str], None]) -> dict[str, Any]:
-    from detailpp.method.attention import find_mask_layers
+    from detailpp.backbones.unet import find_mask_layers
 
     unet, device, dtype = pipe.unet, pipe.unet.device, pipe.unet.dtype
     hw = (args.size // 8, args.size // 8)
@@ -652,10 +652,11 @@ class Benchmark:
         nursing pass vs the truncated batch-1 forward+backward floor; top kernels go to profile_*.txt."""
         from torch.profiler import ProfilerActivity, profile
 
+        from detailpp.backbones.unet import find_mask_layers
+        from detailpp.backbones.unet_attention import detail_processors
         from detailpp.config import DetailConfig
-        from detailpp.method.attention import AttentionState, CaptureSpec, detail_processors, find_mask_layers
-        from detailpp.method.engine import StopUNet as _StopUNet
-        from detailpp.method.engine import stop_after
+        from detailpp.method.attention import AttentionState, CaptureSpec
+        from detailpp.method.backbone import StopForward, stop_after
         from detailpp.method.nursing import nursing_loss
 
         unet, hw = self.detail.unet, (self.args.size // 8,) * 2
@@ -688,7 +689,7 @@ class Benchmark:
             with torch.enable_grad(), stop_after(unet, layers.last_block):
                 try:
                     unet(**{**b1, "sample": z}, return_dict=False)
-                except _StopUNet:
+                except StopForward:
                     pass
                 state.end(expect_self=False)
                 loss = nursing_loss(state.mean_full_probs(), tokens, plen, state.grid, cfg)

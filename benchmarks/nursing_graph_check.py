@@ -1,8 +1,8 @@
 """Is a CUDA-graphed nursing pass the eager pass? One pass's loss and gradient, eager twice and graphed, on one latent.
 
 Full-size random SDXL, fp16, 1024x1024, the 2-subject plan of ``benchmarks/reference``. At the first nursing step of
-a 2-step call, on that step's latent: the eager pass (``DetailEngine.nursing_loss`` + ``autograd.grad``) twice, then
-:meth:`DetailEngine.nursing_gradient` three times (warm-up and capture, then two replays). With
+a 2-step call, on that step's latent: the eager pass (``Nursing.loss`` + ``autograd.grad``) twice, then
+:meth:`Nursing.gradient` with graphs on three times (warm-up and capture, then two replays). With
 ``CHECK_WHOLE_CALLS=1``, two whole eager 4-step calls too (does the final latent repeat at all?). Prints max abs
 differences; writes ``nursing_graph_check.json`` under ``$OUT``.
 
@@ -22,22 +22,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
 
 
 def eager_and_graphed_passes(engine, t: torch.Tensor, z0: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
-    """(loss, gradient) of one nursing pass on ``z0``: eagerly twice (``nursing_loss`` + ``autograd.grad``), then
-    through ``engine.nursing_gradient`` three times (warm-up and capture, two replays on a GPU)."""
-    from detailpp.method.engine import frozen_parameters
+    """(loss, gradient) of one nursing pass on ``z0``: eagerly twice (``Nursing.loss`` + ``autograd.grad``), then
+    through ``Nursing.gradient`` three times (warm-up and capture, two replays on a GPU)."""
+    from detailpp.method.backbone import frozen_parameters
 
     z0 = z0.detach().clone()
     results = []
-    with frozen_parameters(engine.unet):
+    model_input = engine.backbone.model_input
+    with frozen_parameters(engine.backbone.denoiser):
         for _ in range(2):
             a = z0.clone().requires_grad_(True)
             with torch.enable_grad():
-                loss = engine.nursing_loss(a, t)
+                loss = engine.nursing.loss(model_input(a, t), t, engine)
                 (grad,) = torch.autograd.grad(loss, a)
             results.append((float(loss), grad.detach().clone()))
         for _ in range(3):
             b = z0.clone().requires_grad_(True)
-            loss, grad = engine.nursing_gradient(b, t)
+            loss, grad = engine.nursing.gradient(b, t, engine, model_input)
             results.append((float(loss), grad.detach().clone()))
     return results
 
@@ -46,7 +47,6 @@ def main() -> int:
     from record import SUB_PROMPTS, SUBJECTS, Scenario, initial_latent  # noqa: F401
 
     from detailpp import DetailConfig
-    from detailpp.method.compile import nursing_graphs
     from detailpp.method.engine import DetailEngine
     from detailpp.models.sdxl_random import build_sdxl_random_pipeline
     from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
@@ -57,13 +57,13 @@ def main() -> int:
     s = Scenario("check", config, steps=4, height=1024, width=1024)
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
-    def call(steps: int):
+    def call(steps: int, graphs: bool = False):
         return pipe(
             plan=s.plan(),
             num_inference_steps=steps,
             guidance_scale=7.5,
             latents=initial_latent(s, torch.float16, "cuda"),
-            detail_config=DetailConfig(**config),
+            detail_config=DetailConfig(**config, nursing_graphs=graphs),
             output_type="latent",
         )
 
@@ -82,14 +82,11 @@ def main() -> int:
                     "grad_equal_eager1": bool(torch.equal(grad, results[0][1])),
                     "grad_abs_max": float(grad.float().abs().max()),
                 }
-            engine._nursing_graph.release()
-            engine._nursing_graph = None
+            engine.nursing.release()
         return nurse(engine, i, t, latents)
 
     DetailEngine.nurse = check
-    nursing_graphs(pipe.unet, True)
-    call(2)
-    nursing_graphs(pipe.unet, False)
+    call(2, graphs=True)
     DetailEngine.nurse = nurse
     out["one_pass"] = seen
     path = Path(os.environ.get("OUT", ".")) / "nursing_graph_check.json"

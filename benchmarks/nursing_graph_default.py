@@ -106,7 +106,7 @@ def one_pass_check(pipe, call: Callable[[int], Any]) -> dict[str, Any]:
 
     def check(engine, i, t, latents):
         if i == 0 and not seen:
-            seen["graphs_in_use"] = bool(engine.nursing_graphs)
+            seen["graphs_in_use"] = bool(engine.nursing.graphs)
             results = eager_and_graphed_passes(engine, t, latents[0:1])
             for name, (loss, grad) in zip(("eager2", "warmup", "replay1", "replay2"), results[1:], strict=True):
                 seen[name] = {
@@ -116,9 +116,7 @@ def one_pass_check(pipe, call: Callable[[int], Any]) -> dict[str, Any]:
                 }
             seen["replays_equal_warmup"] = all(torch.equal(g, results[2][1]) for _, g in results[3:])
             seen["grad_abs_max"] = float(results[0][1].float().abs().max())
-            if engine._nursing_graph is not None:
-                engine._nursing_graph.release()
-                engine._nursing_graph = None
+            engine.nursing.release()
         return nurse(engine, i, t, latents)
 
     DetailEngine.nurse = check
@@ -147,7 +145,7 @@ def timed_call(call: Callable[[], Any]) -> dict[str, Any]:
 
 def variant(pipe, name: str, steps: tuple[int, ...], **extra: Any) -> dict[str, Any]:
     """One-pass check, then eager and default nursing at each of ``steps``."""
-    from detailpp.method.compile import nursing_graphs
+    switch: dict[str, bool | None] = {"nursing_graphs": None}
 
     def call(n: int, output_type: str = "pil"):
         return pipe(
@@ -157,21 +155,19 @@ def variant(pipe, name: str, steps: tuple[int, ...], **extra: Any) -> dict[str, 
             height=1024,
             width=1024,
             generator=torch.Generator("cuda").manual_seed(0),
-            detail_config=DetailConfig(**NURSING),
+            detail_config=DetailConfig(**NURSING, **switch),
             output_type=output_type,
             **extra,
         )
 
     row: dict[str, Any] = {"variant": name}
-    nursing_graphs(pipe.unet, None)
     row["one_pass"] = one_pass_check(pipe, call)
-    for label, switch in (("eager", False), ("default", None)):
-        nursing_graphs(pipe.unet, switch)
+    for label, graphs in (("eager", False), ("default", None)):
+        switch["nursing_graphs"] = graphs
         call(3)  # warm-up
         for n in steps:
             row[f"{label}_{n}"] = r = timed_call(lambda n=n: call(n))
             print(f"{name} {label} {n} steps: {r}", flush=True)
-    nursing_graphs(pipe.unet, None)
     return row
 
 
@@ -253,7 +249,6 @@ def measure(out_path: Path) -> dict[str, Any]:
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    from detailpp.method.compile import nursing_graphs
     from detailpp.method.engine import DetailEngine
     from detailpp.method.nursing import moves_weights_in_forward
     from detailpp.models.loading import dtype_kwarg
@@ -415,11 +410,10 @@ def measure(out_path: Path) -> dict[str, Any]:
 
         def recording(self, *a, **k):
             init(self, *a, **k)
-            engines.append(bool(self.nursing_graphs))
+            engines.append(bool(self.nursing.graphs))
 
         DetailEngine.__init__ = recording
         try:
-            nursing_graphs(pipe.unet, None)
             run = timed_call(
                 lambda: pipe(
                     plan=PLAN,

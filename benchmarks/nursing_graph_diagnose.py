@@ -6,7 +6,7 @@ alignment, step size 1750), 4 steps (``--steps``). Four whole calls from one ini
 loss recorded:
 
 1. eager; 2. eager again (is the eager call deterministic?); 3. graphed (one graph per call, captured at the first
-nursing pass: ``compile.nursing_graphs``); 4. graphed, the graph re-captured at every nursing step.
+nursing pass: ``DetailConfig.nursing_graphs``); 4. graphed, the graph re-captured at every nursing step.
 
 Prints, for 2-4 against 1, the first (step, pass) whose loss differs and the final latent's max abs difference, then
 times 20-step calls of 1, 3 and 4. Writes ``nursing_graph_diagnose.json`` under ``$OUT``.
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def recapture_each_step(self, i, t, latents):
         latents = original_nurse(self, i, t, latents)
-        if self._nursing_graph is not None:
-            self._nursing_graph.release()
-            self._nursing_graph = None
+        self.nursing.release()
         return latents
 
     def run(mode: str, recapture: bool, steps: int) -> tuple[float, Any]:

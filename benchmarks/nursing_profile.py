@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
+from detailpp.backbones.unet import find_mask_layers
+from detailpp.backbones.unet_attention import detail_processors
 from detailpp.config import DetailConfig
-from detailpp.method.attention import AttentionState, CaptureSpec, detail_processors, find_mask_layers
+from detailpp.method.attention import AttentionState, CaptureSpec
 from detailpp.method.nursing import nursing_loss
 
 PLAN = {
@@ -66,8 +68,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
+    from detailpp.method.backbone import frozen_parameters
     from detailpp.models.sdxl_random import build_sdxl_random_pipeline
-    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline, frozen_parameters
+    from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
     from detailpp.plan import load_plan, validate_plan
 
     pipe = build_sdxl_random_pipeline(DetailPlusPlusPipeline, device="cuda", dtype=torch.float16)
@@ -143,7 +146,7 @@ def main() -> int:
     table_cpu = events.table(sort_by="self_cpu_time_total", row_limit=25)
 
     # The pipeline's own nursing, per pass.
-    import detailpp.method.engine as pipeline_module
+    import detailpp.method.nursing as pipeline_module
 
     timings: list[tuple[float, int]] = []
     original = pipeline_module.nurse_latent

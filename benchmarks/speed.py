@@ -67,7 +67,7 @@ class Bench:
         from diffusers import StableDiffusionXLPipeline
         from record import versions
 
-        import detailpp.method.engine as engine
+        import detailpp.method.nursing as nursing
         from detailpp.models.sdxl_random import build_sdxl_random_pipeline
         from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
@@ -84,7 +84,7 @@ class Bench:
         self.nursing_calls: list[tuple[int, float, int]] = []  # (step, ms, passes) of every nurse_latent call
         self.profile_step: int | None = None  # profile the nurse_latent call of this step (kernel launches)
         self.profiled: dict[str, Any] = {}
-        self._wrap_nursing(engine)
+        self._wrap_nursing(nursing)
         self.results: dict[str, Any] = {
             "device": torch.cuda.get_device_name(),
             "versions": {**versions(), "python": platform.python_version()},
@@ -99,8 +99,8 @@ class Bench:
             "errors": [],
         }
 
-    def _wrap_nursing(self, engine: Any) -> None:
-        original = engine.nurse_latent
+    def _wrap_nursing(self, nursing: Any) -> None:
+        original = nursing.nurse_latent
         torch = self.torch
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -120,7 +120,7 @@ class Bench:
             self.nursing_calls.append((record.step, (time.perf_counter() - t0) * 1000, len(record.losses)))
             return out
 
-        engine.nurse_latent = timed
+        nursing.nurse_latent = timed
 
     def log(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.started:6.1f} s] {msg}", flush=True)
@@ -138,7 +138,6 @@ class Bench:
 
             self.results["errors"].append({"what": what, "error": f"{type(e).__name__}: {e}"})
             self.log(f"ERROR in {what}: {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
-            nursing_graphs_off(self.pipe.unet)
             self.save()
             return None
 
@@ -169,7 +168,6 @@ class Bench:
         from record import SUB_PROMPTS, SUBJECTS, authors_kwargs, initial_latent
 
         from detailpp import DetailConfig
-        from detailpp.method.compile import nursing_graphs
 
         torch = self.torch
         s = self.scenario(steps, bool(nursing))
@@ -189,7 +187,6 @@ class Bench:
             )
             self.authors_pipe = r.pipe
             return r.seconds, r
-        nursing_graphs(self.pipe.unet, mode.endswith("graphs"))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         if run == PLAIN:
@@ -204,12 +201,11 @@ class Bench:
                 num_inference_steps=steps,
                 guidance_scale=7.5,
                 latents=latents,
-                detail_config=DetailConfig(**s.config),
+                detail_config=DetailConfig(**s.config, nursing_graphs=mode.endswith("graphs")),
                 output_type=output_type,
             )
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        nursing_graphs(self.pipe.unet, False)
         return seconds, out
 
     def row(
@@ -273,12 +269,6 @@ class Bench:
         self.results["launches"][mode] = self.profiled
         self.log(f"launches per pass, {mode}: {self.profiled}")
         self.save()
-
-
-def nursing_graphs_off(unet: Any) -> None:
-    from detailpp.method.compile import nursing_graphs
-
-    nursing_graphs(unet, False)
 
 
 def count_launches(prof: Any, passes: int) -> dict[str, float]:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detailpp.models.resources import load_clip_tokenizer
 from detailpp.parsing.decompose import decompose, load_nlp
 from detailpp.plan import PlanError
+from detailpp.resources import load_clip_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "prompt_corpus.jsonl"
 

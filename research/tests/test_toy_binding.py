@@ -93,7 +93,7 @@ def test_branch_objects_follow_token_order_and_repeated_shapes():
 
 
 def test_scene_plan_matches_the_rule():
-    from detailpp.models.resources import load_clip_tokenizer
+    from detailpp.resources import load_clip_tokenizer
 
     spec = PromptSpec(
         "an orange cross next to a striped purple cross",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from detailpp.models.resources import DATA_DIR, load_clip_tokenizer
+from detailpp.resources import DATA_DIR, load_clip_tokenizer
 from research.toy.judge import (
     assign_objects,
     classify_errors,

@@ -201,7 +201,7 @@ def build_scheduler():
 
 def build_components(cfg: ToyModelConfig = DEFAULT) -> dict:
     """Freshly initialised components, keyed as :class:`~diffusers.StableDiffusionXLPipeline` expects."""
-    from detailpp.models.resources import load_clip_tokenizer
+    from detailpp.resources import load_clip_tokenizer
 
     te1, te2 = build_text_encoders(cfg)
     return {

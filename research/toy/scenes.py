@@ -602,7 +602,7 @@ class CaptionTokenizer:
 
     def __init__(self, tokenizer=None) -> None:
         if tokenizer is None:
-            from detailpp.models.resources import load_clip_tokenizer
+            from detailpp.resources import load_clip_tokenizer
 
             tokenizer = load_clip_tokenizer()
         self.tokenizer = tokenizer

@@ -157,6 +157,12 @@ class DetailConfig:
             (the authors read T before setting the timesteps, which makes alpha nearly constant; we do not).
         prune_branches: after the first S steps stop computing every branch but the last one, unless branch images
             were asked for. The final image is identical either way.
+        nursing_graphs: replay each nursing pass as one CUDA graph (the pass at batch 1 is bound by the host
+            launching its kernels; a replay costs its GPU time and computes what the eager pass computes): ``None``
+            (default) on CUDA devices, ``True`` on every device (the restructured pass runs eagerly on a CPU),
+            ``False`` never (``--eager-nursing``). Passes stay eager where they are no pure function of the latent
+            (the authors' maps over every pass, their OpenCV kernel, ControlNet) or where weights move in a forward
+            (sequential offload, group offloading): :func:`detailpp.method.nursing.use_nursing_graphs`.
         materialised_attention: compute attention through materialised maps, ``softmax(QK^T / sqrt(d)) V``, in every
             attention layer (what the authors' code does). Slow and memory-hungry: for tests and benchmarks only.
         granularity: how a prompt is split when no plan is given: one branch per ``"subject"`` (authors' code) or
@@ -188,6 +194,7 @@ class DetailConfig:
     nursing_max_iterations_late: int = 3
     nursing_step_size: float = 1750.0
     prune_branches: bool = True
+    nursing_graphs: bool | None = None
     materialised_attention: bool = False
     granularity: Literal["subject", "attribute"] = "subject"
     authors: AuthorsBehaviour = field(default_factory=AuthorsBehaviour)
@@ -261,6 +268,8 @@ class DetailConfig:
         for name in ("entropy_weight", "alignment_weight", "nursing_step_size", "blur_sigma"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.nursing_graphs not in (None, True, False):
+            raise ConfigError(f"nursing_graphs must be True, False or None, got {self.nursing_graphs!r}.")
         if self.entropy_temperature <= 0:
             raise ConfigError(f"entropy_temperature must be > 0, got {self.entropy_temperature}.")
         if self.nursing and not self.nursing_thresholds:

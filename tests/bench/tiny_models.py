@@ -102,7 +102,7 @@ def make_tiny_clip(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from detailpp.models.resources import load_clip_tokenizer
+    from detailpp.resources import load_clip_tokenizer
 
     torch.manual_seed(seed)
     config = CLIPConfig(

@@ -164,17 +164,15 @@ def test_compile_flag_calls_compile_detail(tmp_path, capsys, monkeypatch):
     assert "--compile" in capsys.readouterr().out
 
 
-def test_eager_nursing_flag_switches_the_nursing_graphs_off(tmp_path, monkeypatch):
-    from detailpp.method import compile as compile_module
-
-    switches = []
-    monkeypatch.setattr(compile_module, "nursing_graphs", lambda unet, enabled=True: switches.append(enabled))
+def test_eager_nursing_flag_switches_the_nursing_graphs_off(tmp_path):
     argv = ["generate", PROMPT, *FAST, "--no-nursing", "--output-dir", str(tmp_path)]
-    assert main(argv) == 0 and switches == []
-    assert main([*argv, "--seed", "1", "--eager-nursing"]) == 0 and switches == [False]
+    assert main(argv) == 0
+    assert main([*argv, "--seed", "1", "--eager-nursing"]) == 0
     for number, seed, eager in ((0, 0, False), (1, 1, True)):
         stem = f"{number:05d}-{seed}-a-red-teddy-bear-wearing-a-green-tracksuit"
-        assert json.loads((tmp_path / f"{stem}.json").read_text())["eager_nursing"] is eager
+        sidecar = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert sidecar["eager_nursing"] is eager
+        assert sidecar["detail_config"]["nursing_graphs"] is (False if eager else None)
 
 
 def test_generate_takes_the_model_folders_detail_defaults_under_its_flags(tmp_path):

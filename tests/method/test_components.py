@@ -8,8 +8,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
+from detailpp.backbones.unet_attention import DetailAttnProcessor
 from detailpp.config import DetailConfig
-from detailpp.method.attention import AttentionState, CaptureSpec, DetailAttnProcessor, MaskLayers
+from detailpp.method.attention import AttentionState, CaptureSpec, MaskLayers
 from detailpp.method.latent_modification import accumulate_latents
 from detailpp.method.masks import MaskAccumulator, binary_masks, normalized_maps
 from detailpp.method.nursing import (
@@ -215,8 +216,8 @@ def test_step_size_schedule_and_threshold_scaling():
 
 
 def test_token_indices_with_a_slow_tokenizer_match_the_fast_one():
-    from detailpp.models.resources import load_clip_tokenizer
     from detailpp.plan import subject_token_indices
+    from detailpp.resources import load_clip_tokenizer
 
     fast = load_clip_tokenizer()
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from detailpp import DetailConfig
+from detailpp.backbones.unet import Conditioning
 from detailpp.errors import DetailError
-from detailpp.method.engine import BranchLayout, Conditioning, DetailEngine
-from detailpp.models.resources import load_clip_tokenizer
+from detailpp.method.engine import BranchLayout, DetailEngine
 from detailpp.plan import BranchTokens, validate_plan
+from detailpp.resources import load_clip_tokenizer
 from tests.plans import TEDDY_PLAN
 
 PLAN = TEDDY_PLAN

@@ -1,5 +1,5 @@
-"""The nursing pass as one function of the UNet input (what is replayed as a CUDA graph on a GPU, by default): on the
-CPU it runs eagerly and must compute today's nursing loss and gradient bit for bit (tiny random SDXL). The capture
+"""The nursing pass as one function of the denoiser input (what is replayed as a CUDA graph on a GPU, by default): on
+the CPU it runs eagerly and must compute the nursing loss and gradient bit for bit (tiny random SDXL). The capture
 itself needs CUDA (``benchmarks/nursing_graph_default.py`` checks it on the GPU, with offload, LoRA and IP-Adapter).
 """
 
@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from detailpp import DetailConfig
-from detailpp.method.compile import compile_detail, nursing_graphs, uncompile
+from detailpp.config import ConfigError
 from detailpp.method.engine import DetailEngine
 from detailpp.method.nursing import (
-    NURSING_GRAPHS_ATTRIBUTE,
+    Nursing,
     NursingRecord,
     loss_and_gradient,
     moves_weights_in_forward,
     nurse_latent,
     subject_distributions,
     token_columns,
+    use_nursing_graphs,
 )
 from detailpp.models.tiny import build_tiny_pipeline
 from tests.plans import TEDDY_PLAN
@@ -64,6 +65,8 @@ def test_token_columns_give_the_same_subject_distributions():
 
 
 def test_nursing_gradient_equals_the_eager_loss_and_autograd_bit_for_bit(pipe, monkeypatch):
+    """The pass from its own leaf (the denoiser input), then back through the input scaling, gives the loss and the
+    gradient that one autograd pass from the latent gives."""
     seen: list[tuple] = []
     nurse = DetailEngine.nurse
 
@@ -72,10 +75,10 @@ def test_nursing_gradient_equals_the_eager_loss_and_autograd_bit_for_bit(pipe, m
             z0 = latents[0:1].detach() + 0.1 * torch.randn_like(latents[0:1])
             a = z0.clone().requires_grad_(True)
             with torch.enable_grad():
-                loss = engine.nursing_loss(a, t)
+                loss = engine.nursing.loss(engine.backbone.model_input(a, t), t, engine)
                 (grad,) = torch.autograd.grad(loss, a)
             b = z0.clone().requires_grad_(True)
-            loss_b, grad_b = engine.nursing_gradient(b, t)
+            loss_b, grad_b = engine.nursing.gradient(b, t, engine, engine.backbone.model_input)
             seen.append((loss.detach(), grad, loss_b.detach(), grad_b))
         return nurse(engine, i, t, latents)
 
@@ -102,56 +105,50 @@ def test_nurse_latent_with_gradient_of_follows_loss_of_exactly():
         nurse_latent(start, loss_of, record=r1, gradient_of=lambda z: loss_and_gradient(loss_of, z), **kwargs)
 
 
+def graphs_of_each_call(monkeypatch) -> list[bool]:
+    """Records, for every call from now on, whether its nursing replays CUDA graphs."""
+    decided: list[bool] = []
+    init = Nursing.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        decided.append(self.graphs)
+
+    monkeypatch.setattr(Nursing, "__init__", recording)
+    return decided
+
+
 def test_the_switch_runs_the_graph_path_and_changes_nothing(pipe, monkeypatch):
     eager = run(pipe)
-    calls = []
-    gradient = DetailEngine.nursing_gradient
-    monkeypatch.setattr(DetailEngine, "nursing_gradient", lambda e, z, t: calls.append(1) or gradient(e, z, t))
-    nursing_graphs(pipe.unet)
-    try:
-        assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is True
-        graphed = run(pipe)
-        # the reference preset's maps over every pass are history, not a function of the latent: eager
-        preset = DetailConfig.authors_preset(nursing=True, nursing_steps=1, nursing_max_iterations_early=1)
-        n = len(calls)
-        run(pipe, preset)
-        assert len(calls) == n
-    finally:
-        nursing_graphs(pipe.unet, enabled=False)
-    assert len(calls) == 6  # 2 steps x 3 passes, each through nursing_gradient
+    decided = graphs_of_each_call(monkeypatch)
+    graphed = run(pipe, CONFIG.replace(nursing_graphs=True))
+    # the authors' preset's maps over every pass are history, not a function of the latent: eager
+    preset = DetailConfig.authors_preset(nursing=True, nursing_steps=1, nursing_max_iterations_early=1)
+    run(pipe, preset.replace(nursing_graphs=True))
+    assert decided == [True, False]
     assert torch.equal(graphed.images, eager.images)
     assert [r.losses for r in graphed.nursing] == [r.losses for r in eager.nursing]
     assert [r.updates for r in graphed.nursing] == [3, 3]
 
 
-def test_compile_detail_sets_or_keeps_the_switch_and_uncompile_restores_the_default():
-    pipe = build_tiny_pipeline(seed=0)
-    for asked, expected in ((True, True), (False, False)):
-        compile_detail(pipe.unet, recompile_limit=None, cuda_graphs=asked, backend="eager")
-        try:
-            assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is expected
-            compile_detail(pipe.unet, recompile_limit=None, backend="eager")  # cuda_graphs=None: left as it is
-            assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is expected
-        finally:
-            uncompile(pipe.unet)
-        assert getattr(pipe.unet, NURSING_GRAPHS_ATTRIBUTE) is None
+def test_the_switch_is_a_documented_config_field():
+    assert DetailConfig().nursing_graphs is None and DetailConfig().to_dict()["nursing_graphs"] is None
+    assert DetailConfig.from_dict({"nursing_graphs": False}).nursing_graphs is False
+    with pytest.raises(ConfigError, match="nursing_graphs must be True, False or None, got 'yes'"):
+        DetailConfig(nursing_graphs="yes")
 
 
-def switch_of(unet, device: str) -> bool:
-    """What an engine on ``device`` decides from the UNet's switch."""
-    return DetailEngine.wants_nursing_graphs(SimpleNamespace(unet=unet, device=torch.device(device)))
+def switch_of(setting: bool | None, device: str) -> bool:
+    """What a call on ``device`` decides from the switch."""
+    return use_nursing_graphs(DetailConfig(nursing_graphs=setting), torch.device(device), pure=True)
 
 
 def test_graphs_are_the_default_on_cuda_only_and_the_switch_overrides_it():
-    unet = build_tiny_pipeline(seed=0).unet
-    assert not hasattr(unet, NURSING_GRAPHS_ATTRIBUTE)
-    assert switch_of(unet, "cuda") and not switch_of(unet, "cpu")
-    nursing_graphs(unet, False)
-    assert not switch_of(unet, "cuda") and not switch_of(unet, "cpu")
-    nursing_graphs(unet, True)
-    assert switch_of(unet, "cuda") and switch_of(unet, "cpu")
-    nursing_graphs(unet, None)
-    assert switch_of(unet, "cuda") and not switch_of(unet, "cpu")
+    assert switch_of(None, "cuda") and not switch_of(None, "cpu")
+    assert not switch_of(False, "cuda") and not switch_of(False, "cpu")
+    assert switch_of(True, "cuda") and switch_of(True, "cpu")
+    impure = use_nursing_graphs(DetailConfig(nursing_graphs=True), torch.device("cuda"), pure=False)
+    assert not impure  # ControlNet's inputs read the step index: eager
 
 
 def test_hooks_that_move_weights_are_found_and_model_offload_is_not():
@@ -179,12 +176,9 @@ def test_nursing_stays_eager_where_weights_move_even_when_graphs_are_asked_for(m
     pipe = build_tiny_pipeline(seed=0)
     expected = run(pipe)
     cpu_offload(pipe.unet, execution_device="cpu")
-    calls = []
-    gradient = DetailEngine.nursing_gradient
-    monkeypatch.setattr(DetailEngine, "nursing_gradient", lambda e, z, t: calls.append(1) or gradient(e, z, t))
-    nursing_graphs(pipe.unet, True)
-    got = run(pipe)
-    assert calls == []  # the eager path, not the graphed one
+    decided = graphs_of_each_call(monkeypatch)
+    got = run(pipe, CONFIG.replace(nursing_graphs=True))
+    assert decided == [False]  # the eager path, not the graphed one
     assert torch.equal(got.images, expected.images)
 
 
@@ -199,7 +193,7 @@ def test_the_graph_is_released_at_the_last_nursing_step_of_the_call(
 
     def with_graph(engine, i, t, latents):
         if i == 0:
-            engine._nursing_graph = SimpleNamespace(release=lambda: released.append(engine.current_step))
+            engine.nursing.graph = SimpleNamespace(release=lambda: released.append(engine.current_step))
         return nurse(engine, i, t, latents)
 
     monkeypatch.setattr(DetailEngine, "nurse", with_graph)

@@ -52,13 +52,15 @@ def load_fixture() -> tuple[dict[str, str], dict[str, dict], dict[str, torch.Ten
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert meta["commit"].startswith("e73155b")
     scenarios = {s["name"]: s for s in json.loads(meta["scenarios"])}
-    for s in scenarios.values():  # recorded before two DetailConfig fields were renamed
-        s["detail_config"] = {RENAMED.get(k, k): v for k, v in s["detail_config"].items()}
+    for s in scenarios.values():  # recorded before two DetailConfig fields were renamed and one was added
+        s["detail_config"] = {**ADDED, **{RENAMED.get(k, k): v for k, v in s["detail_config"].items()}}
     return meta, scenarios, tensors
 
 
 #: DetailConfig fields renamed since the fixture was recorded: old name -> new name.
 RENAMED = {"reference": "authors", "reference_attention": "materialised_attention"}
+#: DetailConfig fields added since, with the value the recording ran with (a speed setting: CUDA graphs, on no CPU).
+ADDED = {"nursing_graphs": None}
 
 
 META, SCENARIOS, TENSORS = load_fixture()

@@ -10,7 +10,6 @@ import re
 import pytest
 
 from detailpp.cli import main
-from detailpp.models.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
 from detailpp.parsing import decompose as dec
 from detailpp.plan import (
     CLIP_MAX_TOKENS,
@@ -20,6 +19,7 @@ from detailpp.plan import (
     load_plan,
     validate_plan,
 )
+from detailpp.resources import T2I_COMPBENCH_DIR, load_clip_tokenizer, read_prompt_file
 from tests.paths import SCRIPTS, load_script
 
 CORPUS_SCRIPT = SCRIPTS / "check_prompt_corpus.py"

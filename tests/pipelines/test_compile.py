@@ -10,7 +10,9 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from detailpp import Branch, DecompositionPlan, DetailConfig
-from detailpp.method.attention import AttentionState, detail_processors, find_mask_layers
+from detailpp.backbones.unet import find_mask_layers
+from detailpp.backbones.unet_attention import detail_processors
+from detailpp.method.attention import AttentionState
 from detailpp.method.compile import recompile_limit_key, uncompile
 from detailpp.models.tiny import build_tiny_pipeline
 from tests.plans import TEDDY_PLAN

@@ -17,15 +17,10 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from detailpp import DetailConfig
+from detailpp.backbones.unet import find_mask_layers
+from detailpp.backbones.unet_attention import DetailAttnProcessor, IPAdapterDetailProcessor
 from detailpp.inputs import DetailInputError
-from detailpp.method.attention import (
-    AttentionState,
-    CaptureSpec,
-    DetailAttnProcessor,
-    HookError,
-    IPAdapterDetailProcessor,
-    find_mask_layers,
-)
+from detailpp.method.attention import AttentionState, CaptureSpec, HookError
 from detailpp.models.sdxl_random import random_ip_adapter_state
 from detailpp.models.tiny import build_tiny_pipeline
 

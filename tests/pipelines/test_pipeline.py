@@ -9,7 +9,8 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from detailpp import Branch, DecompositionPlan, DetailConfig, PlanError
-from detailpp.method.attention import HookError, find_mask_layers
+from detailpp.backbones.unet import find_mask_layers
+from detailpp.method.attention import HookError
 from detailpp.pipelines.sdxl import DetailInputError
 from tests.plans import TEDDY_PLAN
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from detailpp import DecompositionPlan, DetailConfig
-from detailpp.method.attention import _block_levels, find_mask_layers
+from detailpp.backbones.unet import _block_levels, find_mask_layers
 from detailpp.models.families import ModelFamily, UnsupportedModelError
 from detailpp.models.loading import FAMILY_PIPELINES, load_pipeline, pipeline_class_for
 from detailpp.models.tiny_sd import build_tiny_sd_pipeline

@@ -367,7 +367,7 @@ def run_benchmark(
 def _tokenizer(model: str):
     from transformers import CLIPTokenizer
 
-    from detailpp.models.resources import load_clip_tokenizer
+    from detailpp.resources import load_clip_tokenizer
 
     if model in ("toy", "tiny-random", "sdxl-random"):  # SDXL's tokenizer (the toy model ships no copy)
         return load_clip_tokenizer()

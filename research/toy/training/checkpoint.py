@@ -74,7 +74,7 @@ def finalize_pipeline_folder(folder: str | Path) -> None:
     stored fp16 weights, while diffusers loads its models in float32 on its own: a mixed pipeline fails on the CPU).
     ``torch_dtype=torch.float16`` at load time still gives an all-fp16 pipeline.
     """
-    from detailpp.models.resources import CLIP_TOKENIZER_DIR
+    from detailpp.resources import CLIP_TOKENIZER_DIR
 
     folder = Path(folder)
     for name in ("tokenizer", "tokenizer_2"):

@@ -1,7 +1,7 @@
 """The prompt suites of the paper's benchmarks and the benchmark's seed schedule.
 
 - ``t2i-color``, ``t2i-texture``, ``t2i-shape``: T2I-CompBench's validation prompts (300 each), shipped in the package
-  (:data:`detailpp.models.resources.T2I_COMPBENCH_DIR`), scored with BLIP-VQA (and ImageReward).
+  (:data:`detailpp.resources.T2I_COMPBENCH_DIR`), scored with BLIP-VQA (and ImageReward).
 - ``scb``: the Style Composition Benchmark of the Detail++ paper: 300 prompts ``"A [style] style [subject] in a [style]
   style [background]"`` with the subject's style different from the background's, sampled from the 1050 valid
   combinations with the fixed, recorded seed :data:`SCB_SEED` (the authors' 300 are not published). The 300 are stored
@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from detailpp.bench import BenchError
-from detailpp.models.resources import DATA_DIR, T2I_COMPBENCH_DIR, read_prompt_file
+from detailpp.resources import DATA_DIR, T2I_COMPBENCH_DIR, read_prompt_file
 
 logger = logging.getLogger(__name__)
 

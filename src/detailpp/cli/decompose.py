@@ -71,7 +71,7 @@ def _table(plan: DecompositionPlan) -> str:
 
 
 def _read_prompts(path: str) -> list[str]:
-    from detailpp.models.resources import read_prompt_file
+    from detailpp.resources import read_prompt_file
 
     if path == "-":
         text = sys.stdin.read()

@@ -155,14 +155,15 @@ def flag_fields(args: argparse.Namespace) -> dict:
         "nursing": args.nursing,
         "centroid_alignment": args.centroid_alignment,
         "granularity": args.granularity,
+        "nursing_graphs": False if args.eager_nursing else None,
     }
     return {k: v for k, v in given.items() if v is not None}
 
 
 def check_token_window(text: str, what: str) -> None:
     """Refuse a prompt longer than CLIP's window (SDXL's text encoders would silently drop its end)."""
-    from detailpp.models.resources import load_clip_tokenizer
     from detailpp.plan import CLIP_MAX_TOKENS
+    from detailpp.resources import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
     ids = tokenizer(text, truncation=False, verbose=False).input_ids[1:-1]
@@ -213,8 +214,8 @@ def make_config(args: argparse.Namespace, model_fields: dict | None = None) -> D
 
 def early_plan(args: argparse.Namespace, config: DetailConfig) -> DecompositionPlan:
     """The plan (given or parsed), validated with SDXL's packaged CLIP tokenizer before the model is loaded."""
-    from detailpp.models.resources import load_clip_tokenizer
     from detailpp.plan import validate_plan
+    from detailpp.resources import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
     if args.plan is not None:
@@ -258,10 +259,6 @@ def _run(args: argparse.Namespace) -> int:
     plan = early_plan(args, config)
     pipe, load_seconds = load(args, model, device, dtype)
     config = make_config(args, dict(pipe.detail_defaults))
-    if args.eager_nursing:
-        from detailpp.method.compile import nursing_graphs
-
-        nursing_graphs(pipe.unet, False)
     if args.compile:
         pipe.compile_detail()
         logger.info(

@@ -1,16 +1,17 @@
-"""Regional ``torch.compile`` of the UNet for Detail++: the repeated transformer blocks, attention processors included.
+"""Regional ``torch.compile`` of the denoiser for Detail++: its repeated blocks, Detail++'s attention processors
+included.
 
-:func:`compile_detail` is diffusers' ``unet.compile_repeated_blocks()`` (every ``BasicTransformerBlock`` is compiled
-and, as they share one ``forward``, they share dynamo's graphs) plus what Detail++ needs on top: dynamo's recompile
-limit raised so that every variant stays compiled, and the compiled modules' names returned. Detail++'s processors
-(:mod:`detailpp.method.attention`) are traced into
+:func:`compile_detail` is diffusers' ``compile_repeated_blocks()`` (every block of the classes the model names in
+``_repeated_blocks`` is compiled: a UNet's ``BasicTransformerBlock``; as they share one ``forward``, they share
+dynamo's graphs) plus what Detail++ needs on top: dynamo's recompile limit raised so that every variant stays
+compiled, and the compiled modules' names returned. Detail++'s processors (:mod:`detailpp.backbones`) are traced into
 those graphs; they are written so that one graph serves every layer and every call:
 
-- the mask layers of a resolution level share one processor instance, which keeps no per-layer state (no layer name
-  or token lookup that dynamo would guard on);
-- the processors read only tensors and values fixed for the whole UNet call (share ranges, which capture is armed,
-  the token count of each level); they count their calls in a tensor, not in Python ints;
-- the capture's row selection and token weights are made once per call, before the UNet runs (no ``.item()`` or
+- the mask layers of a processor group (a UNet's resolution level) share one processor instance, which keeps no
+  per-layer state (no layer name or token lookup that dynamo would guard on);
+- the processors read only tensors and values fixed for the whole denoiser call (share ranges, which capture is
+  armed, the token count of each group); they count their calls in a tensor, not in Python ints;
+- the capture's row selection and token weights are made once per call, before the denoiser runs (no ``.item()`` or
   ``.tolist()``, hence no graph break, inside a block).
 
 A Detail++ call therefore compiles a handful of graphs in its first steps (the window's sharing and capture, the
@@ -18,12 +19,8 @@ steps after it, a nursing pass with gradients, and the plain layers at the other
 same plan shape (number of branches) and configuration compiles nothing. Another plan shape or configuration adds a
 graph or two. ``tests/pipelines/test_compile.py`` checks equality with eager, zero recompiles and zero graph breaks.
 
-Nursing passes also replay as CUDA graphs (:class:`detailpp.method.nursing.GraphedGradient`), compiled or not: a
-batch-1 pass is bound by the host launching its kernels, and a replay costs only its GPU time. This is the default on
-CUDA devices (:func:`nursing_graphs` switches it; ``compile_detail(cuda_graphs=...)`` too); the passes stay eager where
-the UNet's weights move during a forward (sequential offload, group offloading, diffusers' caching hooks). The graph is
-captured at a call's first nursing pass and freed after its last nursing step; it computes what the eager pass
-computes.
+Nursing passes also replay as CUDA graphs (``DetailConfig.nursing_graphs``, :class:`detailpp.method.nursing.
+GraphedGradient`), compiled or not: that switch is independent of compilation.
 """
 
 from __future__ import annotations
@@ -46,24 +43,7 @@ def recompile_limit_key() -> str:
     return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
-def nursing_graphs(unet: torch.nn.Module, enabled: bool | None = True) -> None:
-    """Replay Detail++'s nursing passes on ``unet`` as CUDA graphs: ``True`` on (on a CPU the restructured pass runs
-    eagerly), ``False`` off (eager passes), ``None`` the default (on for CUDA devices).
-
-    Applies to the configurations whose pass is a pure function of the latent and the timestep (not the authors'
-    preset's maps averaged over every pass, its OpenCV blur kernel, or ``unet_extras`` such as ControlNet's) and whose
-    weights stay put (:func:`detailpp.method.nursing.moves_weights_in_forward`); elsewhere the passes stay eager. Costs
-    one capture per call (about one pass) and the pass's activations kept in the graph's memory pool during the nursing
-    steps.
-    """
-    from detailpp.method.nursing import NURSING_GRAPHS_ATTRIBUTE
-
-    setattr(unet, NURSING_GRAPHS_ATTRIBUTE, None if enabled is None else bool(enabled))
-
-
-def compile_detail(
-    unet: torch.nn.Module, recompile_limit: int | None = 32, cuda_graphs: bool | None = None, **compile_kwargs: Any
-) -> list[str]:
+def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **compile_kwargs: Any) -> list[str]:
     """Compile ``unet``'s repeated transformer blocks in place: ``unet.compile_repeated_blocks(**compile_kwargs)``.
 
     Args:
@@ -72,8 +52,6 @@ def compile_detail(
             to at least this many graphs, process-wide. All blocks share one function, so the graphs of every
             configuration used (plain SDXL, each Detail++ plan shape with and without nursing) count against one
             limit; past it, new variants silently run eager. ``None`` leaves the setting alone.
-        cuda_graphs: the nursing passes' CUDA graphs (:func:`nursing_graphs`): ``True`` on, ``False`` off,
-            ``None`` leaves the setting as it is (by default: on for CUDA devices).
         compile_kwargs: passed to ``torch.compile`` (``mode``, ``backend``, ``fullgraph``, ``dynamic``...).
 
     Returns:
@@ -93,16 +71,12 @@ def compile_detail(
             logger.info("torch._dynamo.config.%s raised to %d for Detail++'s block variants.", key, recompile_limit)
             setattr(torch._dynamo.config, key, recompile_limit)
     unet.compile_repeated_blocks(**compile_kwargs)
-    if cuda_graphs is not None:
-        nursing_graphs(unet, cuda_graphs)
     logger.info("Compiled %d %s modules.", len(names), "/".join(classes))
     return names
 
 
 def uncompile(unet: torch.nn.Module) -> None:
-    """Undo :func:`compile_detail`: every module of ``unet`` runs eager again (dynamo's caches stay), and the nursing
-    graphs' switch is back to its default (on for CUDA devices)."""
-    nursing_graphs(unet, enabled=None)
+    """Undo :func:`compile_detail`: every module of ``unet`` runs eager again (dynamo's caches stay)."""
     for m in unet.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None

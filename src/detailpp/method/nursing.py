@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,23 +45,25 @@ def subject_distributions(
     temperature: float,
     eps: float = 1e-8,
     columns: Sequence[torch.Tensor] | None = None,
+    offset: int = 1,
 ) -> torch.Tensor:
     """``p_j`` for every subject: (subjects x tokens-of-the-grid), each summing to 1.
 
     Args:
-        probs: cross-attention probabilities averaged over heads and layers, (grid tokens x 77).
-        token_indices: each subject's token positions (start token = 0).
+        probs: cross-attention probabilities averaged over heads and layers, (grid tokens x text keys).
+        token_indices: each subject's token positions among the keys.
         prompt_length: number of the prompt's own tokens (start and end tokens excluded).
         temperature: softmax temperature over the prompt's tokens.
         eps: added to the min-max range and to the sum (the authors' code: 0).
         columns: :func:`token_columns` of ``token_indices``, made once on ``probs``' device: gathered with
             ``index_select``, whose kernels neither copy from nor sync with the host (a CUDA-graphed pass); the same
             values as the list index.
+        offset: the position of the prompt's first token among the keys (1 after CLIP's start token; 0 for T5).
     """
-    text = probs.float()[:, 1 : prompt_length + 1]
+    text = probs.float()[:, offset : offset + prompt_length]
     text = torch.softmax(text / temperature, dim=-1)
     if columns is None:
-        maps = torch.stack([text[:, [t - 1 for t in toks]].mean(dim=-1) for toks in token_indices])
+        maps = torch.stack([text[:, [t - offset for t in toks]].mean(dim=-1) for toks in token_indices])
     else:
         maps = torch.stack([text.index_select(1, c).mean(dim=-1) for c in columns])
     lo = maps.amin(dim=-1, keepdim=True)
@@ -68,9 +72,11 @@ def subject_distributions(
     return maps / (maps.sum(dim=-1, keepdim=True) + eps)
 
 
-def token_columns(token_indices: Sequence[Sequence[int]], device: torch.device | str) -> list[torch.Tensor]:
-    """Each subject's columns among the prompt's own tokens (position - 1), as index tensors on ``device``."""
-    return [torch.tensor([t - 1 for t in toks], dtype=torch.long, device=device) for toks in token_indices]
+def token_columns(
+    token_indices: Sequence[Sequence[int]], device: torch.device | str, offset: int = 1
+) -> list[torch.Tensor]:
+    """Each subject's columns among the prompt's own tokens (position - ``offset``), as index tensors on ``device``."""
+    return [torch.tensor([t - offset for t in toks], dtype=torch.long, device=device) for toks in token_indices]
 
 
 def entropy_loss(p: torch.Tensor) -> torch.Tensor:
@@ -153,11 +159,12 @@ def nursing_loss(
     grid: tuple[int, int],
     config: DetailConfig,
     columns: Sequence[torch.Tensor] | None = None,
+    offset: int = 1,
 ) -> torch.Tensor:
-    """``L = L_align + lambda * L_ent`` (eq. 6) from the averaged cross-attention of branch 0 (``columns``: see
-    :func:`subject_distributions`)."""
+    """``L = L_align + lambda * L_ent`` (eq. 6) from the averaged cross-attention of branch 0 (``columns``,
+    ``offset``: see :func:`subject_distributions`)."""
     eps = 0.0 if config.authors.nursing_no_epsilon else 1e-8
-    p = subject_distributions(probs, token_indices, prompt_length, config.entropy_temperature, eps, columns)
+    p = subject_distributions(probs, token_indices, prompt_length, config.entropy_temperature, eps, columns, offset)
     loss = p.new_zeros(())
     if config.entropy_loss:
         loss = loss + config.entropy_weight * entropy_loss(p)
@@ -200,12 +207,6 @@ class NursingRecord:
     @property
     def stopped_early(self) -> bool:
         return bool(self.losses) and self.losses[-1] < self.threshold
-
-
-#: The UNet attribute that says whether nursing passes run as CUDA graphs (:class:`GraphedGradient`), set by
-#: :func:`detailpp.method.compile.nursing_graphs`: true, on every device (eager on the CPU); false, never; absent or
-#: ``None`` (the default), on CUDA devices.
-NURSING_GRAPHS_ATTRIBUTE = "_detailpp_nursing_graphs"
 
 
 def moves_weights_in_forward(module: torch.nn.Module) -> tuple[str, ...]:
@@ -347,3 +348,177 @@ class GraphedGradient:
     def release(self) -> None:
         """Free the graph and its memory pool."""
         self.graph, self._static, self._out = None, (), None
+
+
+def num_nursing_steps(config: DetailConfig, n_subjects: int) -> int:
+    """How many of the first steps nurse branch 0 (none without detail branches or without a loss term)."""
+    if not (config.nursing and n_subjects > 0) or not (config.entropy_loss or config.centroid_alignment):
+        return 0
+    return config.nursing_steps
+
+
+def use_nursing_graphs(
+    config: DetailConfig, device: torch.device | str, *, pure: bool, denoiser: torch.nn.Module | None = None
+) -> bool:
+    """Whether a call's nursing passes replay as CUDA graphs (:class:`GraphedGradient`).
+
+    ``DetailConfig.nursing_graphs`` asks for them: ``True`` on every device (the restructured pass runs eagerly on a
+    CPU), ``False`` never, ``None`` (the default) on CUDA devices. They are used where a pass is a pure function of
+    the denoiser input and the timestep whose weights stay put: not with the authors' maps averaged over every pass
+    (history) or their OpenCV kernel (made on the host), not when the denoiser's inputs read the step index
+    (``pure=False``: ControlNet's scheduled scale), not where a hook moves or skips weights in a forward
+    (:func:`moves_weights_in_forward`, logged).
+    """
+    setting = config.nursing_graphs
+    if not (bool(setting) if setting is not None else torch.device(device).type == "cuda"):
+        return False
+    authors = config.authors
+    if authors.nursing_maps_all_passes or authors.opencv_blur or not pure:
+        return False
+    moving = moves_weights_in_forward(denoiser) if denoiser is not None else ()
+    if moving:
+        logger.info("Nursing passes run eagerly, not as CUDA graphs: %s.", ", ".join(moving))
+    return not moving
+
+
+class NursingPass(Protocol):
+    """One nursing pass of the denoiser, as the engine runs it for :class:`Nursing`."""
+
+    def __call__(self, sample: torch.Tensor, t: torch.Tensor, check: bool) -> torch.Tensor:
+        """Branch 0's head- and layer-averaged conditional text attention (grid tokens x keys) from the denoiser
+        input ``sample``, the forward cut after the last capture layer. ``check=True`` raises ``HookError`` when a
+        capture layer did not run; ``check=False`` reads nothing back from the device (what a CUDA graph captures)."""
+        ...
+
+    def verify(self) -> None:
+        """Raise ``HookError`` unless the latest pass ran every capture layer (a graph's first, eager, pass)."""
+        ...
+
+
+class Nursing:
+    """Attention nursing in one call (eqs. 6-9): which steps nurse, the one loss of a pass, the update loop, the
+    passes replayed as a CUDA graph, and what was done (:attr:`records`).
+
+    The engine hands :meth:`nurse` the pass (:class:`NursingPass`) and the denoiser's input scaling; nothing here
+    knows the denoiser.
+
+    Args:
+        config: the call's settings.
+        tokens: the plan's token positions (each subject's in p0, the prompt's length): a
+            :class:`~detailpp.plan.BranchTokens`.
+        grid: the capture layers' token grid.
+        num_inference_steps: T.
+        num_train_timesteps: the scheduler's training steps (the iteration cap and the step size read them).
+        prompt_offset: where the prompt's first token sits among the keys.
+        graphs: replay each pass as a CUDA graph on a CUDA device (:func:`use_nursing_graphs` decides).
+    """
+
+    def __init__(
+        self,
+        config: DetailConfig,
+        tokens: Any,
+        *,
+        grid: tuple[int, int],
+        num_inference_steps: int,
+        num_train_timesteps: int = 1000,
+        prompt_offset: int = 1,
+        graphs: bool = False,
+    ):
+        self.config, self.tokens, self.grid = config, tokens, grid
+        self.num_inference_steps, self.num_train_timesteps = num_inference_steps, num_train_timesteps
+        self.prompt_offset, self.graphs = prompt_offset, graphs
+        self.n_subjects = len(tokens.in_full)
+        #: how many of the first steps nurse branch 0
+        self.steps = num_nursing_steps(config, self.n_subjects)
+        #: what nursing did at each nursing step
+        self.records: list[NursingRecord] = []
+        #: the running sum of the maps over every pass so far (``authors.nursing_maps_all_passes``)
+        self.history: dict[str, Any] = {"sum": None, "passes": 0}
+        self.graph: GraphedGradient | None = None
+        self._columns: list[torch.Tensor] | None = None
+
+    def nurse(
+        self,
+        i: int,
+        t: torch.Tensor,
+        latent: torch.Tensor,
+        nursing_pass: NursingPass,
+        model_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Eq. 9 at step ``i``: branch 0's ``latent`` (one row) moved down the loss's gradient until the loss is under
+        the step's threshold or the iteration cap is reached; unchanged at steps >= :attr:`steps`."""
+        if i >= self.steps:
+            return latent
+        config, record = self.config, NursingRecord(step=i)
+        started = time.perf_counter()
+        latent = nurse_latent(
+            latent,
+            None,
+            iterations=max_iterations(config, float(t), self.num_train_timesteps),
+            threshold=config.threshold_at(i, self.n_subjects, self.grid[0] * self.grid[1]),
+            alpha=step_size(config, i, self.num_inference_steps, self.num_train_timesteps),
+            record=record,
+            update_then_test=config.authors.update_then_test,
+            gradient_of=lambda z0: self.gradient(z0, t, nursing_pass, model_input),
+        )
+        if i == min(self.steps, self.num_inference_steps) - 1:
+            self.release()  # the graph's memory pool is free for the steps after nursing (and the decode)
+        logger.debug("nursing at step %d took %.3f s", i, time.perf_counter() - started)
+        self.records.append(record)
+        return latent
+
+    def loss(
+        self, sample: torch.Tensor, t: torch.Tensor, nursing_pass: NursingPass, check: bool = True
+    ) -> torch.Tensor:
+        """Eq. 6 from the denoiser input ``sample``: the loss of every pass, eager or replayed."""
+        if self._columns is None or self._columns[0].device != sample.device:
+            self._columns = token_columns(self.tokens.in_full, sample.device, self.prompt_offset)
+        probs = nursing_pass(sample, t, check)
+        if (
+            self.config.authors.nursing_maps_all_passes
+        ):  # one store for every pass; the gradient flows through this one
+            history = self.history
+            total = probs if history["sum"] is None else history["sum"] + probs
+            history["sum"], history["passes"] = total.detach(), history["passes"] + 1
+            probs = total / history["passes"]
+        tokens = [list(x) for x in self.tokens.in_full]
+        return nursing_loss(
+            probs, tokens, self.tokens.prompt_length, self.grid, self.config, self._columns, self.prompt_offset
+        )
+
+    def gradient(
+        self,
+        z0: torch.Tensor,
+        t: torch.Tensor,
+        nursing_pass: NursingPass,
+        model_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass: the loss and its gradient with respect to ``z0`` (a leaf that requires grad).
+
+        The pass runs from the denoiser input, a leaf of its own: replayed as a CUDA graph on a GPU when
+        :attr:`graphs` (the first pass of a call runs eagerly and captures), eagerly elsewhere; the gradient then
+        flows back through the input scaling.
+        """
+        with torch.enable_grad():
+            sample = z0 if self.config.authors.unscaled_nursing_input else model_input(z0, t)
+        leaf = sample.detach().requires_grad_(True)
+        if self.graphs and leaf.device.type == "cuda":
+            first = self.graph is None
+            if first:
+                self.graph = GraphedGradient(lambda s, t_in: self.loss(s, t_in, nursing_pass, check=False))
+            t_in = t if torch.is_tensor(t) and t.device == leaf.device else torch.as_tensor(t, device=leaf.device)
+            loss, grad = self.graph(leaf, t_in)
+            if first:
+                nursing_pass.verify()
+        else:
+            loss, grad = loss_and_gradient(lambda s, t_in: self.loss(s, t_in, nursing_pass), leaf, t)
+        if sample is z0:
+            return loss, grad
+        (grad_z0,) = torch.autograd.grad(sample, z0, grad)
+        return loss, grad_z0
+
+    def release(self) -> None:
+        """Free the CUDA graph and its memory pool (after the call's last nursing step)."""
+        if self.graph is not None:
+            self.graph.release()
+            self.graph = None

@@ -17,8 +17,8 @@ import torch
 
 from detailpp.errors import DetailError
 from detailpp.models.families import BUILTIN_MODELS, ModelFamily, UnsupportedModelError, model_family
-from detailpp.models.resources import DATA_DIR
 from detailpp.pipelines.base import dtype_kwarg  # (re-exported: its home is the pipelines' room)
+from detailpp.resources import DATA_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +93,10 @@ def toy_model_available() -> bool:
 def packaged_tokenizers(folder: str | Path) -> dict:
     """``tokenizer=``/``tokenizer_2=`` for ``from_pretrained`` of a pipeline folder that ships no tokenizer (the
     embedded toy model, on SDXL's vocabulary): the package's one copy of SDXL's CLIP tokenizer files
-    (:func:`~detailpp.models.resources.load_clip_tokenizer`); ``{}`` for a folder with its own ``tokenizer/``."""
+    (:func:`~detailpp.resources.load_clip_tokenizer`); ``{}`` for a folder with its own ``tokenizer/``."""
     if (Path(folder) / "tokenizer").is_dir():
         return {}
-    from detailpp.models.resources import load_clip_tokenizer
+    from detailpp.resources import load_clip_tokenizer
 
     return {"tokenizer": load_clip_tokenizer(), "tokenizer_2": load_clip_tokenizer(second=True)}
 

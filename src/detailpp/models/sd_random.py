@@ -66,8 +66,8 @@ def sd15_components(device: str | torch.device, dtype: torch.dtype, seed: int = 
     from diffusers.models import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from detailpp.models.resources import load_clip_tokenizer
     from detailpp.models.tiny_sd import SD15_SCHEDULER_CONFIG
+    from detailpp.resources import load_clip_tokenizer
 
     device = torch.device(device)
     with torch.random.fork_rng(devices=_rng_devices(device)):

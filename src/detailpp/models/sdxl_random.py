@@ -130,8 +130,8 @@ def sdxl_components(device: str | torch.device, dtype: torch.dtype, seed: int = 
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from detailpp.models.resources import load_clip_tokenizer
     from detailpp.models.tiny import SDXL_SCHEDULER_CONFIG
+    from detailpp.resources import load_clip_tokenizer
 
     device = torch.device(device)
     with torch.random.fork_rng(devices=_rng_devices(device)):

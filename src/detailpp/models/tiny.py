@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from detailpp.models.resources import load_clip_tokenizer
+from detailpp.resources import load_clip_tokenizer
 
 #: SDXL base's scheduler settings.
 SDXL_SCHEDULER_CONFIG = {

@@ -21,8 +21,8 @@ import torch
 from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from detailpp.models.resources import load_clip_tokenizer
 from detailpp.models.tiny import tiny_vae
+from detailpp.resources import load_clip_tokenizer
 
 #: SD 1.5's scheduler_config.json (stable-diffusion-v1-5): PNDM (PLMS) on the scaled-linear schedule.
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {

@@ -40,6 +40,6 @@ def load_nlp() -> Any:
 
 
 def default_tokenizer() -> Any:
-    from detailpp.models.resources import load_clip_tokenizer
+    from detailpp.resources import load_clip_tokenizer
 
     return load_clip_tokenizer()

@@ -1,19 +1,18 @@
 """What every Detail++ pipeline class shares, whatever diffusers pipeline it extends.
 
-:class:`DetailPipelineMixin` goes in a pipeline's bases after its model's mixin (which overrides its hooks) and
+:class:`DetailPipelineMixin` goes in a pipeline's bases after its family's mixin (which overrides its hooks) and
 before the diffusers pipeline it extends (``StableDiffusionXLPipeline``, ``StableDiffusionPipeline``,
-``StableDiffusionXLControlNetPipeline``). It holds the
-model's recommended settings (``detail_config.json``), the plan (parsed or loaded, validated once), the checks every
-call makes before anything is encoded, the run of :class:`~detailpp.method.engine.DetailEngine` over the timesteps, and
-the fall-back to the base pipeline's own ``__call__`` for a plan without detail branch. A subclass adds what its base
-model needs: :meth:`encode_branches` (the UNet's conditioning of the branch batch), :meth:`check_base_inputs` (its base
-pipeline's own checks), :meth:`decode_latents_to_images` and, for models with extra UNet inputs (ControlNet's
-residuals), an ``unet_extras`` callable given to the engine.
+``StableDiffusionXLControlNetPipeline``). It holds the model's recommended settings (``detail_config.json``), the
+plan (parsed or loaded, validated once), the Detail++ part of every call's checks, and the stages each pipeline's
+``__call__`` runs in numbered steps, with explicit arguments, as diffusers' own ``__call__`` does: the fall-back to
+the base pipeline for a plan without detail branch, the branch prompts, the image prompt's embeddings, one initial
+noise for every branch, the engine (:class:`~detailpp.method.engine.DetailEngine`) over a backbone, the denoising loop
+and the output. A family adds what its base model needs: ``check_base_inputs`` (its base pipeline's own checks),
+``encode_branches`` (the conditioning of the branch batch), ``decode_latents_to_images``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -23,12 +22,13 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
-from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
+from detailpp.backbones.unet import Conditioning
 from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, DetailConfig, check_detail_fields
 from detailpp.hub import read_detail_defaults
 from detailpp.inputs import DetailInputError, check_image_side
-from detailpp.method.engine import BranchLayout, Conditioning, DetailEngine, UNetExtras
+from detailpp.method.backbone import Backbone
+from detailpp.method.engine import BranchLayout, DetailEngine
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import BranchTokens, DecompositionPlan, check_prompt_text, load_plan, validate_plan
 
@@ -47,12 +47,6 @@ UNSUPPORTED = {
 }
 
 
-def arguments_of(function: Callable, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The items of ``kwargs`` that ``function`` takes."""
-    names = inspect.signature(function).parameters
-    return {k: v for k, v in kwargs.items() if k in names}
-
-
 def dtype_kwarg(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``dtype=`` where diffusers takes it (newer releases deprecate ``torch_dtype``), else ``torch_dtype=``."""
     try:
@@ -60,15 +54,6 @@ def dtype_kwarg(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
     except ImportError:
         return {"torch_dtype": torch_dtype}
     return {"dtype": torch_dtype}
-
-
-def shared_arguments(detail_class: type, base_class: type) -> frozenset[str]:
-    """The ``__call__`` arguments of a Detail++ pipeline that its base pipeline takes too (a plan without branches
-    passes them on)."""
-    return (
-        frozenset(inspect.signature(detail_class.__call__).parameters)
-        & frozenset(inspect.signature(base_class.__call__).parameters)
-    ) - {"self", "kwargs"}
 
 
 class DetailPipelineMixin:
@@ -82,8 +67,6 @@ class DetailPipelineMixin:
     HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
     #: The diffusers pipeline whose ``__call__`` runs a plan without detail branch (set by each subclass).
     base_pipeline_class: ClassVar[type]
-    #: The arguments of ``__call__`` passed on to :attr:`base_pipeline_class` (set after each subclass).
-    base_arguments: ClassVar[frozenset[str]] = frozenset()
 
     # ------------------------------------------------------------------ loading and the model's recommendations
 
@@ -187,23 +170,20 @@ class DetailPipelineMixin:
 
     def check_detail_inputs(
         self,
-        plan: DecompositionPlan | dict | str | None = None,
-        detail_config: DetailConfig | None = None,
-        kwargs: dict[str, Any] | None = None,
-        *,
         prompt: str | None,
+        plan: DecompositionPlan | dict | str | None,
+        detail_config: DetailConfig | None,
         height: int,
         width: int,
         num_inference_steps: int,
-        **base_inputs: Any,
+        kwargs: dict[str, Any],
     ) -> tuple[DetailConfig, DecompositionPlan]:
-        """Every check of the call, before anything is encoded: fail early, with the fix in the message.
+        """The Detail++ part of a call's checks, before anything is encoded: fail early, with the fix in the message.
 
-        ``kwargs`` are the call's arguments beyond its signature; ``base_inputs`` go to :meth:`check_base_inputs`
-        when the plan has detail branches (a plain run checks its own). Returns the call's DetailConfig (the model's
-        :attr:`detail_defaults` when none is given) and its validated plan.
+        ``kwargs`` are the call's arguments beyond its signature. Returns the call's DetailConfig (the model's
+        :attr:`detail_defaults` when none is given) and its validated plan (parsed from ``prompt`` when not given).
         """
-        for name, value in (kwargs or {}).items():
+        for name, value in kwargs.items():
             if value is None or (name == "guess_mode" and value is False):
                 continue
             if name in UNSUPPORTED:
@@ -221,13 +201,10 @@ class DetailPipelineMixin:
         check_image_side("`width`", width)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        plan = self.prepare_plan(prompt, plan, config)
-        if plan.branches:
-            self.check_base_inputs(plan.prompt, height, width, **base_inputs)
-        return config, plan
+        return config, self.prepare_plan(prompt, plan, config)
 
-    def check_base_inputs(self, prompt: str, height: int, width: int, **base_inputs: Any) -> None:
-        """The base pipeline's own ``check_inputs`` for a Detail++ run (each subclass calls its base's)."""
+    def check_base_inputs(self, prompt: str, height: int, width: int, *args: Any, **kwargs: Any) -> None:
+        """The base pipeline's own ``check_inputs`` for a Detail++ run (each family calls its base's)."""
         raise NotImplementedError
 
     def check_ip_adapter_inputs(
@@ -262,15 +239,17 @@ class DetailPipelineMixin:
 
     # ------------------------------------------------------------------ the call's stages
 
-    def plain_call(self, plan: DecompositionPlan, base_kwargs: dict[str, Any], return_branch_images: bool) -> Any:
-        """A plan without detail branch: the base pipeline's own ``__call__`` with the call's arguments."""
+    def plain_call(self, plan: DecompositionPlan, return_branch_images: bool, **base_kwargs: Any) -> Any:
+        """A plan without detail branch: the base pipeline's own ``__call__`` on the plan's prompt with
+        ``base_kwargs`` (every other argument of the call, by name)."""
         logger.info(
             "The plan has no detail branch: running plain %s on %r.", self.base_pipeline_class.__name__, plan.prompt
         )
         names = [n for n in base_kwargs.get("callback_on_step_end_tensor_inputs", ["latents"]) if n != "masks"]
-        base_kwargs = {**base_kwargs, "prompt": plan.prompt, "callback_on_step_end_tensor_inputs": names}
-        out = self.base_pipeline_class.__call__(self, **{**base_kwargs, "return_dict": True})
-        if not base_kwargs.get("return_dict", True):
+        return_dict = base_kwargs.pop("return_dict", True)
+        base_kwargs |= {"prompt": plan.prompt, "callback_on_step_end_tensor_inputs": names, "return_dict": True}
+        out = self.base_pipeline_class.__call__(self, **base_kwargs)
+        if not return_dict:
             return (out.images,)
         branch_images = out.images if return_branch_images else None
         return DetailPlusPlusPipelineOutput(
@@ -322,123 +301,49 @@ class DetailPipelineMixin:
         embedding = self.get_guidance_scale_embedding(scale, embedding_dim=self.unet.config.time_cond_proj_dim)
         return embedding.to(device=device, dtype=dtype)
 
-    def detail_call(self, arguments: dict[str, Any], kwargs: dict[str, Any]) -> Any:
-        """The body of every Detail++ pipeline's ``__call__``, given the call's arguments (its ``locals()``, sizes
-        already defaulted) and its extra ``kwargs``: check once, plain fall-back, encode the branches, run."""
-        arguments = {k: v for k, v in arguments.items() if k not in ("self", "kwargs")}
-        base_kwargs = {name: value for name, value in arguments.items() if name in self.base_arguments}
-
-        # 1. Check every input, once; the plan (parsed from the prompt when absent).
-        checked = arguments_of(self.check_detail_inputs, arguments) | arguments_of(self.check_base_inputs, arguments)
-        config, plan = self.check_detail_inputs(kwargs=kwargs, **checked)
-        self.check_ip_adapter_inputs(
-            arguments.get("ip_adapter_image"),
-            arguments.get("ip_adapter_image_embeds"),
-            arguments.get("cross_attention_kwargs") if plan.branches else None,
-        )
-        if not plan.branches:
-            return self.plain_call(plan, base_kwargs, arguments.get("return_branch_images", False))
-        self.begin_call(
-            arguments["guidance_scale"],
-            arguments.get("guidance_rescale", 0.0),
-            arguments.get("clip_skip"),
-            arguments.get("cross_attention_kwargs"),
-        )
-        prompts = self.branch_prompts(plan, config)
-        layout = BranchLayout(len(prompts), self.do_classifier_free_guidance)
-
-        # 2. Every branch's conditioning; the image prompt (and a control image), the same for every branch.
-        device = self._execution_device
-        conditioning = self.encode_branches(prompts, device, **arguments_of(self.encode_branches, arguments))
-        image_embeds = self.branch_image_embeds(
-            layout, arguments.get("ip_adapter_image"), arguments.get("ip_adapter_image_embeds"), device
-        )
-        if image_embeds is not None:
-            conditioning.added["image_embeds"] = image_embeds
-        extras = self.unet_extras_for(layout, conditioning, arguments)
-
-        # 3. Timesteps, one initial noise for every branch, the engine's steps, decoding.
-        given = {"plan": plan, "config": config, "prompts": prompts, "layout": layout, "conditioning": conditioning}
-        rest = {k: v for k, v in arguments_of(self.run_detail, arguments).items() if k not in given}
-        return self.run_detail(**given, **rest, unet_extras=extras)
-
-    def unet_extras_for(
-        self, layout: BranchLayout, conditioning: Conditioning, arguments: dict[str, Any]
-    ) -> UNetExtras | None:
-        """Extra UNet inputs of this call for the engine (:class:`~detailpp.method.engine.UNetExtras`): none here; the
-        ControlNet pipeline returns its residuals."""
-        return None
-
-    def run_detail(
+    def prepare_branch_latents(
         self,
-        *,
-        plan: DecompositionPlan,
-        config: DetailConfig,
-        prompts: list[str],
         layout: BranchLayout,
-        conditioning: Conditioning,
         height: int,
         width: int,
-        num_inference_steps: int,
-        timesteps: list[int] | None,
-        sigmas: list[float] | None,
+        dtype: torch.dtype,
+        device: torch.device,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
-        eta: float,
-        output_type: str,
-        return_dict: bool,
+    ) -> torch.Tensor:
+        """One initial noise (or the given ``latents``), repeated for every branch."""
+        channels = self.unet.config.in_channels
+        latents = self.prepare_latents(1, channels, height, width, dtype, device, generator, latents)
+        return latents.repeat(layout.n_branches, 1, 1, 1)
+
+    def detail_engine(
+        self,
+        config: DetailConfig,
+        plan: DecompositionPlan,
+        prompts: list[str],
+        layout: BranchLayout,
+        backbone: Backbone,
+        num_inference_steps: int,
+        extra_step_kwargs: dict[str, Any],
         return_branch_images: bool,
         return_masks: bool,
-        callback_on_step_end: Callable[..., dict] | None,
-        callback_on_step_end_tensor_inputs: list[str],
-        unet_extras: UNetExtras | None = None,
-    ) -> DetailPlusPlusPipelineOutput | tuple:
-        """The call from the encoded branches on: timesteps, one initial noise, the engine's steps, decoding."""
-        device = self._execution_device
+    ) -> DetailEngine:
+        """The call's :class:`~detailpp.method.engine.DetailEngine`, with the plan's token positions."""
         previous = DetailEngine.needs_previous_tokens(config, len(plan.branches), return_masks)
         tokens = BranchTokens.of(plan, self.tokenizer, prompts, previous=previous)
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
-        )
-        # One initial noise, repeated for every branch.
-        dtype = conditioning.encoder_hidden_states.dtype
-        latents = self.prepare_latents(
-            1, self.unet.config.in_channels, height, width, dtype, device, generator, latents
-        )
-        latents = latents.repeat(layout.n_branches, 1, 1, 1)
-        conditioning.timestep_cond = self.guidance_embedding(latents.dtype, device)
-        engine = DetailEngine(
-            self.unet,
+        return DetailEngine(
+            backbone,
             self.scheduler,
             config,
             layout,
-            conditioning,
             tokens,
             num_inference_steps=num_inference_steps,
-            latent_hw=(latents.shape[-2], latents.shape[-1]),
-            device=device,
+            device=self._execution_device,
             guidance_scale=self.guidance_scale,
             guidance_rescale=self.guidance_rescale,
-            cross_attention_kwargs=self.cross_attention_kwargs,
-            extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
+            extra_step_kwargs=extra_step_kwargs,
             keep_all=return_branch_images,
             return_masks=return_masks,
-            unet_extras=unet_extras,
-        )
-        latents = self.denoise_branches(
-            engine, timesteps, latents, callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
-        decoded = self.postprocess_latents(latents if return_branch_images else latents[layout.last :], output_type)
-        masks_out = engine.masks() if return_masks else None
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (decoded[-1:],)
-        return DetailPlusPlusPipelineOutput(
-            images=decoded[-1:],
-            plan=plan,
-            branch_images=decoded if return_branch_images else None,
-            masks=masks_out,
-            nursing=engine.nursing_records,
         )
 
     def denoise_branches(
@@ -448,6 +353,7 @@ class DetailPipelineMixin:
         latents: torch.Tensor,
         callback_on_step_end: Callable[..., dict] | None,
         callback_on_step_end_tensor_inputs: list[str],
+        conditioning: Conditioning,
     ) -> torch.Tensor:
         """The denoising loop: the engine's step per timestep, Detail++'s processors installed for the loop."""
         self._num_timesteps = len(timesteps)
@@ -459,35 +365,47 @@ class DetailPipelineMixin:
                     continue
                 latents, masks = engine.step(i, t, latents)
                 if callback_on_step_end is not None:
-                    latents = self._step_end(
-                        callback_on_step_end,
-                        callback_on_step_end_tensor_inputs,
-                        i,
-                        t,
-                        latents,
-                        masks,
-                        engine.conditioning,
-                    )
+                    tensors = self.step_end_tensors(latents, masks, conditioning)
+                    names = callback_on_step_end_tensor_inputs
+                    outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in names if k in tensors})
+                    latents = outputs.pop("latents", latents)
                 progress_bar.update()
         return latents
 
-    def _step_end(
-        self,
-        callback: Callable[..., dict],
-        names: list[str],
-        i: int,
-        t: torch.Tensor,
-        latents: torch.Tensor,
-        masks: torch.Tensor | None,
-        conditioning: Conditioning,
-    ) -> torch.Tensor:
-        """``callback_on_step_end`` with the tensors it asked for; returns the latents it may have replaced."""
+    def step_end_tensors(
+        self, latents: torch.Tensor, masks: torch.Tensor | None, conditioning: Conditioning
+    ) -> dict[str, torch.Tensor | None]:
+        """The tensors ``callback_on_step_end`` may ask for (``latents`` one row per branch, the step's ``masks``)."""
         tensors = {"latents": latents, "prompt_embeds": conditioning.encoder_hidden_states, "masks": masks}
         added = conditioning.added
         if "text_embeds" in added:
             tensors |= {"add_text_embeds": added["text_embeds"], "add_time_ids": added["time_ids"]}
-        outputs = callback(self, i, t, {k: tensors[k] for k in names if k in tensors})
-        return outputs.pop("latents", latents)
+        return tensors
+
+    def detail_output(
+        self,
+        engine: DetailEngine,
+        plan: DecompositionPlan,
+        latents: torch.Tensor,
+        output_type: str,
+        return_dict: bool,
+        return_branch_images: bool,
+        return_masks: bool,
+    ) -> DetailPlusPlusPipelineOutput | tuple:
+        """Decode the last branch (every branch when asked) and return the call's output."""
+        last = engine.layout.last
+        decoded = self.postprocess_latents(latents if return_branch_images else latents[last:], output_type)
+        masks = engine.masks() if return_masks else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (decoded[-1:],)
+        return DetailPlusPlusPipelineOutput(
+            images=decoded[-1:],
+            plan=plan,
+            branch_images=decoded if return_branch_images else None,
+            masks=masks,
+            nursing=engine.nursing_records,
+        )
 
     # ------------------------------------------------------------------ decoding
 
@@ -520,4 +438,4 @@ class DetailPipelineMixin:
         return self.image_processor.postprocess(image, output_type=output_type)
 
 
-__all__ = ["DetailPipelineMixin", "UNSUPPORTED", "arguments_of", "shared_arguments"]
+__all__ = ["DetailPipelineMixin", "UNSUPPORTED", "dtype_kwarg"]

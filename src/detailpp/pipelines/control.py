@@ -1,12 +1,12 @@
-"""ControlNet's residuals for the Detail++ branch batch: the engine's :class:`~detailpp.method.engine.UNetExtras` for
+"""ControlNet's residuals for the Detail++ branch batch: the engine's :class:`~detailpp.backbones.unet.UNetExtras` for
 SDXL ControlNet (one ``ControlNetModel`` or a ``MultiControlNetModel``).
 
 What is computed once and what is repeated. Every branch of a Detail++ call denoises the same layout (the branches
 differ only in their prompts), so one control image serves them all. Before each UNet call of the engine,
 :class:`ControlResiduals` runs the ControlNet ONCE, on the FIRST branch of the call's rows: that branch's latent (the
 call's ``sample`` row of its unconditional and of its conditional row), its prompt's conditioning
-(:meth:`Conditioning.rows <detailpp.method.engine.Conditioning.rows>`) and the matching half of the CFG-doubled control
-image. The residuals are then repeated to every row of the call: each unconditional row gets the unconditional
+(:meth:`Conditioning.rows <detailpp.backbones.unet.Conditioning.rows>`) and the matching half of the CFG-doubled
+control image. The residuals are then repeated to every row of the call: each unconditional row gets the unconditional
 residual, each conditional row the conditional one. Within the sharing window the first branch is p0 (branch 0),
 whose self-attention every branch shares too; the ControlNet's own attention layers keep their processors.
 
@@ -25,14 +25,16 @@ multiplied by ``controlnet_conditioning_scale`` times that keep (0 or 1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from detailpp.method.engine import BranchLayout, Conditioning, frozen_parameters
+from detailpp.backbones.unet import Conditioning
+from detailpp.method.backbone import frozen_parameters
+from detailpp.method.engine import BranchLayout
 
 #: The UNet's ``added_cond_kwargs`` the ControlNet reads (diffusers gives it SDXL's text and time embeddings).
 CONTROLNET_ADDED = ("text_embeds", "time_ids")
@@ -62,7 +64,7 @@ def controlnet_keep(num_steps: int, start: Sequence[float], end: Sequence[float]
 @dataclass
 class ControlResiduals:
     """ControlNet's ``down_block_additional_residuals`` and ``mid_block_additional_residual`` for each UNet call of
-    the engine (an :class:`~detailpp.method.engine.UNetExtras`; see the module's documentation).
+    the engine (an :class:`~detailpp.backbones.unet.UNetExtras`; see the module's documentation).
 
     Attributes:
         controlnet: a ``ControlNetModel`` or a ``MultiControlNetModel``.
@@ -72,7 +74,7 @@ class ControlResiduals:
         start, end: ``control_guidance_start``/``end``, one per ControlNet.
         layout: the branch batch.
         conditioning: every batch row's conditioning.
-        num_timesteps: the call's number of timesteps (read at the first UNet call, once the timesteps are set).
+        num_timesteps: the call's number of timesteps.
     """
 
     controlnet: torch.nn.Module
@@ -82,8 +84,11 @@ class ControlResiduals:
     end: list[float]
     layout: BranchLayout
     conditioning: Conditioning
-    num_timesteps: Callable[[], int]
-    _keep: list[list[float]] | None = None
+    num_timesteps: int
+    _keep: list[list[float]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._keep = controlnet_keep(self.num_timesteps, self.start, self.end)
 
     @property
     def multi(self) -> bool:
@@ -91,8 +96,6 @@ class ControlResiduals:
 
     def scale_at(self, step: int) -> float | list[float]:
         """The step's conditioning scale: one float for one ControlNet, a list for a ``MultiControlNetModel``."""
-        if self._keep is None:
-            self._keep = controlnet_keep(self.num_timesteps(), self.start, self.end)
         scales = [c * k for c, k in zip(self.scales, self._keep[step], strict=True)]
         return scales if self.multi else scales[0]
 

@@ -13,10 +13,13 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.utils import replace_example_docstring
 
+from detailpp.backbones.unet import Conditioning, UNetBackbone
 from detailpp.config import DetailConfig
-from detailpp.method.engine import Conditioning
-from detailpp.pipelines.base import DetailPipelineMixin, shared_arguments
+from detailpp.method.engine import BranchLayout
+from detailpp.pipelines.base import DetailPipelineMixin
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan
 
@@ -84,9 +87,11 @@ class SDBranchesMixin:
         negative_prompt: str | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
+        image_embeds: list[torch.Tensor] | None = None,
     ) -> Conditioning:
         """SD's conditioning of the branch batch: every branch's prompt through the text encoder (one negative prompt
-        for all), rows ``[uncond x B, cond x B]`` with CFG; no added conditioning."""
+        for all), rows ``[uncond x B, cond x B]`` with CFG; IP-Adapter's ``image_embeds`` and the guidance embedding
+        when there are."""
         n, cfg = len(prompts), self.do_classifier_free_guidance
         embeds, negative_embeds = self.encode_prompt(
             prompts,
@@ -99,7 +104,8 @@ class SDBranchesMixin:
         )
         if cfg:
             embeds = torch.cat([negative_embeds, embeds])
-        return Conditioning(embeds.to(device))
+        added = {} if image_embeds is None else {"image_embeds": image_embeds}
+        return Conditioning(embeds.to(device), added, self.guidance_embedding(embeds.dtype, device))
 
     def decode_latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode as SD does it: ``vae.decode(latents / scaling_factor)``."""
@@ -141,6 +147,7 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
     base_pipeline_class = StableDiffusionPipeline
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | None = None,
@@ -183,16 +190,97 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
                 (``latents`` holds one row per branch; ``"masks"`` is the step's binary subject masks).
             detail_config, plan, return_branch_images, return_masks: as in :class:`~detailpp.DetailPlusPlusPipeline`.
 
+        Examples:
+
         Returns:
             :class:`DetailPlusPlusPipelineOutput` (or ``(images,)`` with ``return_dict=False``).
         """
+        # 0. Default height and width to the UNet's
         height, width = (self.default_size()[i] if v is None else v for i, v in enumerate((height, width)))
-        return self.detail_call(locals(), kwargs)
+
+        # 1. Check every input, once; the plan (parsed from the prompt when not given)
+        config, plan = self.check_detail_inputs(
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs
+        )
+        self.check_ip_adapter_inputs(
+            ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None
+        )
+        if not plan.branches:  # 2. A plan without detail branch: plain SD (which checks its own inputs)
+            return self.plain_call(
+                plan,
+                return_branch_images,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                eta=eta,
+                generator=generator,
+                latents=latents,
+                ip_adapter_image=ip_adapter_image,
+                ip_adapter_image_embeds=ip_adapter_image_embeds,
+                output_type=output_type,
+                return_dict=return_dict,
+                cross_attention_kwargs=cross_attention_kwargs,
+                guidance_rescale=guidance_rescale,
+                clip_skip=clip_skip,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
+        self.check_base_inputs(plan.prompt, height, width, negative_prompt, callback_on_step_end_tensor_inputs)
+
+        # 3. The branches: p0, p1, p2..pn, one batch ([uncond x n, cond x n] with guidance)
+        self.begin_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
+        device = self._execution_device
+        prompts = self.branch_prompts(plan, config)
+        layout = BranchLayout(len(prompts), self.do_classifier_free_guidance)
+
+        # 4. Every branch's conditioning (the image prompt, the same for every branch)
+        conditioning = self.encode_branches(
+            prompts,
+            device,
+            negative_prompt=negative_prompt,
+            cross_attention_kwargs=cross_attention_kwargs,
+            clip_skip=clip_skip,
+            image_embeds=self.branch_image_embeds(layout, ip_adapter_image, ip_adapter_image_embeds, device),
+        )
+
+        # 5. Timesteps, and one initial noise for every branch
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        dtype = conditioning.encoder_hidden_states.dtype
+        latents = self.prepare_branch_latents(layout, height, width, dtype, device, generator, latents)
+
+        # 6. The engine, on the UNet
+        backbone = UNetBackbone(
+            self.unet,
+            self.scheduler,
+            conditioning,
+            tuple(latents.shape[-2:]),
+            share_layers=config.share_layers if config.share_attention else "lowest",
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        engine = self.detail_engine(
+            config,
+            plan,
+            prompts,
+            layout,
+            backbone,
+            num_inference_steps,
+            extra_step_kwargs,
+            return_branch_images,
+            return_masks,
+        )
+
+        # 7. Denoise every branch; 8. decode
+        latents = self.denoise_branches(
+            engine, timesteps, latents, callback_on_step_end, callback_on_step_end_tensor_inputs, conditioning
+        )
+        return self.detail_output(engine, plan, latents, output_type, return_dict, return_branch_images, return_masks)
 
 
-DetailPlusPlusSDPipeline.base_arguments = shared_arguments(DetailPlusPlusSDPipeline, StableDiffusionPipeline)
-#: The arguments of :meth:`DetailPlusPlusSDPipeline.__call__` that plain SD takes too (a plan without branches
-#: passes them on).
-SD_ARGUMENTS = DetailPlusPlusSDPipeline.base_arguments
-
-__all__ = ["DetailPlusPlusSDPipeline", "SDBranchesMixin", "SD_ARGUMENTS"]
+__all__ = ["DetailPlusPlusSDPipeline", "SDBranchesMixin"]

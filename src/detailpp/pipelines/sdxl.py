@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from diffusers.utils import replace_example_docstring
 
 try:
     from diffusers.utils.torch_utils import get_module_execution_device
@@ -24,11 +26,12 @@ except ImportError:  # diffusers < 0.40: no offload-aware helper
         return module.device
 
 
+from detailpp.backbones.unet import Conditioning, UNetBackbone
 from detailpp.config import DetailConfig
 from detailpp.inputs import DetailInputError
 from detailpp.method.attention import HookError
-from detailpp.method.engine import Conditioning, StopUNet, frozen_parameters
-from detailpp.pipelines.base import UNSUPPORTED, DetailPipelineMixin, shared_arguments
+from detailpp.method.engine import BranchLayout
+from detailpp.pipelines.base import UNSUPPORTED, DetailPipelineMixin
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan
 
@@ -102,9 +105,11 @@ class SDXLBranchesMixin:
         negative_crops_coords_top_left: tuple[int, int] = (0, 0),
         negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
+        image_embeds: list[torch.Tensor] | None = None,
     ) -> Conditioning:
         """SDXL's conditioning of the branch batch: every branch's prompt through both text encoders (one negative
-        prompt for all), the pooled embeddings and the size and crop ids, rows ``[uncond x B, cond x B]`` with CFG."""
+        prompt for all), the pooled embeddings and the size and crop ids, rows ``[uncond x B, cond x B]`` with CFG;
+        IP-Adapter's ``image_embeds`` (:meth:`branch_image_embeds`) and the guidance embedding when there are."""
         n, cfg = len(prompts), self.do_classifier_free_guidance
         embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
             prompt=prompts,
@@ -139,7 +144,9 @@ class SDXLBranchesMixin:
             embeds, pooled = torch.cat([negative_embeds, embeds]), torch.cat([negative_pooled, pooled])
             time_ids = torch.cat([negative_time_ids.repeat(n, 1), time_ids])
         added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device)}
-        return Conditioning(embeds.to(device), added)
+        if image_embeds is not None:
+            added["image_embeds"] = image_embeds
+        return Conditioning(embeds.to(device), added, self.guidance_embedding(embeds.dtype, device))
 
     def decode_latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode as SDXL does it (fp16 VAEs that ask for it are upcast; ``latents_mean``/``std`` applied)."""
@@ -191,6 +198,7 @@ class DetailPlusPlusPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffu
     base_pipeline_class = StableDiffusionXLPipeline
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | None = None,
@@ -247,21 +255,113 @@ class DetailPlusPlusPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffu
                 (``pipe.load_ip_adapter(...)``), as in ``StableDiffusionXLPipeline``; every branch gets it (the masks
                 come from the text tokens only). ``ip_adapter_masks`` are not supported.
 
+        Examples:
+
         Returns:
             :class:`DetailPlusPlusPipelineOutput` (or ``(images,)`` with ``return_dict=False``).
         """
+        # 0. Default height and width to the UNet's
         height = self.default_sample_size * self.vae_scale_factor if height is None else height
         width = self.default_sample_size * self.vae_scale_factor if width is None else width
-        return self.detail_call(locals(), kwargs)
 
+        # 1. Check every input, once; the plan (parsed from the prompt when not given)
+        config, plan = self.check_detail_inputs(
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs
+        )
+        self.check_ip_adapter_inputs(
+            ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None
+        )
+        if not plan.branches:  # 2. A plan without detail branch: plain SDXL (which checks its own inputs)
+            return self.plain_call(
+                plan,
+                return_branch_images,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                eta=eta,
+                generator=generator,
+                latents=latents,
+                output_type=output_type,
+                return_dict=return_dict,
+                cross_attention_kwargs=cross_attention_kwargs,
+                original_size=original_size,
+                crops_coords_top_left=crops_coords_top_left,
+                target_size=target_size,
+                negative_original_size=negative_original_size,
+                negative_crops_coords_top_left=negative_crops_coords_top_left,
+                negative_target_size=negative_target_size,
+                clip_skip=clip_skip,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                ip_adapter_image=ip_adapter_image,
+                ip_adapter_image_embeds=ip_adapter_image_embeds,
+            )
+        self.check_base_inputs(plan.prompt, height, width, negative_prompt, callback_on_step_end_tensor_inputs)
 
-DetailPlusPlusPipeline.base_arguments = shared_arguments(DetailPlusPlusPipeline, StableDiffusionXLPipeline)
-#: The arguments of :meth:`DetailPlusPlusPipeline.__call__` that plain SDXL takes too (a plan without branches
-#: passes them on).
-SDXL_ARGUMENTS = DetailPlusPlusPipeline.base_arguments
+        # 3. The branches: p0, p1, p2..pn, one batch ([uncond x n, cond x n] with guidance)
+        self.begin_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
+        device = self._execution_device
+        prompts = self.branch_prompts(plan, config)
+        layout = BranchLayout(len(prompts), self.do_classifier_free_guidance)
 
-#: The former private names (benchmarks/gpu_benchmark.py uses them).
-_StopUNet = StopUNet
+        # 4. Every branch's conditioning (the image prompt, the same for every branch)
+        conditioning = self.encode_branches(
+            prompts,
+            device,
+            height,
+            width,
+            negative_prompt=negative_prompt,
+            cross_attention_kwargs=cross_attention_kwargs,
+            original_size=original_size,
+            crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size,
+            clip_skip=clip_skip,
+            image_embeds=self.branch_image_embeds(layout, ip_adapter_image, ip_adapter_image_embeds, device),
+        )
+
+        # 5. Timesteps, and one initial noise for every branch
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        dtype = conditioning.encoder_hidden_states.dtype
+        latents = self.prepare_branch_latents(layout, height, width, dtype, device, generator, latents)
+
+        # 6. The engine, on the UNet
+        backbone = UNetBackbone(
+            self.unet,
+            self.scheduler,
+            conditioning,
+            tuple(latents.shape[-2:]),
+            share_layers=config.share_layers if config.share_attention else "lowest",
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        engine = self.detail_engine(
+            config,
+            plan,
+            prompts,
+            layout,
+            backbone,
+            num_inference_steps,
+            extra_step_kwargs,
+            return_branch_images,
+            return_masks,
+        )
+
+        # 7. Denoise every branch; 8. decode
+        latents = self.denoise_branches(
+            engine, timesteps, latents, callback_on_step_end, callback_on_step_end_tensor_inputs, conditioning
+        )
+        return self.detail_output(engine, plan, latents, output_type, return_dict, return_branch_images, return_masks)
+
 
 __all__ = [
     "DetailInputError",
@@ -269,5 +369,4 @@ __all__ = [
     "HookError",
     "SDXLBranchesMixin",
     "UNSUPPORTED",
-    "frozen_parameters",
 ]

@@ -18,11 +18,14 @@ import PIL.Image
 import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from diffusers.utils import replace_example_docstring
 
+from detailpp.backbones.unet import UNetBackbone
 from detailpp.config import DetailConfig
 from detailpp.inputs import DetailInputError
 from detailpp.method.engine import BranchLayout
-from detailpp.pipelines.base import DetailPipelineMixin, arguments_of, shared_arguments
+from detailpp.pipelines.base import DetailPipelineMixin
 from detailpp.pipelines.control import ControlResiduals, align_guidance, as_list
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.pipelines.sdxl import SDXLBranchesMixin
@@ -192,7 +195,7 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> None:
         """The ControlNet pipeline's own ``check_inputs`` (image, scales, guidance windows; IP-Adapter's are
-        :meth:`check_ip_adapter_inputs`, run by ``detail_call`` for every plan)."""
+        :meth:`check_ip_adapter_inputs`, run by ``__call__`` for every plan)."""
         start, end = align_guidance(control_guidance_start, control_guidance_end, len(self.controlnets))
         self.check_inputs(
             prompt,
@@ -208,10 +211,6 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
 
-    def unet_extras_for(self, layout: BranchLayout, conditioning: Any, arguments: dict[str, Any]) -> ControlResiduals:
-        """The engine's extra UNet inputs: the call's ControlNet residuals (:meth:`control_residuals`)."""
-        return self.control_residuals(layout, conditioning, **arguments_of(self.control_residuals, arguments))
-
     def control_residuals(
         self,
         layout: BranchLayout,
@@ -222,9 +221,11 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
         controlnet_conditioning_scale: float | list[float],
         control_guidance_start: float | list[float],
         control_guidance_end: float | list[float],
+        num_timesteps: int,
     ) -> ControlResiduals:
-        """The call's :class:`ControlResiduals`: each control image prepared once (``prepare_image``, batch 1,
-        CFG-doubled), one scale and guidance window per ControlNet."""
+        """The call's :class:`ControlResiduals` (the engine's extra UNet inputs, once the timesteps exist): each
+        control image prepared once (``prepare_image``, batch 1, CFG-doubled), one scale and guidance window per
+        ControlNet."""
         n = len(self.controlnets)
         images = image if n > 1 else [image]
         prepared = [
@@ -242,11 +243,10 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
         ]
         start, end = align_guidance(control_guidance_start, control_guidance_end, n)
         scales = [float(s) for s in as_list(controlnet_conditioning_scale, n)]
-        return ControlResiduals(
-            self.controlnet, prepared, scales, start, end, layout, conditioning, lambda: self.num_timesteps
-        )
+        return ControlResiduals(self.controlnet, prepared, scales, start, end, layout, conditioning, num_timesteps)
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | None = None,
@@ -293,14 +293,137 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
                 ``StableDiffusionXLControlNetPipeline`` (one value, or a list of one per ControlNet).
             every other argument: as in :meth:`detailpp.DetailPlusPlusPipeline.__call__` (no ``guidance_rescale``:
                 the ControlNet pipeline has none); ``guess_mode`` is not supported. Returns the same output.
+
+        Examples:
         """
+        # 0. The size is the control image's
         scale = controlnet_conditioning_scale
         height, width, controlnet_conditioning_scale = self.check_control_inputs(image, height, width, scale)
-        return self.detail_call(locals(), kwargs)
 
+        # 1. Check every input, once; the plan (parsed from the prompt when not given)
+        config, plan = self.check_detail_inputs(
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs
+        )
+        self.check_ip_adapter_inputs(
+            ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None
+        )
+        if not plan.branches:  # 2. A plan without detail branch: the plain ControlNet pipeline
+            return self.plain_call(
+                plan,
+                return_branch_images,
+                image=image,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                guidance_scale=guidance_scale,
+                eta=eta,
+                generator=generator,
+                latents=latents,
+                output_type=output_type,
+                return_dict=return_dict,
+                cross_attention_kwargs=cross_attention_kwargs,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                control_guidance_start=control_guidance_start,
+                control_guidance_end=control_guidance_end,
+                original_size=original_size,
+                crops_coords_top_left=crops_coords_top_left,
+                target_size=target_size,
+                negative_original_size=negative_original_size,
+                negative_crops_coords_top_left=negative_crops_coords_top_left,
+                negative_target_size=negative_target_size,
+                clip_skip=clip_skip,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                ip_adapter_image=ip_adapter_image,
+                ip_adapter_image_embeds=ip_adapter_image_embeds,
+            )
+        self.check_base_inputs(
+            plan.prompt,
+            height,
+            width,
+            image,
+            negative_prompt,
+            controlnet_conditioning_scale,
+            control_guidance_start,
+            control_guidance_end,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs,
+        )
 
-DetailPlusPlusControlNetPipeline.base_arguments = shared_arguments(
-    DetailPlusPlusControlNetPipeline, StableDiffusionXLControlNetPipeline
-)
+        # 3. The branches: p0, p1, p2..pn, one batch ([uncond x n, cond x n] with guidance)
+        self.begin_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
+        device = self._execution_device
+        prompts = self.branch_prompts(plan, config)
+        layout = BranchLayout(len(prompts), self.do_classifier_free_guidance)
+
+        # 4. Every branch's conditioning (the image prompt, the same for every branch)
+        conditioning = self.encode_branches(
+            prompts,
+            device,
+            height,
+            width,
+            negative_prompt=negative_prompt,
+            cross_attention_kwargs=cross_attention_kwargs,
+            original_size=original_size,
+            crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size,
+            clip_skip=clip_skip,
+            image_embeds=self.branch_image_embeds(layout, ip_adapter_image, ip_adapter_image_embeds, device),
+        )
+
+        # 5. Timesteps, one initial noise for every branch, and the ControlNet's residuals for every UNet call
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        dtype = conditioning.encoder_hidden_states.dtype
+        latents = self.prepare_branch_latents(layout, height, width, dtype, device, generator, latents)
+        residuals = self.control_residuals(
+            layout,
+            conditioning,
+            image,
+            height,
+            width,
+            controlnet_conditioning_scale,
+            control_guidance_start,
+            control_guidance_end,
+            len(timesteps),
+        )
+
+        # 6. The engine, on the UNet with the residuals
+        backbone = UNetBackbone(
+            self.unet,
+            self.scheduler,
+            conditioning,
+            tuple(latents.shape[-2:]),
+            share_layers=config.share_layers if config.share_attention else "lowest",
+            cross_attention_kwargs=cross_attention_kwargs,
+            extras=residuals,
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        engine = self.detail_engine(
+            config,
+            plan,
+            prompts,
+            layout,
+            backbone,
+            num_inference_steps,
+            extra_step_kwargs,
+            return_branch_images,
+            return_masks,
+        )
+
+        # 7. Denoise every branch; 8. decode
+        latents = self.denoise_branches(
+            engine, timesteps, latents, callback_on_step_end, callback_on_step_end_tensor_inputs, conditioning
+        )
+        return self.detail_output(engine, plan, latents, output_type, return_dict, return_branch_images, return_masks)
+
 
 __all__ = ["DetailPlusPlusControlNetPipeline", "image_size", "load_controlnet", "tiny_controlnet", "with_controlnets"]
