@@ -165,6 +165,15 @@ class DetailConfig:
             (sequential offload, group offloading): :func:`detailpp.method.nursing.use_nursing_graphs`.
         materialised_attention: compute attention through materialised maps, ``softmax(QK^T / sqrt(d)) V``, in every
             attention layer (what the authors' code does). Slow and memory-hungry: for tests and benchmarks only.
+        mmdit_share_blocks: on a transformer (FLUX, SD3), the joint blocks in which every branch takes branch 0's
+            image queries and image keys (its text keys and all values its own): the MMDiT form of section 3.2.
+            ``None``: the family's default (docs/method.md, "Detail++ on MMDiT"); ``()``: none. Block indices count
+            FLUX's double-stream blocks, SD3's joint blocks. Ignored by UNet pipelines.
+        mmdit_capture_blocks: on a transformer, the joint blocks whose image-to-text attention makes the subject maps
+            (eq. 3) and the nursing loss; a nursing pass runs up to the last of them. ``None``: the family's default.
+        mmdit_capture_softmax: ``"text"``: the image queries' softmax over the text keys (a UNet cross-attention's
+            normalisation; cheap); ``"joint"``: each text key's probability in the joint softmax over text and image
+            keys (its normaliser costs a pass over the image keys per capture layer).
         granularity: how a prompt is split when no plan is given: one branch per ``"subject"`` (authors' code) or
             one per ``"attribute"``.
         authors: the authors' code's behaviours where ours differ (:class:`AuthorsBehaviour`; all off by
@@ -196,11 +205,18 @@ class DetailConfig:
     prune_branches: bool = True
     nursing_graphs: bool | None = None
     materialised_attention: bool = False
+    mmdit_share_blocks: tuple[int, ...] | None = None
+    mmdit_capture_blocks: tuple[int, ...] | None = None
+    mmdit_capture_softmax: Literal["text", "joint"] = "text"
     granularity: Literal["subject", "attribute"] = "subject"
     authors: AuthorsBehaviour = field(default_factory=AuthorsBehaviour)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nursing_thresholds", tuple(float(x) for x in self.nursing_thresholds))
+        for name in ("mmdit_share_blocks", "mmdit_capture_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         if isinstance(self.authors, dict):
             object.__setattr__(self, "authors", _authors_from_dict(self.authors))
         self.validate()
@@ -256,6 +272,7 @@ class DetailConfig:
             "mask_source": ("auto", "full", "previous"),
             "mask_average": ("running", "current"),
             "granularity": ("subject", "attribute"),
+            "mmdit_capture_softmax": ("text", "joint"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -268,6 +285,13 @@ class DetailConfig:
         for name in ("entropy_weight", "alignment_weight", "nursing_step_size", "blur_sigma"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("mmdit_share_blocks", "mmdit_capture_blocks"):
+            value = getattr(self, name)
+            valid = isinstance(value, tuple) and all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in value
+            )
+            if value is not None and not valid:
+                raise ConfigError(f"{name} must be None or a list of block indices (integers >= 0), got {value!r}.")
         if self.nursing_graphs not in (None, True, False):
             raise ConfigError(f"nursing_graphs must be True, False or None, got {self.nursing_graphs!r}.")
         if self.entropy_temperature <= 0:

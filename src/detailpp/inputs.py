@@ -17,8 +17,9 @@ class DetailInputError(DetailError, ValueError):
     """A call argument Detail++ cannot use; raised before any denoising starts."""
 
 
-def check_image_side(label: str, value: Any, hint: str = "") -> int:
-    """An image side in pixels: a positive multiple of 8 (the VAE's factor); raises :class:`DetailInputError`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 8:
-        raise DetailInputError(f"{label} must be a positive multiple of 8{hint}, got {value!r}.")
+def check_image_side(label: str, value: Any, hint: str = "", multiple: int = 8) -> int:
+    """An image side in pixels: a positive multiple of ``multiple`` (the VAE's factor, 8; 16 where a transformer
+    patches the latents 2x2); raises :class:`DetailInputError`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
+        raise DetailInputError(f"{label} must be a positive multiple of {multiple}{hint}, got {value!r}.")
     return value

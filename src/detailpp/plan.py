@@ -201,16 +201,37 @@ def subject_occurrence(prompt: str, subject: str, indices: Sequence[int], tokeni
     return 0
 
 
-def check_token_window(subject: str, indices: Sequence[int], max_tokens: int = CLIP_MAX_TOKENS) -> None:
-    """Raise when a subject's tokens fall outside CLIP's window (the end token takes the last slot)."""
+def token_window(tokenizer: Any) -> int:
+    """The tokens a text encoder reads: the tokenizer's ``model_max_length`` (CLIP 77; T5 as the pipeline set it),
+    or CLIP's 77 when the tokenizer sets no sensible one."""
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if isinstance(length, int) and 0 < length <= 100_000 else CLIP_MAX_TOKENS
+
+
+def special_tokens(tokenizer: Any) -> int:
+    """How many special tokens the tokenizer adds to a prompt (CLIP: start and end, 2; T5: end, 1)."""
+    count = getattr(tokenizer, "num_special_tokens_to_add", None)
+    return int(count()) if callable(count) else 2
+
+
+def check_token_window(
+    subject: str, indices: Sequence[int], max_tokens: int = CLIP_MAX_TOKENS, name: str = "CLIP"
+) -> None:
+    """Raise when a subject's tokens fall outside the text encoder's window (the end token takes the last slot)."""
     if not indices:
-        raise PlanError(f"The subject {subject!r} has no CLIP tokens; give a subject made of words.")
+        raise PlanError(f"The subject {subject!r} has no {name} tokens; give a subject made of words.")
     if max(indices) >= max_tokens - 1:
         raise PlanError(
-            f"The subject {subject!r} sits at CLIP tokens {min(indices)}-{max(indices)}, beyond the text encoder's "
-            f"window of {max_tokens} tokens ({max_tokens - 2} words and sub-words); SDXL would never see it. "
-            "Shorten the prompt or move the subject earlier."
+            f"The subject {subject!r} sits at {name} tokens {min(indices)}-{max(indices)}, beyond the text encoder's "
+            f"window of {max_tokens} tokens; the model would never see it. Shorten the prompt or move the subject "
+            "earlier."
         )
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    """``"CLIP"``, ``"T5"``...: what the error messages call a tokenizer's tokens."""
+    name = type(tokenizer).__name__.removesuffix("Fast").removesuffix("Tokenizer")
+    return name or "text"
 
 
 def validate_plan(plan: DecompositionPlan, tokenizer: Any, prompt: str | None = None) -> DecompositionPlan:
@@ -233,7 +254,7 @@ def validate_plan(plan: DecompositionPlan, tokenizer: Any, prompt: str | None = 
         if b.subject_token_indices:
             occurrence = subject_occurrence(plan.prompt, b.subject, b.subject_token_indices, tokenizer)
         indices = subject_token_indices(plan.prompt, b.subject, tokenizer, occurrence)
-        check_token_window(b.subject, indices)
+        check_token_window(b.subject, indices, token_window(tokenizer), tokenizer_name(tokenizer))
         branches.append(replace(b, subject_token_indices=indices))
     return replace(plan, branches=tuple(branches))
 
@@ -277,5 +298,8 @@ class BranchTokens:
             in_previous = tuple(
                 tokens_in_prompt(plan, b, prompts[j + 1], tokenizer) for j, b in enumerate(plan.branches)
             )
-        length = min(len(tokenizer(prompts[0], truncation=False).input_ids) - 2, CLIP_MAX_TOKENS - 2)
+        special = special_tokens(tokenizer)
+        length = min(
+            len(tokenizer(prompts[0], truncation=False).input_ids) - special, token_window(tokenizer) - special
+        )
         return cls(tuple(b.subject_token_indices for b in plan.branches), in_previous, length)

@@ -59,8 +59,14 @@ def load_fixture() -> tuple[dict[str, str], dict[str, dict], dict[str, torch.Ten
 
 #: DetailConfig fields renamed since the fixture was recorded: old name -> new name.
 RENAMED = {"reference": "authors", "reference_attention": "materialised_attention"}
-#: DetailConfig fields added since, with the value the recording ran with (a speed setting: CUDA graphs, on no CPU).
-ADDED = {"nursing_graphs": None}
+#: DetailConfig fields added since, with the value the recording ran with (CUDA graphs: on no CPU; the MMDiT fields:
+#: transformers only).
+ADDED = {
+    "nursing_graphs": None,
+    "mmdit_share_blocks": None,
+    "mmdit_capture_blocks": None,
+    "mmdit_capture_softmax": "text",
+}
 
 
 META, SCENARIOS, TENSORS = load_fixture()

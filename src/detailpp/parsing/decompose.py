@@ -113,6 +113,8 @@ from detailpp.plan import (
     check_prompt_text,
     check_token_window,
     token_indices_for_span,
+    token_window,
+    tokenizer_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -201,10 +203,11 @@ def _plan(doc: Any, prompt: str, granularity: str, tokenizer: Any) -> Decomposit
             units.append((subject, attrs))
     branches = []
     text = analysis.doc.text
+    window, name = token_window(tokenizer), tokenizer_name(tokenizer)
     tokenizer = _OnePromptTokenizer(tokenizer)
     for subject, attrs in units:
         indices = token_indices_for_span(text, *subject.char_span, tokenizer)
-        check_token_window(subject.text, indices)
+        check_token_window(subject.text, indices, window, name)
         removed = all_tokens - {t for a in attrs for t in a.tokens}
         branches.append(
             Branch(

@@ -67,6 +67,16 @@ class DetailPipelineMixin:
     HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
     #: The diffusers pipeline whose ``__call__`` runs a plan without detail branch (set by each subclass).
     base_pipeline_class: ClassVar[type]
+    #: The base pipeline's arguments a Detail++ call refuses, with the reason.
+    unsupported_arguments: ClassVar[Mapping[str, str]] = UNSUPPORTED
+    #: What an image side must be a multiple of (the VAE's factor, times a transformer's patch size).
+    SIDE_MULTIPLE: ClassVar[int] = 8
+
+    @property
+    def plan_tokenizer(self):
+        """The tokenizer whose tokens the capture layers attend to: the subjects' token positions are counted in it
+        (CLIP's for the UNet families)."""
+        return self.tokenizer
 
     # ------------------------------------------------------------------ loading and the model's recommendations
 
@@ -129,7 +139,7 @@ class DetailPipelineMixin:
         """The plan for ``prompt``, from the spaCy parser (:func:`detailpp.parsing.decompose.decompose`)."""
         from detailpp.parsing.decompose import decompose
 
-        return decompose(prompt, granularity=granularity, tokenizer=self.tokenizer)
+        return decompose(prompt, granularity=granularity, tokenizer=self.plan_tokenizer)
 
     def prepare_plan(
         self, prompt: str | None, plan: DecompositionPlan | dict | str | None, config: DetailConfig
@@ -142,7 +152,7 @@ class DetailPipelineMixin:
             plan = self.decompose(prompt, config.granularity)
         else:
             plan = load_plan(plan)
-        return validate_plan(plan, self.tokenizer, prompt)
+        return validate_plan(plan, self.plan_tokenizer, prompt)
 
     def compile_detail(self, recompile_limit: int | None = 32, **compile_kwargs: Any) -> list[str]:
         """Regional ``torch.compile`` of the UNet's transformer blocks, Detail++'s processors included.
@@ -186,8 +196,9 @@ class DetailPipelineMixin:
         for name, value in kwargs.items():
             if value is None or (name == "guess_mode" and value is False):
                 continue
-            if name in UNSUPPORTED:
-                raise DetailInputError(f"`{name}` is not supported by {type(self).__name__}: {UNSUPPORTED[name]}.")
+            if name in self.unsupported_arguments:
+                reason = self.unsupported_arguments[name]
+                raise DetailInputError(f"`{name}` is not supported by {type(self).__name__}: {reason}.")
             if name == "num_images_per_prompt" and value != 1:
                 raise DetailInputError(
                     "Detail++ makes one image per call; call it once per seed (each with its own generator)."
@@ -197,8 +208,9 @@ class DetailPipelineMixin:
         config = detail_config if detail_config is not None else self.make_detail_config()
         if not isinstance(config, DetailConfig):
             raise DetailInputError(f"`detail_config` must be a DetailConfig, got {type(config).__name__}.")
-        check_image_side("`height`", height)
-        check_image_side("`width`", width)
+        hint = f" (the {type(self).__name__}'s latents are patched)" if self.SIDE_MULTIPLE != 8 else ""
+        check_image_side("`height`", height, hint, self.SIDE_MULTIPLE)
+        check_image_side("`width`", width, hint, self.SIDE_MULTIPLE)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         return config, self.prepare_plan(prompt, plan, config)
@@ -327,10 +339,13 @@ class DetailPipelineMixin:
         extra_step_kwargs: dict[str, Any],
         return_branch_images: bool,
         return_masks: bool,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
     ) -> DetailEngine:
-        """The call's :class:`~detailpp.method.engine.DetailEngine`, with the plan's token positions."""
+        """The call's :class:`~detailpp.method.engine.DetailEngine`, with the plan's token positions
+        (``guidance_scale``: the classifier-free guidance the engine applies per branch)."""
         previous = DetailEngine.needs_previous_tokens(config, len(plan.branches), return_masks)
-        tokens = BranchTokens.of(plan, self.tokenizer, prompts, previous=previous)
+        tokens = BranchTokens.of(plan, self.plan_tokenizer, prompts, previous=previous)
         return DetailEngine(
             backbone,
             self.scheduler,
@@ -339,8 +354,8 @@ class DetailPipelineMixin:
             tokens,
             num_inference_steps=num_inference_steps,
             device=self._execution_device,
-            guidance_scale=self.guidance_scale,
-            guidance_rescale=self.guidance_rescale,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
             extra_step_kwargs=extra_step_kwargs,
             keep_all=return_branch_images,
             return_masks=return_masks,

@@ -274,6 +274,8 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
             extra_step_kwargs,
             return_branch_images,
             return_masks,
+            self.guidance_scale,
+            self.guidance_rescale,
         )
 
         # 7. Denoise every branch; 8. decode

@@ -417,6 +417,8 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
             extra_step_kwargs,
             return_branch_images,
             return_masks,
+            self.guidance_scale,
+            self.guidance_rescale,
         )
 
         # 7. Denoise every branch; 8. decode
