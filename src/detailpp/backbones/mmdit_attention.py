@@ -155,7 +155,7 @@ class FluxDetailProcessor(JointDetailProcessor):
 
 class SD3DetailProcessor(JointDetailProcessor):
     """Detail++ on SD3's joint ``Attention`` (image tokens first): what ``JointAttnProcessor2_0`` computes, with
-    sharing and capture before the attention call."""
+    sharing and capture before the attention call. On SD3.5-medium's image-only ``attn2`` (no text) it shares."""
 
     def __call__(
         self,
@@ -166,9 +166,7 @@ class SD3DetailProcessor(JointDetailProcessor):
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if encoder_hidden_states is None:
-            raise HookError("Detail++'s SD3 processor belongs on a joint block's attention (text and image).")
-        batch = hidden_states.shape[0]
+        batch, n_image = hidden_states.shape[:2]
         query, key, value = (proj(hidden_states) for proj in (attn.to_q, attn.to_k, attn.to_v))
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
@@ -176,19 +174,22 @@ class SD3DetailProcessor(JointDetailProcessor):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        text_q, text_k, text_v = (
-            proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        if attn.norm_added_q is not None:
-            text_q = attn.norm_added_q(text_q)
-        if attn.norm_added_k is not None:
-            text_k = attn.norm_added_k(text_k)
-        n_image = hidden_states.shape[1]
-        query, key, value = torch.cat([query, text_q], 2), torch.cat([key, text_k], 2), torch.cat([value, text_v], 2)
+        if encoder_hidden_states is not None:
+            text_q, text_k, text_v = (
+                proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query, key = torch.cat([query, text_q], 2), torch.cat([key, text_k], 2)
+            value = torch.cat([value, text_v], 2)
         self.detail(attn, query, key, slice(n_image, query.shape[2]), slice(0, n_image), seq_dim=2)
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](hidden_states))
         hidden_states, encoder_hidden_states = hidden_states[:, :n_image], hidden_states[:, n_image:]
         if not attn.context_pre_only:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
