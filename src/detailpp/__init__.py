@@ -1,5 +1,5 @@
-"""Detail++ for SDXL (and SD 1.x/2.x, SDXL ControlNet): training-free progressive detail injection, as diffusers
-pipelines.
+"""Detail++ for SDXL (and SD 1.x/2.x, SDXL ControlNet; experimental: FLUX.1, SD3/3.5): training-free progressive
+detail injection, as diffusers pipelines.
 
 >>> from detailpp import DetailPlusPlusPipeline, DetailConfig
 """
@@ -15,8 +15,10 @@ __all__ = [
     "DecompositionPlan",
     "DetailConfig",
     "DetailPlusPlusControlNetPipeline",
+    "DetailPlusPlusFluxPipeline",
     "DetailPlusPlusPipeline",
     "DetailPlusPlusPipelineOutput",
+    "DetailPlusPlusSD3Pipeline",
     "DetailPlusPlusSDPipeline",
     "PlanError",
     "decompose",
@@ -37,6 +39,14 @@ def __getattr__(name: str):
         from detailpp.pipelines.sdxl_controlnet import DetailPlusPlusControlNetPipeline
 
         return DetailPlusPlusControlNetPipeline
+    if name == "DetailPlusPlusFluxPipeline":
+        from detailpp.pipelines.flux import DetailPlusPlusFluxPipeline
+
+        return DetailPlusPlusFluxPipeline
+    if name == "DetailPlusPlusSD3Pipeline":
+        from detailpp.pipelines.sd3 import DetailPlusPlusSD3Pipeline
+
+        return DetailPlusPlusSD3Pipeline
     if name == "DetailPlusPlusPipelineOutput":
         from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 

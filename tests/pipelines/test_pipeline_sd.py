@@ -212,9 +212,9 @@ def test_sd_unsupported_arguments_are_refused(sd15):
 def test_unsupported_family_is_refused_before_loading(tmp_path):
     from detailpp.cli.common import check_model
 
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
     for check in (load_pipeline, check_model):
-        with pytest.raises(UnsupportedModelError, match=r"Stable Diffusion 3 \(a transformer"):
+        with pytest.raises(UnsupportedModelError, match=r"Qwen-Image \(a transformer on a language model"):
             check(str(tmp_path))
 
 

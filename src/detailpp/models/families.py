@@ -23,32 +23,64 @@ class UnsupportedModelError(DetailError, ValueError):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """A family Detail++ knows: ``"sdxl"`` or ``"sd"`` (1.x / 2.x), with or without ControlNet."""
+    """A family Detail++ knows: ``"sdxl"`` or ``"sd"`` (1.x / 2.x), with or without ControlNet; the transformers
+    ``"flux"`` (FLUX.1 dev and schnell) and ``"sd3"`` (Stable Diffusion 3 / 3.5)."""
 
     name: str
     controlnet: bool = False
 
     @property
     def label(self) -> str:
-        base = {"sdxl": "Stable Diffusion XL", "sd": "Stable Diffusion 1.x/2.x"}[self.name]
+        base = FAMILY_LABELS[self.name]
         return base + (" + ControlNet" if self.controlnet else "")
+
+    @property
+    def transformer(self) -> bool:
+        """An MMDiT family (experimental: docs/method.md, "Detail++ on MMDiT")."""
+        return self.name in ("flux", "sd3")
+
+
+#: Each family's name in messages.
+FAMILY_LABELS = {
+    "sdxl": "Stable Diffusion XL",
+    "sd": "Stable Diffusion 1.x/2.x",
+    "flux": "FLUX.1",
+    "sd3": "Stable Diffusion 3/3.5",
+}
+#: The families Detail++ runs on, in one phrase (the refusals name them).
+SUPPORTED_TEXT = (
+    "Stable Diffusion XL and Stable Diffusion 1.x/2.x (with or without ControlNet), and, experimental, FLUX.1 (dev, "
+    "schnell) and Stable Diffusion 3/3.5"
+)
 
 
 #: ``_class_name`` prefixes of the supported families (diffusers' text-to-image, img2img, inpaint... classes).
 SUPPORTED = (
     ("StableDiffusionXLControlNet", ModelFamily("sdxl", True)),
     ("StableDiffusionXL", ModelFamily("sdxl")),
+    ("StableDiffusion3Pipeline", ModelFamily("sd3")),
     ("StableDiffusionControlNet", ModelFamily("sd", True)),
     ("StableDiffusion", ModelFamily("sd")),
+    ("FluxPipeline", ModelFamily("flux")),
     ("DetailPlusPlusControlNet", ModelFamily("sdxl", True)),
+    ("DetailPlusPlusFlux", ModelFamily("flux")),
+    ("DetailPlusPlusSD3", ModelFamily("sd3")),
     ("DetailPlusPlusSD", ModelFamily("sd")),
     ("DetailPlusPlus", ModelFamily("sdxl")),
 )
 
 #: Families seen in the wild that Detail++ cannot run on, by ``_class_name`` prefix, with the reason.
 UNSUPPORTED = (
-    ("StableDiffusion3", "Stable Diffusion 3 (a transformer, MMDiT, with no UNet cross-attention)"),
-    ("Flux", "FLUX (a transformer with joint attention, no UNet cross-attention)"),
+    ("StableDiffusion3ControlNet", "Stable Diffusion 3 + ControlNet (not wired into Detail++'s branch batch)"),
+    ("StableDiffusion3", "a Stable Diffusion 3 task pipeline (Detail++ runs SD3's text-to-image pipeline)"),
+    ("Flux2", "FLUX.2 (another transformer and text encoder than FLUX.1)"),
+    ("FluxControlNet", "FLUX.1 + ControlNet (not wired into Detail++'s branch batch)"),
+    ("FluxKontext", "FLUX.1 Kontext (an editing model: its image tokens are part of the prompt)"),
+    ("Flux", "a FLUX.1 task pipeline (Fill, Control, Redux...; Detail++ runs FLUX.1's text-to-image pipeline)"),
+    ("Chroma", "Chroma (a FLUX variant without CLIP, not wired)"),
+    ("HiDream", "HiDream (a transformer with four text encoders, not wired)"),
+    ("QwenImage", "Qwen-Image (a transformer on a language model's text, not wired)"),
+    ("CogView", "CogView (a transformer, not wired)"),
     ("PixArt", "PixArt (a transformer)"),
     ("Sana", "Sana (a linear-attention transformer)"),
     ("HunyuanDiT", "Hunyuan-DiT (a transformer)"),
@@ -63,19 +95,16 @@ UNSUPPORTED = (
 
 def family_of_class(class_name: str) -> ModelFamily:
     """The family of a pipeline class name, or :class:`UnsupportedModelError` saying why not."""
+    for prefix, family in SUPPORTED:  # the supported text-to-image classes first (their prefixes are refused below)
+        if prefix.endswith("Pipeline") and class_name == prefix:
+            return family
     for prefix, reason in UNSUPPORTED:
         if class_name.startswith(prefix):
-            raise UnsupportedModelError(
-                f"{class_name} is {reason}: Detail++ runs on UNet models with CLIP prompts, i.e. Stable Diffusion XL "
-                "and Stable Diffusion 1.x/2.x (with or without ControlNet)."
-            )
+            raise UnsupportedModelError(f"{class_name} is {reason}: Detail++ runs on {SUPPORTED_TEXT}.")
     for prefix, family in SUPPORTED:
         if class_name.startswith(prefix):
             return family
-    raise UnsupportedModelError(
-        f"{class_name} is not a model family Detail++ knows; it runs on Stable Diffusion XL and Stable Diffusion "
-        "1.x/2.x (with or without ControlNet)."
-    )
+    raise UnsupportedModelError(f"{class_name} is not a model family Detail++ knows; it runs on {SUPPORTED_TEXT}.")
 
 
 def model_family(model: str | os.PathLike, **hub_kwargs: Any) -> ModelFamily | None:

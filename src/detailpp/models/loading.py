@@ -33,6 +33,8 @@ FAMILY_PIPELINES: dict[ModelFamily, str] = {
     ModelFamily("sdxl"): "detailpp.pipelines.sdxl:DetailPlusPlusPipeline",
     ModelFamily("sd"): "detailpp.pipelines.sd:DetailPlusPlusSDPipeline",
     ModelFamily("sdxl", True): "detailpp.pipelines.sdxl_controlnet:DetailPlusPlusControlNetPipeline",
+    ModelFamily("flux"): "detailpp.pipelines.flux:DetailPlusPlusFluxPipeline",
+    ModelFamily("sd3"): "detailpp.pipelines.sd3:DetailPlusPlusSD3Pipeline",
 }
 
 
