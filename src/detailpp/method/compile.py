@@ -32,8 +32,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: classes compiled when the model names none (``UNet2DConditionModel._repeated_blocks`` in diffusers >= 0.35)
-DEFAULT_REPEATED_BLOCKS = ("BasicTransformerBlock",)
+#: classes compiled when the model names none (a UNet's in diffusers < 0.35; SD3's transformer names none)
+DEFAULT_REPEATED_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock")
 
 
 def recompile_limit_key() -> str:
@@ -44,10 +44,12 @@ def recompile_limit_key() -> str:
 
 
 def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **compile_kwargs: Any) -> list[str]:
-    """Compile ``unet``'s repeated transformer blocks in place: ``unet.compile_repeated_blocks(**compile_kwargs)``.
+    """Compile the denoiser's repeated blocks in place: ``compile_repeated_blocks(**compile_kwargs)`` where the model
+    names them (``_repeated_blocks``: a UNet's, FLUX's), else each block of :data:`DEFAULT_REPEATED_BLOCKS` with
+    ``module.compile(**compile_kwargs)`` (SD3's joint blocks).
 
     Args:
-        unet: the pipeline's UNet.
+        unet: the pipeline's denoiser (a UNet or a transformer).
         recompile_limit: raise dynamo's per-function cache (``torch._dynamo.config.recompile_limit``, 8 by default)
             to at least this many graphs, process-wide. All blocks share one function, so the graphs of every
             configuration used (plain SDXL, each Detail++ plan shape with and without nursing) count against one
@@ -62,15 +64,17 @@ def compile_detail(unet: torch.nn.Module, recompile_limit: int | None = 32, **co
     classes = tuple(getattr(unet, "_repeated_blocks", None) or DEFAULT_REPEATED_BLOCKS)
     names = [name for name, m in unet.named_modules() if m.__class__.__name__ in classes]
     if not names:
-        raise ValueError(f"The UNet has no {' or '.join(classes)} module to compile.")
-    if not getattr(unet, "_repeated_blocks", None) or not hasattr(unet, "compile_repeated_blocks"):
-        raise ValueError(f"{type(unet).__name__} is no diffusers model naming its `_repeated_blocks`.")
+        raise ValueError(f"{type(unet).__name__} has no {' or '.join(classes)} module to compile.")
     if recompile_limit is not None:
         key = recompile_limit_key()
         if getattr(torch._dynamo.config, key) < recompile_limit:
             logger.info("torch._dynamo.config.%s raised to %d for Detail++'s block variants.", key, recompile_limit)
             setattr(torch._dynamo.config, key, recompile_limit)
-    unet.compile_repeated_blocks(**compile_kwargs)
+    if getattr(unet, "_repeated_blocks", None) and hasattr(unet, "compile_repeated_blocks"):
+        unet.compile_repeated_blocks(**compile_kwargs)
+    else:
+        for name in names:
+            unet.get_submodule(name).compile(**compile_kwargs)
     logger.info("Compiled %d %s modules.", len(names), "/".join(classes))
     return names
 

@@ -155,7 +155,7 @@ class DetailPipelineMixin:
         return validate_plan(plan, self.plan_tokenizer, prompt)
 
     def compile_detail(self, recompile_limit: int | None = 32, **compile_kwargs: Any) -> list[str]:
-        """Regional ``torch.compile`` of the UNet's transformer blocks, Detail++'s processors included.
+        """Regional ``torch.compile`` of the denoiser's repeated blocks, Detail++'s processors included.
 
         Like diffusers' ``unet.compile_repeated_blocks()``, and it also raises dynamo's recompile limit so that the
         variants of the plain pipeline and Detail++ (a few graphs per plan shape) all stay compiled
@@ -174,7 +174,13 @@ class DetailPipelineMixin:
 
         if self.device.type == "cpu":
             logger.warning("compile_detail() is meant for GPUs; on the CPU it adds compilation time.")
-        return compile_detail(self.unet, recompile_limit=recompile_limit, **compile_kwargs)
+        return compile_detail(self.denoiser, recompile_limit=recompile_limit, **compile_kwargs)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The pipeline's denoiser: its UNet, or its transformer (FLUX, SD3)."""
+        unet = getattr(self, "unet", None)
+        return unet if unet is not None else self.transformer
 
     # ------------------------------------------------------------------ the call's checks
 
