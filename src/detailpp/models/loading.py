@@ -190,7 +190,7 @@ def _load_builtin(model: str, pipeline_class: type, device: str, torch_dtype: to
 
             pipe = build_tiny_pipeline(pipeline_class=pipeline_class, dtype=torch_dtype)
         else:
-            from detailpp.models.tiny_sd import build_tiny_sd_pipeline
+            from detailpp.models.tiny import build_tiny_sd_pipeline
 
             variant = model.removeprefix("tiny-random-")
             pipe = build_tiny_sd_pipeline(variant, pipeline_class=pipeline_class, dtype=torch_dtype)
@@ -202,9 +202,9 @@ def _load_builtin(model: str, pipeline_class: type, device: str, torch_dtype: to
         "SDXL" if model == "sdxl-random" else "SD 1.5",
     )
     if model == "sdxl-random":
-        from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+        from detailpp.models.full_size import build_sdxl_random_pipeline
 
         return build_sdxl_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
-    from detailpp.models.sd_random import build_sd15_random_pipeline
+    from detailpp.models.full_size import build_sd15_random_pipeline
 
     return build_sd15_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
