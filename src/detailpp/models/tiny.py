@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from detailpp.models.builders import (
     SD15_SCHEDULER_CONFIG,
@@ -37,7 +37,7 @@ from detailpp.models.builders import (
     SD_VAE_FACTORS,
     SDXL_SCHEDULER_CONFIG,
     SDXL_VAE_FACTORS,
-    clip_text_kwargs,
+    clip_text_config,
     seeded_modules,
 )
 from detailpp.resources import load_clip_tokenizer
@@ -95,11 +95,10 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
     """The seven SDXL components at toy size: ``down_blocks.0-2``, ``mid_block``, ``up_blocks.0-2`` as in SDXL
     (no attention in ``down_blocks.0``/``up_blocks.2``, two transformer layers at the lowest resolution), VAE
     factor 8, two CLIP text encoders (the second with a projection) on SDXL's 49,408-token vocabulary."""
-    text = clip_text_kwargs(32)
     modules = seeded_modules(
         {
-            "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**text)),
-            "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=32, **text)),
+            "text_encoder": lambda: CLIPTextModel(clip_text_config(32)),
+            "text_encoder_2": lambda: CLIPTextModelWithProjection(clip_text_config(32, projection_dim=32)),
             "unet": _tiny_sdxl_unet,
             "vae": lambda: tiny_vae(*SDXL_VAE_FACTORS),
         },
@@ -152,7 +151,7 @@ def tiny_sd_components(variant: str = "sd15", seed: int = 0) -> dict[str, Any]:
     width, act = _SD_TEXT[variant]
     modules = seeded_modules(
         {
-            "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**clip_text_kwargs(width, hidden_act=act))),
+            "text_encoder": lambda: CLIPTextModel(clip_text_config(width, hidden_act=act)),
             "unet": lambda: _tiny_sd_unet(variant, width),
             "vae": lambda: tiny_vae(*SD_VAE_FACTORS),
         },
@@ -223,9 +222,7 @@ def tiny_flux_components(seed: int = 0) -> dict[str, Any]:
                 guidance_embeds=True,
                 axes_dims_rope=(4, 4, 8),
             ),
-            "text_encoder": lambda: CLIPTextModel(
-                CLIPTextConfig(**clip_text_kwargs(32, hidden_act="quick_gelu", projection_dim=32))
-            ),
+            "text_encoder": lambda: CLIPTextModel(clip_text_config(32, hidden_act="quick_gelu", projection_dim=32)),
             "text_encoder_2": lambda: _tiny_t5(32, len(t5_tokenizer)),
             "vae": lambda: tiny_vae(*FLUX_VAE_FACTORS, quant_convs=False),
         },
@@ -264,7 +261,7 @@ def tiny_sd3_components(seed: int = 0, dual: bool = False) -> dict[str, Any]:
     modules = seeded_modules(
         {
             "transformer": lambda: SD3Transformer2DModel(
-                sample_size=32,
+                sample_size=16,  # the pipeline's default size: 16 x 8 = 128 px
                 patch_size=2,
                 in_channels=4,
                 out_channels=4,
@@ -279,11 +276,9 @@ def tiny_sd3_components(seed: int = 0, dual: bool = False) -> dict[str, Any]:
                 qk_norm="rms_norm" if dual else None,
             ),
             "text_encoder": lambda: CLIPTextModelWithProjection(
-                CLIPTextConfig(**clip_text_kwargs(32, hidden_act="quick_gelu", projection_dim=32))
+                clip_text_config(32, hidden_act="quick_gelu", projection_dim=32)
             ),
-            "text_encoder_2": lambda: CLIPTextModelWithProjection(
-                CLIPTextConfig(**clip_text_kwargs(32, projection_dim=32))
-            ),
+            "text_encoder_2": lambda: CLIPTextModelWithProjection(clip_text_config(32, projection_dim=32)),
             "text_encoder_3": lambda: _tiny_t5(64, len(t5_tokenizer)),
             "vae": lambda: tiny_vae(*SD3_VAE_FACTORS, quant_convs=False),
         },
