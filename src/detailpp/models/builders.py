@@ -195,12 +195,27 @@ def _unigram_vocab(corpus: list[str]) -> list[tuple[str, float]]:
 def tiny_t5_tokenizer():
     """A small T5 tokenizer for the random-weight FLUX.1 and SD3 models (real models bring their own).
 
-    No T5 tokenizer files ship with detailpp and none can be downloaded, so a Unigram model is built in code from the
-    packaged prompts (:func:`_unigram_vocab`: the same pieces and ids every time) and wrapped as
-    :class:`~transformers.T5TokenizerFast`, which gives it T5's conventions: ``<pad>`` id 0, ``</s>`` id 1 appended to
-    every prompt, no start token, ``<unk>`` id 2, Metaspace pieces (``"▁dog"``), 512 tokens at most. Its ids stay
-    below a thousand, so it also feeds a full-size T5-XXL (32,128 ids) for timing. Cached: one tokenizer a process.
+    No T5 tokenizer files ship with detailpp and none can be downloaded, so one is built in code with the
+    ``tokenizers`` library: a Unigram model over the packaged prompts' pieces (:func:`_unigram_vocab`: the same pieces
+    and ids every time) with T5's conventions: ``<pad>`` id 0, ``</s>`` id 1 appended to every prompt, no start token,
+    ``<unk>`` id 2, Metaspace pieces (``"▁dog"``); wrapped as :class:`~transformers.T5TokenizerFast`, 512 tokens at
+    most. Its ids stay below two thousand, so it also feeds a full-size T5-XXL (32,128 ids) for timing. Cached: one
+    tokenizer a process.
     """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
-    return T5TokenizerFast(vocab=_unigram_vocab(_tokenizer_corpus()), extra_ids=0, model_max_length=512)
+    spm = Tokenizer(models.Unigram(_unigram_vocab(_tokenizer_corpus()), unk_id=2, byte_fallback=False))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    spm.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=spm,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=512,
+    )
