@@ -1,6 +1,6 @@
 """Detail++ beyond plain SDXL, timed on one GPU: SD 1.5 at 512x512 and SDXL + ControlNet at 1024x1024.
 
-Full-size models with random weights (:mod:`detailpp.models.sd_random`, :mod:`detailpp.models.sdxl_random`, a
+Full-size models with random weights (:mod:`detailpp.models.full_size`: SD 1.5, SDXL, and a
 ControlNet made from the random SDXL UNet with ``ControlNetModel.from_unet``): the FLOPs and memory of the real models,
 images that are noise. One process, one card, fp16, Euler, 50 steps, guidance 7.5, a 4-branch plan (p0, p1, two
 subjects). Each row: a warm-up call, then ``--repeats`` timed calls (the best kept), peak memory after ``empty_cache``.
@@ -90,9 +90,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import ControlNetModel, StableDiffusionPipeline, StableDiffusionXLControlNetPipeline
     from PIL import Image
 
+    from detailpp.models.full_size import build_sd15_random_pipeline, build_sdxl_random_pipeline
     from detailpp.models.loading import dtype_kwarg
-    from detailpp.models.sd_random import build_sd15_random_pipeline
-    from detailpp.models.sdxl_random import build_sdxl_random_pipeline
     from detailpp.pipelines.sd import DetailPlusPlusSDPipeline
     from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
     from detailpp.pipelines.sdxl_controlnet import DetailPlusPlusControlNetPipeline

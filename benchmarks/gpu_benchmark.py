@@ -1,6 +1,6 @@
 """Speed and memory of Detail++ on one GPU: plain SDXL, our pipeline, the materialised-map mode, and the floor.
 
-Builds SDXL at full size with *random* weights from its public configs (:mod:`detailpp.models.sdxl_random`; nothing is
+Builds SDXL at full size with *random* weights from its public configs (:mod:`detailpp.models.full_size`; nothing is
 downloaded): same shapes, FLOPs and memory as the trained model, so every timing and memory figure holds for it. What
 does not hold is what depends on the weights' values: with random weights the nursing loss never falls under its
 early-stop thresholds, so nursing runs every capped iteration (6 + 6 + 6 + 6 + 6 + 3 at 50 steps): a worst case.
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from detailpp.models.sdxl_random import sdxl_components
+from detailpp.models.full_size import sdxl_components
 
 # --------------------------------------------------------------------------- plans (hand-written: no spaCy needed)
 

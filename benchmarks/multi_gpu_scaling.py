@@ -7,7 +7,7 @@ Runs the same command twice on the same prompts, each into its own folder under 
    --output-dir OUT/gpus-N`` (each rank takes the items ``i % N == rank``; Accelerate gives each its GPU).
 
 The model is ``sdxl-random`` by default: SDXL base at full size with random weights
-(:mod:`detailpp.models.sdxl_random`), a speed/memory stand-in whose images are noise. With random weights nursing never
+(:mod:`detailpp.models.full_size`), a speed/memory stand-in whose images are noise. With random weights nursing never
 stops early, so Detail++ runs every capped nursing pass: a worst case. The plans come from
 ``benchmarks/plans/t2i-color.jsonl`` (written with ``detailpp bench plans --suite t2i-color``), so the GPU machine
 needs no spaCy.

@@ -48,7 +48,7 @@ def main() -> int:
 
     from detailpp import DetailConfig
     from detailpp.method.engine import DetailEngine
-    from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.models.full_size import build_sdxl_random_pipeline
     from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     pipe = build_sdxl_random_pipeline(DetailPlusPlusPipeline, device="cuda", dtype=torch.float16)

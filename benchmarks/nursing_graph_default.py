@@ -1,6 +1,6 @@
 """CUDA-graphed nursing as the default on CUDA: checked with LoRA, an IP-Adapter and offload; the floor; the memory.
 
-Full-size SDXL with random weights (:mod:`detailpp.models.sdxl_random`), one process on one GPU, fp16, 1024x1024,
+Full-size SDXL with random weights (:mod:`detailpp.models.full_size`), one process on one GPU, fp16, 1024x1024,
 Euler, guidance 7.5, the 4-branch plan of ``breadth_gpu.py`` (p0, p1, two subjects), nursing on with centroid alignment
 (step size 1750; random weights never meet the early-stop thresholds, so every capped pass runs). Sections, each
 written to the results file as it ends (a run cut short keeps what it measured); they run in the order 1 (the pipeline
@@ -172,11 +172,11 @@ def variant(pipe, name: str, steps: tuple[int, ...], **extra: Any) -> dict[str, 
 
 
 def ip_adapter_folder(unet: torch.nn.Module) -> Path:
-    """A random IP-Adapter for ``unet`` (:func:`detailpp.models.sdxl_random.random_ip_adapter_state`, 4 image tokens),
+    """A random IP-Adapter for ``unet`` (:func:`detailpp.models.full_size.random_ip_adapter_state`, 4 image tokens),
     saved in fp16 to a folder."""
     from safetensors.torch import save_file
 
-    from detailpp.models.sdxl_random import random_ip_adapter_state
+    from detailpp.models.full_size import random_ip_adapter_state
 
     state = random_ip_adapter_state(unet, IMAGE_EMBED_DIM, scale=0.02)
     folder = Path(tempfile.mkdtemp(prefix="ip_adapter_"))
@@ -251,8 +251,8 @@ def measure(out_path: Path) -> dict[str, Any]:
 
     from detailpp.method.engine import DetailEngine
     from detailpp.method.nursing import moves_weights_in_forward
+    from detailpp.models.full_size import build_sdxl_random_pipeline
     from detailpp.models.loading import dtype_kwarg
-    from detailpp.models.sdxl_random import build_sdxl_random_pipeline
     from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     started = time.perf_counter()

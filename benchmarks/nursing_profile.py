@@ -1,6 +1,6 @@
 """Where a nursing pass's time goes: the floor, our pass step by step, and the pipeline's own nursing.
 
-Full-size SDXL with random weights (:mod:`detailpp.models.sdxl_random`), fp16, 1024x1024 (latent 128x128), one GPU, the
+Full-size SDXL with random weights (:mod:`detailpp.models.full_size`), fp16, 1024x1024 (latent 128x128), one GPU, the
 2-subject plan of ``benchmarks/reference`` (p0, p1, robot, tree). Each variant is one batch-1 pass as nursing runs
 it (conditional row of branch 0, weights frozen, the UNet stopped after the last 32x32 block, gradient to the
 latent), median of ``--repeats`` CUDA-synchronised calls after warm-up:
@@ -69,7 +69,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
     from detailpp.method.backbone import frozen_parameters
-    from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.models.full_size import build_sdxl_random_pipeline
     from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
     from detailpp.plan import load_plan, validate_plan
 

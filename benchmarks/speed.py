@@ -1,7 +1,7 @@
 """Issue 18's speed table from one run on one card: plain SDXL, detailpp (eager, CUDA-graphed nursing, compiled) and
 the authors' pipeline side by side at 20 and 50 steps, nursing off and on, plus the offloaded run.
 
-Full-size SDXL with random weights (:mod:`detailpp.models.sdxl_random`), fp16 (VAE decode fp32), 1024x1024, Euler,
+Full-size SDXL with random weights (:mod:`detailpp.models.full_size`), fp16 (VAE decode fp32), 1024x1024, Euler,
 guidance 7.5, the 4-branch plan of the authors' style example (p0, p1, robot, tree; ``benchmarks/reference``),
 each call decoding to an image; nursing on = centroid alignment and step size 1750 (random weights never meet the
 early-stop thresholds: every capped pass runs, a worst case on both sides). One process, one card, in this order:
@@ -68,7 +68,7 @@ class Bench:
         from record import versions
 
         import detailpp.method.nursing as nursing
-        from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+        from detailpp.models.full_size import build_sdxl_random_pipeline
         from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
         self.torch, self.out, self.budget_s = torch, out, budget_s

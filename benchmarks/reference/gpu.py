@@ -1,6 +1,6 @@
 """``record.py --gpu``: the reference preset against the authors' pipeline at full size, and both timed.
 
-Full-size SDXL with random weights (:mod:`detailpp.models.sdxl_random`; same FLOPs and memory as SDXL base), fp16,
+Full-size SDXL with random weights (:mod:`detailpp.models.full_size`; same FLOPs and memory as SDXL base), fp16,
 1024x1024, Euler, the 4-branch plan of the authors' style example (p0, p1, robot, tree), one process, one card:
 
 1. parity: the preset's final latent against the authors' at 20 steps, nursing off and on (fp16: expect rounding);
@@ -44,7 +44,7 @@ def _peak() -> float:
 def gpu_main(args: Any) -> int:
     from diffusers import StableDiffusionXLPipeline
 
-    from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.models.full_size import build_sdxl_random_pipeline
     from detailpp.pipelines.sdxl import DetailPlusPlusPipeline
 
     if not torch.cuda.is_available():

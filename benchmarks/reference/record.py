@@ -25,7 +25,7 @@ machines.
 ``--deviations`` starts from the preset and switches each of detailpp's deviations back to our default alone,
 printing the max abs difference of the final latent from the authors' (the table in ``docs/method.md``).
 
-``--gpu`` builds full-size SDXL with random weights (:mod:`detailpp.models.sdxl_random`) on the GPU, fp16, 1024x1024,
+``--gpu`` builds full-size SDXL with random weights (:mod:`detailpp.models.full_size`) on the GPU, fp16, 1024x1024,
 and in one process on one card: compares the preset's final latent with the authors', and times plain SDXL, our
 default, our preset and the authors' pipeline at 20 and 50 steps, nursing off and on, with peak memory
 (``--rows`` picks rows; the table in BENCHMARKS.md). The authors' pipeline leaves its processors on every layer, so

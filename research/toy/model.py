@@ -144,18 +144,17 @@ def build_vae(cfg: ToyModelConfig):
 def clip_text_kwargs(vocab_size: int, hidden: int, layers: int, heads: int, projection_dim: int) -> dict:
     """A toy CLIP text tower's config fields: CLIP's quick-GELU, 77 positions, the packaged tokenizer's special ids
     (shared by the toy pipeline's text encoders and the contrastive pretraining of :mod:`research.toy.clip`)."""
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
+    from detailpp.models.builders import clip_text_kwargs as shared
+
+    return shared(
+        hidden,
+        layers=layers,
+        heads=heads,
         intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=77,
         hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
         projection_dim=projection_dim,
+        vocab_size=vocab_size,
+        pad_token_id=1,
     )
 
 
@@ -194,7 +193,7 @@ def build_unet(cfg: ToyModelConfig):
 def build_scheduler():
     from diffusers import EulerDiscreteScheduler
 
-    from detailpp.models.tiny import SDXL_SCHEDULER_CONFIG
+    from detailpp.models.builders import SDXL_SCHEDULER_CONFIG
 
     return EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
 

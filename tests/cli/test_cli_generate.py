@@ -305,7 +305,7 @@ def test_controlnet_flags_are_checked_before_loading(flags, message, tmp_path, c
 
 def test_the_guidance_default_is_the_pipelines_own(tiny_pipe):
     from detailpp.cli.generate import default_guidance
-    from detailpp.models.tiny_sd import build_tiny_sd_pipeline
+    from detailpp.models.tiny import build_tiny_sd_pipeline
 
     assert default_guidance(tiny_pipe) == 5.0  # SDXL's
     assert default_guidance(build_tiny_sd_pipeline()) == 7.5  # SD 1.x/2.x's

@@ -21,7 +21,7 @@ from detailpp.backbones.unet import find_mask_layers
 from detailpp.backbones.unet_attention import DetailAttnProcessor, IPAdapterDetailProcessor
 from detailpp.inputs import DetailInputError
 from detailpp.method.attention import AttentionState, CaptureSpec, HookError
-from detailpp.models.sdxl_random import random_ip_adapter_state
+from detailpp.models.full_size import random_ip_adapter_state
 from detailpp.models.tiny import build_tiny_pipeline
 
 PLAN = {  # one detail branch: p0, p1 and p2 (the same image prompt in each)

@@ -13,7 +13,7 @@ from detailpp import DecompositionPlan, DetailConfig
 from detailpp.backbones.unet import _block_levels, find_mask_layers
 from detailpp.models.families import ModelFamily, UnsupportedModelError
 from detailpp.models.loading import FAMILY_PIPELINES, load_pipeline, pipeline_class_for
-from detailpp.models.tiny_sd import build_tiny_sd_pipeline
+from detailpp.models.tiny import build_tiny_sd_pipeline
 from detailpp.pipelines.sd import DetailPlusPlusSDPipeline
 from tests.plans import TEDDY_PLAN
 
@@ -62,8 +62,8 @@ def lowest_level_layers(unet):
 
 
 def sdxl_unets():
+    from detailpp.models.full_size import SDXL_UNET_CONFIG
     from detailpp.models.loading import TOY_MODEL_DIR
-    from detailpp.models.sdxl_random import SDXL_UNET_CONFIG
     from detailpp.models.tiny import build_tiny_pipeline
 
     toy = json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
@@ -91,7 +91,7 @@ def sd_layer_names(unet, blocks):
 
 
 def test_sd15_mask_layers_are_the_down_and_up_paths_lowest_attention_level(sd15):
-    from detailpp.models.sd_random import SD15_UNET_CONFIG
+    from detailpp.models.full_size import SD15_UNET_CONFIG
 
     with torch.device("meta"):
         full = UNet2DConditionModel(**SD15_UNET_CONFIG)

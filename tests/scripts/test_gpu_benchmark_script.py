@@ -19,7 +19,7 @@ def bench():
 
 
 def test_benchmark_plans_have_one_to_three_subjects(bench):
-    # the full-size SDXL the script builds (detailpp.models.sdxl_random) is checked in tests/bench/test_bench_plans.py
+    # the full-size SDXL the script builds (detailpp.models.full_size) is checked in tests/bench/test_bench_plans.py
     assert [len(p.branches) + 2 for p in bench.benchmark_plans().values()] == [3, 4, 5]
 
 

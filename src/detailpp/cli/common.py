@@ -24,8 +24,9 @@ RANDOM_SEED = -1
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 #: the built-in models' native size; a diffusers folder's own size is read from its config.
 BUILTIN_SIZES = {"tiny-random": 256, "sdxl-random": 1024, "tiny-random-sd15": 256, "tiny-random-sd21": 256}
-BUILTIN_SIZES |= {"sd15-random": 512}
-EMBEDDED_MODELS = ("toy", "tiny-random", "tiny-random-sd15", "tiny-random-sd21")
+BUILTIN_SIZES |= {"sd15-random": 512, "tiny-random-flux": 128, "tiny-random-sd3": 128}
+BUILTIN_SIZES |= {"flux-random": 1024, "sd35-random": 1024}
+EMBEDDED_MODELS = ("toy", "tiny-random", "tiny-random-sd15", "tiny-random-sd21", "tiny-random-flux", "tiny-random-sd3")
 
 
 def resolve_seeds(seeds: Iterable[int]) -> list[int]:

@@ -1,10 +1,10 @@
 """Which model family a diffusers folder or Hub repo is, read from its ``model_index.json`` before anything loads.
 
-``model_index.json`` names the pipeline class it was saved from (``_class_name``). Detail++ needs a UNet with
-cross-attention at several resolutions and a CLIP-tokenised prompt: SDXL (with or without ControlNet) and Stable
-Diffusion 1.x / 2.x qualify; transformer-based families (SD3, FLUX, PixArt, Sana...) and prior/decoder families
-(Kandinsky, Wuerstchen, Stable Cascade) do not, and get a clear :class:`UnsupportedModelError` instead of a failure
-deep inside loading.
+``model_index.json`` names the pipeline class it was saved from (``_class_name``). Detail++ runs on a UNet with
+cross-attention at several resolutions and a CLIP-tokenised prompt (SDXL with or without ControlNet, Stable Diffusion
+1.x / 2.x) and, experimental, on the MMDiT transformers FLUX.1 and SD3/3.5; other transformer families (FLUX.2,
+PixArt, Sana...) and prior/decoder families (Kandinsky, Wuerstchen, Stable Cascade) do not, and get a clear
+:class:`UnsupportedModelError` instead of a failure deep inside loading.
 """
 
 from __future__ import annotations
@@ -126,6 +126,10 @@ BUILTIN_MODELS: dict[str, ModelFamily] = {
     "tiny-random-sd15": ModelFamily("sd"),
     "tiny-random-sd21": ModelFamily("sd"),
     "sd15-random": ModelFamily("sd"),
+    "tiny-random-flux": ModelFamily("flux"),
+    "tiny-random-sd3": ModelFamily("sd3"),
+    "flux-random": ModelFamily("flux"),
+    "sd35-random": ModelFamily("sd3"),
 }
 
 #: What each built-in model is for, as the command line's ``--model`` help groups them.
@@ -136,6 +140,10 @@ BUILTIN_ROLES: dict[str, str] = {
     "tiny-random-sd21": "tiny",
     "sdxl-random": "full",
     "sd15-random": "full",
+    "tiny-random-flux": "tiny",
+    "tiny-random-sd3": "tiny",
+    "flux-random": "full",
+    "sd35-random": "full",
 }
 
 

@@ -1,7 +1,8 @@
 """Loading a Detail++ pipeline from a name: a Hub id, a local diffusers folder, a single-file checkpoint, or one of
-the built-in models (``tiny-random``, ``tiny-random-sd15``, ``tiny-random-sd21``: random weights for tests;
-``sdxl-random``, ``sd15-random``: full-size SDXL / SD 1.5 with random weights, speed/memory stand-ins; ``toy``: the
-small model trained on synthetic scenes, when it is installed).
+the built-in models (``tiny-random``, ``tiny-random-sd15``, ``tiny-random-sd21``, ``tiny-random-flux``,
+``tiny-random-sd3``: random weights for tests; ``sdxl-random``, ``sd15-random``, ``flux-random``, ``sd35-random``:
+full-size SDXL / SD 1.5 / FLUX.1-dev / SD3.5-large with random weights, speed/memory stand-ins; ``toy``: the small
+model trained on synthetic scenes, when it is installed).
 
 A folder or Hub id loads the Detail++ pipeline of its family (:data:`FAMILY_PIPELINES`, from its
 ``model_index.json``: :func:`detailpp.models.families.model_family`); an unsupported family is refused before any
@@ -127,11 +128,13 @@ def load_pipeline(
     """A ready-to-call Detail++ pipeline of the model's family (or ``pipeline_class``) on ``device``.
 
     Args:
-        model: a built-in model (``"tiny-random"``, ``"tiny-random-sd15"``, ``"tiny-random-sd21"``,
-            ``"sdxl-random"`` and ``"sd15-random"``: full size, random weights, ``"toy"``), a local diffusers folder,
-            a ``.safetensors``/``.ckpt`` single-file SDXL checkpoint, or a Hub id (SDXL, SD 1.x/2.x or a fine-tune).
-            A folder or Hub id gets its family's pipeline (:data:`FAMILY_PIPELINES`): ``DetailPlusPlusPipeline`` for
-            SDXL, ``DetailPlusPlusSDPipeline`` for SD 1.x/2.x; an unsupported family (SD3, FLUX, Kandinsky...) raises
+        model: a built-in model (:data:`~detailpp.models.families.BUILTIN_MODELS`: ``"tiny-random"``,
+            ``"tiny-random-sd15"``, ``"tiny-random-sd21"``, ``"tiny-random-flux"``, ``"tiny-random-sd3"``;
+            ``"sdxl-random"``, ``"sd15-random"``, ``"flux-random"``, ``"sd35-random"``: full size, random weights;
+            ``"toy"``), a local diffusers folder, a ``.safetensors``/``.ckpt`` single-file SDXL checkpoint, or a Hub
+            id (SDXL, SD 1.x/2.x, FLUX.1, SD3/3.5 or a fine-tune). A folder or Hub id gets its family's pipeline
+            (:data:`FAMILY_PIPELINES`): ``DetailPlusPlusPipeline`` for SDXL, ``DetailPlusPlusSDPipeline`` for SD
+            1.x/2.x...; an unsupported family (FLUX.2, Kandinsky...) raises
             :class:`~detailpp.models.families.UnsupportedModelError` before any weight loads.
         device: ``"cuda"``, ``"cpu"``, ``"mps"``...; the best available when ``None``.
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``; float16 on CUDA and float32 elsewhere when ``None``.
@@ -182,29 +185,37 @@ def load_pipeline(
     return pipe.to(device)
 
 
+#: The tiny built-in models: their builder in :mod:`detailpp.models.tiny` and its fixed arguments.
+_TINY_BUILDERS: dict[str, tuple[str, dict]] = {
+    "tiny-random": ("build_tiny_pipeline", {}),
+    "tiny-random-sd15": ("build_tiny_sd_pipeline", {"variant": "sd15"}),
+    "tiny-random-sd21": ("build_tiny_sd_pipeline", {"variant": "sd21"}),
+    "tiny-random-flux": ("build_tiny_flux_pipeline", {}),
+    "tiny-random-sd3": ("build_tiny_sd3_pipeline", {}),
+}
+#: The full-size built-in models: their builder in :mod:`detailpp.models.full_size` and the model they stand in for.
+_FULL_SIZE_BUILDERS: dict[str, tuple[str, str]] = {
+    "sdxl-random": ("build_sdxl_random_pipeline", "SDXL"),
+    "sd15-random": ("build_sd15_random_pipeline", "SD 1.5"),
+    "flux-random": ("build_flux_random_pipeline", "FLUX.1-dev"),
+    "sd35-random": ("build_sd35_random_pipeline", "SD3.5-large"),
+}
+
+
 def _load_builtin(model: str, pipeline_class: type, device: str, torch_dtype: torch.dtype):
     """A built-in model with random weights, built in code (no download)."""
-    if model.startswith("tiny-random"):
-        if model == "tiny-random":
-            from detailpp.models.tiny import build_tiny_pipeline
+    if model in _TINY_BUILDERS:
+        from detailpp.models import tiny
 
-            pipe = build_tiny_pipeline(pipeline_class=pipeline_class, dtype=torch_dtype)
-        else:
-            from detailpp.models.tiny_sd import build_tiny_sd_pipeline
-
-            variant = model.removeprefix("tiny-random-")
-            pipe = build_tiny_sd_pipeline(variant, pipeline_class=pipeline_class, dtype=torch_dtype)
-        return pipe.to(device)
+        name, kwargs = _TINY_BUILDERS[model]
+        return getattr(tiny, name)(pipeline_class=pipeline_class, dtype=torch_dtype, **kwargs).to(device)
+    name, label = _FULL_SIZE_BUILDERS[model]
     logger.warning(
         "--model %s: full-size %s with RANDOM weights, a speed/memory stand-in; its images are noise and say nothing "
         "about quality.",
         model,
-        "SDXL" if model == "sdxl-random" else "SD 1.5",
+        label,
     )
-    if model == "sdxl-random":
-        from detailpp.models.sdxl_random import build_sdxl_random_pipeline
+    from detailpp.models import full_size
 
-        return build_sdxl_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
-    from detailpp.models.sd_random import build_sd15_random_pipeline
-
-    return build_sd15_random_pipeline(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
+    return getattr(full_size, name)(pipeline_class=pipeline_class, device=device, dtype=torch_dtype)
