@@ -63,20 +63,21 @@ def extract_json(text: str) -> Any:
         AnswerError: when no JSON object can be read.
     """
     text = text.strip()
+    if not text:
+        raise AnswerError("the answer is empty; answer with the plan as a JSON object")
     candidates = [text]
     candidates += [m.group(1).strip() for m in _FENCE.finditer(text)]
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
         candidates.append(text[start : end + 1])
-    error = None
+    errors = []
     for candidate in candidates:
         try:
             return json.loads(candidate)
         except json.JSONDecodeError as e:
-            error = error or e
+            errors.append(e)
     shown = text if len(text) <= 80 else text[:77] + "..."
-    reason = f"{error.msg} at character {error.pos}" if error is not None else "empty"
-    raise AnswerError(f"the answer is not JSON ({reason}): {shown!r}")
+    raise AnswerError(f"the answer is not JSON ({errors[0].msg}, character {errors[0].pos}): {shown!r}")
 
 
 def _text(value: Any, what: str) -> str:
