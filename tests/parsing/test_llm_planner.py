@@ -141,6 +141,18 @@ def test_a_server_without_schema_support_is_asked_in_json_mode_then_plainly(toke
     assert formats == ["json_schema", "json_object", None, None]
 
 
+def test_a_model_without_temperature_or_seed_keeps_the_schema(tokenizer):
+    temperature = error(400, "Unsupported value: 'temperature' does not support 0 with this model.")
+    with FakeLLMServer([temperature, error(400, "Unknown parameter: 'seed'."), answer(GOOD)]) as server:
+        assert plan_prompt(PROMPT, planner(server), "subject", tokenizer).to_dict() == GOOD_PLAN
+    sent = [{k for k in ("temperature", "seed", "response_format") if k in r.body} for r in server.chats]
+    assert sent == [{"temperature", "seed", "response_format"}, {"seed", "response_format"}, {"response_format"}]
+    with FakeLLMServer([error(400, "bad")] * 3) as server:
+        with pytest.raises(LLMError) as e:
+            plan_prompt(PROMPT, planner(server), "subject", tokenizer)
+    assert str(e.value) == f"The language model server at {server.url} rejected the request (400: bad)."
+
+
 def test_the_attribute_granularity(tokenizer):
     prompt = "a small red car and a bench"
     proposed = {

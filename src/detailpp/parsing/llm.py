@@ -118,6 +118,8 @@ class LLMPlanner:
         self.backoff, self.max_backoff, self.sleep = backoff, max_backoff, sleep
         self.cache = cache if isinstance(cache, PlanCache) else PlanCache(cache)
         self._format = 0  # index in FORMATS: lowered once when the server rejects a format
+        # sampling settings, each dropped once when the model rejects it (reasoning models take no temperature)
+        self._sampling: dict[str, Any] = {"temperature": 0} | ({} if seed is None else {"seed": seed})
         self._client_obj: Any = None
         self._lock = threading.Lock()
 
@@ -158,7 +160,9 @@ class LLMPlanner:
                 "fix --llm-base-url."
             )
         status = getattr(e, "status_code", None)
-        message = _short(getattr(e, "message", e))
+        body = getattr(e, "body", None)
+        message = body.get("message") if isinstance(body, dict) and isinstance(body.get("message"), str) else None
+        message = _short(message or getattr(e, "message", e))
         if status == 401:
             return LLMError(
                 f"The language model server at {url} refused the API key (401 Unauthorized); set OPENAI_API_KEY to a "
@@ -214,9 +218,25 @@ class LLMPlanner:
             extra["response_format"] = {"type": "json_schema", "json_schema": schema}
         elif kind == "json_object":
             extra["response_format"] = {"type": "json_object"}
-        if self.seed is not None:
-            extra["seed"] = self.seed
-        return self._client().chat.completions.create(model=self.model, messages=messages, temperature=0, **extra)
+        extra |= self._sampling
+        return self._client().chat.completions.create(model=self.model, messages=messages, **extra)
+
+    def _relax(self, e: Exception) -> bool:
+        """After a 400: drop the sampling setting the server names, else lower the answer format; ``False`` when
+        nothing is left to drop."""
+        text = f"{getattr(e, 'param', '') or ''} {getattr(e, 'message', e)}".lower()
+        named = [k for k in self._sampling if k in text]
+        if named:
+            logger.info("%s rejected %s (%s); asking again without it", self.base_url, named[0], _short(e))
+            del self._sampling[named[0]]
+            return True
+        if self._format + 1 < len(FORMATS):
+            logger.info(
+                "%s rejected %s (%s); asking again without it", self.base_url, FORMATS[self._format], _short(e)
+            )
+            self._format += 1
+            return True
+        return False
 
     def _delay(self, e: Exception, attempt: int) -> float:
         delay = min(self.backoff * 2**attempt, self.max_backoff)
@@ -228,8 +248,8 @@ class LLMPlanner:
         return min(max(after, 0.0), self.max_backoff)
 
     def complete(self, messages: list[dict]) -> str:
-        """The model's answer text to ``messages``; 429 and 5xx retried with backoff, a rejected answer format
-        lowered to the next of :data:`FORMATS`.
+        """The model's answer text to ``messages``; 429 and 5xx retried with backoff, a rejected sampling setting
+        dropped, a rejected answer format lowered to the next of :data:`FORMATS`.
 
         Raises:
             LLMError: the request failed (one line).
@@ -242,11 +262,7 @@ class LLMPlanner:
                 response = self._create(messages)
                 break
             except openai.BadRequestError as e:
-                if self._format + 1 < len(FORMATS):
-                    logger.info(
-                        "%s rejected %s (%s); asking again without it", self.base_url, FORMATS[self._format], e
-                    )
-                    self._format += 1
+                if self._relax(e):
                     continue
                 raise self._failure(e) from None
             except (openai.RateLimitError, openai.InternalServerError) as e:
