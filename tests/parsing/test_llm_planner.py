@@ -113,6 +113,7 @@ def test_decompose_and_the_top_level_function_take_the_planner(tokenizer):
         plan = detailpp.decompose(PROMPT, planner=planner(server), tokenizer=tokenizer)
     assert plan.to_dict() == GOOD_PLAN
     assert decompose(PROMPT, tokenizer=tokenizer, planner="spacy") == decompose(PROMPT, tokenizer=tokenizer)
+    assert detailpp.LLMPlanner is LLMPlanner and detailpp.SpacyPlanner is SpacyPlanner
 
 
 @pytest.mark.parametrize(
