@@ -396,7 +396,7 @@ def test_a_second_run_reads_the_cache_and_sends_nothing(tmp_path, tokenizer):
     assert len(server.chats) == 2
 
 
-def test_a_fallback_is_cached_and_a_failure_is_not(tmp_path, tokenizer):
+def test_a_fallback_is_cached_and_a_failure_is_not(tmp_path, tokenizer, caplog):
     cache = tmp_path / "plans.jsonl"
     with FakeLLMServer([error(500), answer("x"), answer("y")]) as server:
         p = planner(server, cache=cache, retries=0)
@@ -404,9 +404,11 @@ def test_a_fallback_is_cached_and_a_failure_is_not(tmp_path, tokenizer):
             plan_prompt(PROMPT, p, "subject", tokenizer)
         assert not cache.exists()
         fallback = plan_prompt(PROMPT, p, "subject", tokenizer)
+    caplog.clear()
     with FakeLLMServer([]) as server:
         assert plan_prompt(PROMPT, planner(server, cache=cache), "subject", tokenizer) == fallback
     assert fallback.notice is not None and server.requests == []
+    assert f"{fallback.notice} ({PROMPT!r}, cached)" in caplog.text
 
 
 def test_a_line_cut_short_is_skipped_and_the_next_plan_starts_a_new_line(tmp_path, tokenizer, caplog):

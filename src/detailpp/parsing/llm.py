@@ -308,7 +308,10 @@ class LLMPlanner:
         cached = self._cached(prompt, granularity)
         if cached is not None:
             logger.debug("plan for %r read from the cache", prompt)
-            return validate_plan(DecompositionPlan.from_dict(cached), tokenizer, prompt)
+            plan = validate_plan(DecompositionPlan.from_dict(cached), tokenizer, prompt)
+            if plan.notice:  # a cached fall-back says so again
+                logger.warning("%s (%r, cached)", plan.notice, prompt)
+            return plan
         plan = self._ask(prompt, granularity, tokenizer)
         record = {"prompt": prompt, "granularity": granularity, **self.identity(), "plan": plan.to_dict()}
         self.cache.put(cache_key(prompt, granularity, self.identity()), record)
