@@ -20,7 +20,9 @@ __all__ = [
     "DetailPlusPlusPipelineOutput",
     "DetailPlusPlusSD3Pipeline",
     "DetailPlusPlusSDPipeline",
+    "LLMPlanner",
     "PlanError",
+    "SpacyPlanner",
     "decompose",
 ]
 
@@ -52,7 +54,11 @@ def __getattr__(name: str):
 
         return DetailPlusPlusPipelineOutput
     if name == "decompose":
-        from detailpp.parsing.decompose import decompose
+        from detailpp.parsing.planner import decompose
 
         return decompose
+    if name in ("LLMPlanner", "SpacyPlanner"):
+        from detailpp.parsing import llm, planner
+
+        return getattr(llm if name == "LLMPlanner" else planner, name)
     raise AttributeError(f"module 'detailpp' has no attribute {name!r}")

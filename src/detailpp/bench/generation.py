@@ -55,11 +55,13 @@ def run_identity(
     detail_config: dict | None = None,
     label: str | None = None,
     plans: str | None = None,
+    planner: dict | None = None,
 ) -> dict:
     """What ``run.json`` records: everything an image depends on (not the device, not the number of processes).
 
     ``plans``: where Detail++'s plans come from when not from the spaCy parser (``"file"``: ``--plans``; the plans
-    themselves are kept in the folder's ``plans.jsonl``); absent from ``run.json`` otherwise.
+    themselves are kept in the folder's ``plans.jsonl``); absent from ``run.json`` otherwise. ``planner``: the
+    planner's identity when it is not spaCy (``{"planner": "llm", "model": ..., "prompt_version": ...}``).
     """
     identity = {
         "format": FORMAT_VERSION,
@@ -78,6 +80,8 @@ def run_identity(
     }
     if plans is not None:
         identity["plans"] = plans
+    if planner is not None:
+        identity["planner"] = dict(planner)
     return identity
 
 

@@ -30,7 +30,14 @@ from detailpp.bench.models import default_device
 from detailpp.bench.sharding import resolve_shard
 from detailpp.bench.suites import BASE_SEED, DEFAULT_IMAGES_PER_PROMPT, SUITE_NAMES, Suite, load_suite
 from detailpp.cli import HelpFormatter, add_deprecated_alias, add_output_flags
-from detailpp.cli.flags import add_compile_flag, add_device_flags, add_model_flag, add_size_flags
+from detailpp.cli.flags import (
+    add_compile_flag,
+    add_device_flags,
+    add_model_flag,
+    add_planner_flags,
+    add_size_flags,
+    planner_from_args,
+)
 from detailpp.plan import GRANULARITIES
 
 logger = logging.getLogger(__name__)
@@ -102,6 +109,11 @@ def _add_generate_parser(sub: Any) -> None:
         "--plans", type=Path, help="precomputed plans (from `bench plans`): no spaCy needed (method detailpp)"
     )
     p.add_argument("--label", help="the method's name in reports (default: --method)")
+    add_planner_flags(
+        p,
+        cache_note="; the model's plans are kept in the run folder's llm-plans.jsonl (a resumed run reads them) and "
+        "run.json records the planner and model (method detailpp)",
+    )
     add_compile_flag(p, "; a speed setting like --device: not part of the run's identity")
     _shard_args(p)
     p.set_defaults(_bench=_generate)
@@ -110,13 +122,14 @@ def _add_generate_parser(sub: Any) -> None:
 def _add_plans_parser(sub: Any) -> None:
     p = sub.add_parser(
         "plans",
-        help="write the Detail++ plans of a suite's prompts (spaCy), for `generate --plans`",
+        help="write the Detail++ plans of a suite's prompts (spaCy, or --planner llm), for `generate --plans`",
         formatter_class=HelpFormatter,
     )
     add_output_flags(p)
     _suite_args(p)
     p.add_argument("--max-prompts", type=int, help="only the first N prompts")
     p.add_argument("--granularity", choices=GRANULARITIES, default="subject", help="as DetailConfig")
+    add_planner_flags(p, cache_flag=True)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--output", type=Path, help="the plans file to write (JSON Lines, one plan a line)")
     add_deprecated_alias(g, "--out", "--output", dest="output", type=Path)
@@ -250,10 +263,11 @@ class PipelineGenerator:
         detail_config: Any = None,
         plans: dict | None = None,
         compile_unet: bool = False,
+        planner: Any = None,
     ):
         self.method, self.model, self.device, self.dtype = method, model, device, dtype
         self.settings, self.detail_config, self.plans = settings, detail_config, plans
-        self.compile_unet = compile_unet
+        self.compile_unet, self.planner = compile_unet, planner
         self.pipe: Any = None
 
     def load(self) -> None:
@@ -289,7 +303,7 @@ class PipelineGenerator:
             out = self.pipe.plain_pipeline()(**kwargs)  # the plain base pipeline on the same components
         else:
             plan = None if self.plans is None else self.plans[prompt]
-            out = self.pipe(**kwargs, detail_config=self.detail_config, plan=plan)
+            out = self.pipe(**kwargs, detail_config=self.detail_config, plan=plan, planner=self.planner)
         return out.images[0]
 
 
@@ -310,6 +324,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.quiet:
         quiet_loading()
     detail_config, detail_dict = _bench_detail_config(args)
+    planner = _suite_planner(args)
     plans = _suite_plans(args, prompts)
     identity = run_identity(
         suite,
@@ -321,6 +336,7 @@ def _generate(args: argparse.Namespace) -> int:
         detail_dict,
         args.label,
         plans=None if plans is None else "file",
+        planner=None if planner is None else planner.identity(),
     )
     shard = resolve_shard(args.shard_index, args.num_shards, args.device)
     if plans is not None:
@@ -328,8 +344,10 @@ def _generate(args: argparse.Namespace) -> int:
 
         check_run_identity(args.output_dir, identity)  # the folder's settings first, then its plans.jsonl
         record_run_plans(args.output_dir, plans, write=shard.is_main or shard.launcher == "manual")
+    if planner is not None:  # the server is reachable and takes the key, before any model loads
+        planner.check(prompts, getattr(detail_config, "granularity", "subject"))
     generate_fn = PipelineGenerator(
-        args.method, args.model, shard.device, args.dtype, settings, detail_config, plans, args.compile
+        args.method, args.model, shard.device, args.dtype, settings, detail_config, plans, args.compile, planner
     )
     summary = run_generation(
         args.output_dir,
@@ -412,13 +430,27 @@ def _suite_plans(args: argparse.Namespace, prompts: list[str]) -> dict | None:
     return plans_for(prompts, read_plans(args.plans), str(args.plans))
 
 
+def _suite_planner(args: argparse.Namespace) -> Any:
+    """``--planner llm``: the LLM planner, its plans cached in the run folder (``None`` for spaCy, the default)."""
+    from detailpp.parsing.plan_cache import CACHE_FILE
+
+    if args.planner == "spacy":
+        planner_from_args(args)  # an --llm-* flag without --planner llm is an error
+        return None
+    if args.plans is not None:
+        raise BenchError("--plans and --planner llm both give the plans: use one of them.")
+    if args.method != "detailpp":
+        raise BenchError("--planner applies to --method detailpp only.")
+    return planner_from_args(args, cache=args.output_dir / CACHE_FILE)
+
+
 # --- plans -----------------------------------------------------------------------------------------------------------
 def _plans(args: argparse.Namespace) -> int:
     from detailpp.bench.plans import write_plans
-    from detailpp.parsing.decompose import decompose_many
+    from detailpp.parsing.planner import plan_prompts
 
     _, prompts = _suite_prompts(args)
-    plans = decompose_many(prompts, args.granularity)
+    plans = plan_prompts(prompts, planner_from_args(args), args.granularity)
     write_plans(args.output, plans)
     logger.info(
         "wrote %d plan(s) (%s granularity, %d with detail branches) to %s",

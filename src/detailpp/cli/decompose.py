@@ -4,19 +4,24 @@ Examples:
   detailpp decompose "a red teddy bear wearing a green tracksuit"
   detailpp decompose "a red car and a blue bench" --granularity attribute --json
   detailpp decompose --file prompts.txt > plans.jsonl
+  detailpp decompose "a red car and a blue bench" --planner llm --llm-base-url http://127.0.0.1:11434/v1 \
+      --llm-model llama3.1 --compare
 
 A prompt the parser does not read (not English, or not readable with confidence) gets zero branches and a notice
 saying why (printed with the plan, and logged as a warning); prompt-weight syntax ("(red:1.2)", "((red))",
-"[red]") is an error that names the syntax.
+"[red]") is an error that names the syntax. With --planner llm a language model proposes the plan, checked by the
+same rules; a plan it cannot repair falls back to spaCy's with a notice (docs/decomposition.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import TextIO
 
 from detailpp.cli import UserError
+from detailpp.cli.flags import add_planner_flags, planner_from_args
 from detailpp.plan import GRANULARITIES, DecompositionPlan
 
 
@@ -36,6 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PROMPTS.txt",
         help="decompose every line of this file ('-': standard input); prints JSON Lines, one plan a line",
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="with --planner llm: print spaCy's plan and the model's side by side (JSON: {'spacy': ..., 'llm': ...})",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="with --planner llm and --file: at most N requests at once (default 4; one request per distinct prompt)",
+    )
+    add_planner_flags(parser, cache_flag=True)
 
 
 def _table(plan: DecompositionPlan) -> str:
@@ -84,22 +102,65 @@ def _read_prompts(path: str) -> list[str]:
         raise UserError(f"the prompt file {path!r} is not UTF-8 text ({e.reason})") from e
 
 
+def _compare_table(spacy: DecompositionPlan, llm: DecompositionPlan, model: str) -> str:
+    """Two plans of one prompt side by side: spaCy's on the left, the model's on the right."""
+
+    def branch(plan: DecompositionPlan, i: int) -> str:
+        if i >= len(plan.branches):
+            return ""
+        b = plan.branches[i]
+        return f"{b.subject} [{'; '.join(b.attributes)}]: {b.prompt}"
+
+    rows = [("", "spacy", f"llm ({model})"), ("base", spacy.base, llm.base)]
+    rows += [
+        (f"branch {i + 1}", branch(spacy, i), branch(llm, i))
+        for i in range(max(map(len, (spacy.branches, llm.branches))))
+    ]
+    if spacy.notice or llm.notice:
+        rows.append(("notice", spacy.notice or "", llm.notice or ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(2)]
+    lines = [f"prompt     {spacy.prompt}", ""]
+    lines += [f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}".rstrip() for r in rows]
+    same = [(b.subject, b.attributes, b.prompt) for b in spacy.branches] == [
+        (b.subject, b.attributes, b.prompt) for b in llm.branches
+    ] and spacy.base == llm.base
+    verdict = "the plans agree" if same else "the plans differ"
+    lines += ["", "the model's plan was not used (see its notice)" if llm.notice else verdict]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Decompose the prompt (or every prompt of ``--file``) and print the plan(s)."""
-    from detailpp.parsing.decompose import decompose, decompose_many
+    from detailpp.parsing.planner import SpacyPlanner, plan_prompts
 
     out = out or sys.stdout
     if args.file is not None and args.prompt is not None:
         raise UserError("give a prompt or --file, not both")
+    if args.compare and args.planner != "llm":
+        raise UserError("--compare shows spaCy's plan beside a language model's: add --planner llm and --llm-model")
+    if args.concurrency < 1:
+        raise UserError(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.file is not None:
         prompts = _read_prompts(args.file)
         if not prompts:
             raise UserError(f"the prompt file {args.file!r} has no prompts (one prompt a line)")
-        for plan in decompose_many(prompts, args.granularity):
-            print(plan.to_json(ensure_ascii=False), file=out)  # a notice is logged as a warning (standard error)
-        return 0
-    if args.prompt is None:
+    elif args.prompt is None:
         raise UserError('give a prompt, e.g. detailpp decompose "a red car and a blue bench", or --file PROMPTS.txt')
-    plan = decompose(args.prompt, args.granularity)
-    print(plan.to_json(ensure_ascii=False, indent=2) if args.json else _table(plan), file=out)
+    else:
+        prompts = [args.prompt]
+    planner = planner_from_args(args)
+    plans = plan_prompts(prompts, planner, args.granularity, concurrency=args.concurrency)
+    spacy = plan_prompts(prompts, SpacyPlanner(), args.granularity) if args.compare else None
+    if args.file is not None:
+        for n, plan in enumerate(plans):  # a notice is logged as a warning (standard error)
+            line = {"spacy": spacy[n].to_dict(), "llm": plan.to_dict()} if spacy else plan.to_dict()
+            print(json.dumps(line, ensure_ascii=False), file=out)
+        return 0
+    (plan,) = plans
+    if spacy and args.json:
+        print(json.dumps({"spacy": spacy[0].to_dict(), "llm": plan.to_dict()}, ensure_ascii=False, indent=2), file=out)
+    elif spacy:
+        print(_compare_table(spacy[0], plan, args.llm_model), file=out)
+    else:
+        print(plan.to_json(ensure_ascii=False, indent=2) if args.json else _table(plan), file=out)
     return 0

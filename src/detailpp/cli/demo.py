@@ -8,6 +8,7 @@ Examples:
   detailpp demo --model stabilityai/stable-diffusion-xl-base-1.0 --device cuda --dtype float16
   detailpp demo --controlnet diffusers/controlnet-canny-sdxl-1.0   # the page takes a control image
   detailpp demo --host 0.0.0.0 --port 8080     # reachable from the network: anyone who can reach it can use it
+  detailpp demo --planner llm --llm-base-url http://127.0.0.1:11434/v1 --llm-model llama3.1   # Ollama parses
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from detailpp.cli.common import (
     check_model,
     check_size,
 )
-from detailpp.cli.flags import add_device_flags, add_model_flag, add_size_flags
+from detailpp.cli.flags import add_device_flags, add_model_flag, add_planner_flags, add_size_flags, planner_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="an SDXL ControlNet (Hub id or folder; tiny-random with --model tiny-random): the page then takes a "
         "control image (default: none)",
     )
+    add_planner_flags(p, cache_note="; with llm the page offers both, and a Planner choice")
     add_deprecated_alias(p, "--size", "--width and --height", dest="size", type=int)
 
 
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if args.controlnet is not None:
         check_controlnet_source(args.controlnet)
     check_port(args.host, args.port)
+    planner = planner_from_args(args)
+    planner.check()  # the language model server is reachable and takes the key, before the model loads
     try:
         import gradio  # noqa: F401
     except ImportError as e:
@@ -111,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         default_width=args.width,
         default_height=args.height,
         controlnet=args.controlnet is not None,
+        planner=planner,
     )
     logger.info("Starting the demo on http://%s:%d (Ctrl+C stops it)", args.host, args.port)
     launch(demo, host=args.host, port=args.port)

@@ -20,6 +20,7 @@ import inspect
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from detailpp.atomic import atomic_write_text
 from detailpp.cli import UserError
@@ -40,10 +41,18 @@ from detailpp.cli.common import (
     set_scheduler,
     slug,
 )
-from detailpp.cli.flags import add_compile_flag, add_device_flags, add_model_flag, add_size_flags
+from detailpp.cli.flags import (
+    add_compile_flag,
+    add_device_flags,
+    add_model_flag,
+    add_planner_flags,
+    add_size_flags,
+    planner_from_args,
+)
 from detailpp.config import PRESETS, DetailConfig
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
 from detailpp.models.lora import LoraError, apply_loras, check_peft, parse_lora
+from detailpp.parsing.plan_cache import CACHE_FILE
 from detailpp.plan import GRANULARITIES, DecompositionPlan, PlanError, check_prompt_text, load_plan
 
 logger = logging.getLogger(__name__)
@@ -104,6 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_controlnet_arguments(p)
     p.add_argument("--plan", type=Path, default=None, help="a plan JSON file (as 'detailpp decompose --json')")
+    add_planner_flags(p, cache_note=f"; the model's plans are kept in OUTPUT_DIR/{CACHE_FILE}")
     p.add_argument("--save-branches", action="store_true", help="also write a grid of every branch")
     p.add_argument("--save-masks", action="store_true", help="also write each subject's mask over the image")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="(default: outputs)")
@@ -212,8 +222,9 @@ def make_config(args: argparse.Namespace, model_fields: dict | None = None) -> D
         raise UserError(str(e).replace("mask_threshold (tau)", "--tau").replace("share_steps", "--share-steps")) from e
 
 
-def early_plan(args: argparse.Namespace, config: DetailConfig) -> DecompositionPlan:
-    """The plan (given or parsed), validated with SDXL's packaged CLIP tokenizer before the model is loaded."""
+def early_plan(args: argparse.Namespace, config: DetailConfig, planner: Any = None) -> DecompositionPlan:
+    """The plan (given, or parsed by ``planner``), validated with SDXL's packaged CLIP tokenizer before the model is
+    loaded (the LLM planner asks its server here: a server that cannot be used fails before the load)."""
     from detailpp.plan import validate_plan
     from detailpp.resources import load_clip_tokenizer
 
@@ -221,10 +232,10 @@ def early_plan(args: argparse.Namespace, config: DetailConfig) -> DecompositionP
     if args.plan is not None:
         plan = load_plan(args.plan)
     else:
-        from detailpp.parsing.decompose import decompose
+        from detailpp.parsing.planner import plan_prompt
 
         check_token_window(args.prompt, "prompt")
-        plan = decompose(args.prompt, config.granularity, tokenizer=tokenizer)
+        plan = plan_prompt(args.prompt, planner, config.granularity, tokenizer)
     plan = validate_plan(plan, tokenizer, args.prompt)
     for text, what in [(plan.prompt, "prompt"), (plan.base, "base prompt")] + [
         (b.prompt, f"sub-prompt of {b.subject!r}") for b in plan.branches
@@ -256,7 +267,10 @@ def _run(args: argparse.Namespace) -> int:
         from detailpp.models.loading import model_detail_defaults
 
         config = make_config(args, model_detail_defaults(model))
-    plan = early_plan(args, config)
+    if args.plan is not None and args.planner != "spacy":
+        raise UserError("--plan gives the plan itself; --planner parses a prompt: give one of them.")
+    planner = planner_from_args(args, cache=args.output_dir / CACHE_FILE if args.planner == "llm" else None)
+    plan = early_plan(args, config, planner)
     pipe, load_seconds = load(args, model, device, dtype)
     config = make_config(args, dict(pipe.detail_defaults))
     if args.compile:
@@ -268,12 +282,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.plan is None and plan.granularity != config.granularity:  # the Hub model recommends another granularity
         plan = None
     # Validate the plan against the model's own tokenizer, once for every seed.
-    plan = pipe.prepare_plan(prompt, plan, config)
+    plan = pipe.prepare_plan(prompt, plan, config, planner)
     if not plan.branches:
         logger.info(
             "No detail branch for %r: the image is plain %s sampling.", prompt, pipe.base_pipeline_class.__name__
         )
     call = call_arguments(args, model, config, plan, default_guidance(pipe))
+    call["planner"] = planner  # recorded with each image; the plan is given, so the call parses nothing
     for seed in args.seed:
         generate_one(args, pipe, call, seed, load_seconds)
     return 0
@@ -418,6 +433,9 @@ def image_settings(args: argparse.Namespace, pipe, call: dict, seed: int, image)
         "loras": [{"path": str(s.path), "scale": s.scale} for s in args.lora_specs],
         "plan": plan.to_dict(),
     }
+    planner = call.get("planner")
+    if planner is not None and planner.name != "spacy":
+        settings["planner"] = planner.identity()
     if args.controlnet:
         settings["controlnets"] = controlnet_settings(args)
     return settings

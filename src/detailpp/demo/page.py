@@ -72,6 +72,7 @@ class PageStart:
     rows: list[list[str]]
     table_prompt: str | None
     controlnet: bool
+    planners: tuple[str, ...] = ("spacy",)
 
 
 def page_start(
@@ -104,6 +105,7 @@ def page_start(
         rows=rows,
         table_prompt=table_prompt,
         controlnet=session.has_controlnet if controlnet is None else controlnet,
+        planners=tuple(session.planners),
     )
 
 
@@ -123,9 +125,9 @@ def parse_handlers(session: DemoSession, gr: Any) -> tuple[Callable[..., tuple],
     """The "Parse" handler and the granularity's (which re-parses a prompt already there)."""
     hidden_error, shown_error = error_updates(gr)
 
-    def on_parse(prompt: str, granularity: str) -> tuple:
+    def on_parse(prompt: str, granularity: str, planner: str | None = None) -> tuple:
         try:
-            plan = session.parse(prompt, granularity)
+            plan = session.parse(prompt, granularity, planner)
         except DemoInputError as e:
             return gr.update(), gr.update(), shown_error(str(e)), ""
         except Exception as e:  # a bug must not show a traceback in the page
@@ -133,13 +135,15 @@ def parse_handlers(session: DemoSession, gr: Any) -> tuple[Callable[..., tuple],
             return gr.update(), gr.update(), shown_error(f"Parsing failed: {type(e).__name__}: {e}"), ""
         n = len(plan.branches)
         status = f"Parsed: {n} detail branch{'es' if n != 1 else ''}." if n else "Parsed: no detail branch."
+        if plan.notice:  # the planner fell back (or the parser did not read the prompt): say why
+            status = f"{status} {plan.notice}"
         return plan_to_rows(plan), plan.prompt, hidden_error(), status
 
-    def on_regranulate(prompt: str, granularity: str) -> tuple:
-        """A new granularity re-parses the prompt; with no prompt yet there is nothing to say."""
+    def on_regranulate(prompt: str, granularity: str, planner: str | None = None) -> tuple:
+        """A new granularity (or planner) re-parses the prompt; with no prompt yet there is nothing to say."""
         if not isinstance(prompt, str) or not prompt.strip():
             return gr.update(), gr.update(), gr.update(), gr.update()
-        return on_parse(prompt, granularity)
+        return on_parse(prompt, granularity, planner)
 
     return on_parse, on_regranulate
 
@@ -216,6 +220,10 @@ def prompt_and_plan(gr: Any, start: PageStart) -> dict[str, Any]:
         c["granularity"] = gr.Radio(
             list(GRANULARITIES), value=start.config.granularity, label="Granularity", elem_id="detailpp-granularity"
         )
+        if len(start.planners) > 1:  # a language model is set up (detailpp demo --planner llm)
+            c["planner"] = gr.Radio(
+                list(start.planners), value=start.planners[-1], label="Planner", elem_id="detailpp-planner"
+            )
         c["parse"] = gr.Button("Parse", elem_id="detailpp-parse")
     c["table"] = gr.Dataframe(
         value=start.rows or None,
@@ -311,9 +319,12 @@ def wire(session: DemoSession, gr: Any, c: dict[str, Any], table_prompt: Any) ->
     """The page's events: parse (button, Enter, granularity) and generate, one at a time."""
     on_parse, on_regranulate = parse_handlers(session, gr)
     parse_inputs, parse_outputs = [c["prompt"], c["granularity"]], [c["table"], table_prompt, c["error"], c["status"]]
+    parse_inputs += [c["planner"]] if "planner" in c else []
     c["parse"].click(on_parse, parse_inputs, parse_outputs, concurrency_limit=1)
     c["prompt"].submit(on_parse, parse_inputs, parse_outputs, concurrency_limit=1)
     c["granularity"].change(on_regranulate, parse_inputs, parse_outputs, concurrency_limit=1)
+    if "planner" in c:
+        c["planner"].change(on_regranulate, parse_inputs, parse_outputs, concurrency_limit=1)
     inputs = [c["prompt"], c["table"], table_prompt]
     inputs += [c[k] for k in ("negative", "seed", "steps", "guidance", "tau", "share", "nursing", "granularity")]
     inputs += [c[k] for k in ("height", "width", "compare", "preset", "control")]
@@ -338,6 +349,7 @@ def build_demo(
     default_height: int | None = None,
     max_queue_size: int = 16,
     controlnet: bool | None = None,
+    planner: Any = None,
 ) -> Any:
     """The demo page, as a ``gradio.Blocks`` with its queue set (one generation at a time); see the module doc.
 
@@ -352,6 +364,8 @@ def build_demo(
         max_queue_size: requests waiting beyond this many are refused with a message.
         controlnet: show the control image (default: whether the loaded pipeline has a ControlNet, e.g.
             :class:`~detailpp.pipelines.sdxl_controlnet.DetailPlusPlusControlNetPipeline`; hidden otherwise).
+        planner: an :class:`~detailpp.parsing.llm.LLMPlanner`: the page offers it beside spaCy (and starts with it);
+            ``None``: spaCy only.
 
     Launch it with :func:`launch` (localhost, no share link, no analytics).
     """
@@ -360,7 +374,7 @@ def build_demo(
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("The demo needs Gradio: pip install 'detailpp[demo]'.") from e
 
-    session = DemoSession(pipe_or_loader, model_name)
+    session = DemoSession(pipe_or_loader, model_name, planner=planner)
     examples = TOY_EXAMPLE_PROMPTS if model_name == "toy" else EXAMPLE_PROMPTS
     start = page_start(
         session, examples, initial_prompt, default_steps, default_size, default_width, default_height, controlnet

@@ -265,9 +265,11 @@ class DemoSession:
         pipe_or_loader: a :class:`~detailpp.DetailPlusPlusPipeline`, or a callable without arguments returning one
             (called once, on the first request).
         model_name: shown in the page and used to pick defaults (the embedded models get 30 steps, others 50).
+        planner: the planner the prompt is parsed with: ``None`` (spaCy), or an
+            :class:`~detailpp.parsing.llm.LLMPlanner`, which the page then offers beside spaCy.
     """
 
-    def __init__(self, pipe_or_loader: Any, model_name: str | None = None) -> None:
+    def __init__(self, pipe_or_loader: Any, model_name: str | None = None, planner: Any = None) -> None:
         if callable(pipe_or_loader) and not hasattr(pipe_or_loader, "unet"):
             self._loader: Callable[[], Any] | None = pipe_or_loader
             self._pipe = None
@@ -276,6 +278,12 @@ class DemoSession:
         self.model = model_name
         self.model_name = model_name or "a custom pipeline"
         self.embedded = model_name in ("toy", "tiny-random")
+        self.planner = None if planner is None or getattr(planner, "name", planner) == "spacy" else planner
+
+    @property
+    def planners(self) -> list[str]:
+        """The planners the page offers: ``["spacy"]``, and ``"llm"`` when a language model is set up."""
+        return ["spacy"] if self.planner is None else ["spacy", self.planner.name]
 
     @property
     def pipe(self) -> Any:
@@ -331,14 +339,22 @@ class DemoSession:
             )
         return DetailConfig()
 
-    def parse(self, prompt: Any, granularity: str = "subject") -> DecompositionPlan:
-        """The spaCy parser's plan for ``prompt`` (with this model's tokenizer)."""
+    def parse(self, prompt: Any, granularity: str = "subject", planner: str | None = None) -> DecompositionPlan:
+        """The plan for ``prompt`` (with this model's tokenizer) by ``planner`` (``"spacy"``, ``"llm"``; default: the
+        session's, see :attr:`planners`); a failure of the language model server is one :class:`DemoInputError`."""
+        from detailpp.parsing.llm import LLMError
+
         prompt = check_prompt(prompt)
         if granularity not in GRANULARITIES:
             raise DemoInputError(f"Granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+        if planner is not None and planner not in self.planners:
+            raise DemoInputError(f"Planner must be one of {self.planners}, got {planner!r}.")
+        chosen = self.planner if planner != "spacy" else None
         try:
-            return self.pipe.decompose(prompt, granularity)
-        except PlanError as e:
+            if chosen is None:
+                return self.pipe.decompose(prompt, granularity)
+            return self.pipe.decompose(prompt, granularity, chosen)
+        except (PlanError, LLMError) as e:
             raise DemoInputError(str(e)) from e
 
     def plan_for(

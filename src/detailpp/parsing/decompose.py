@@ -131,6 +131,13 @@ def _check_granularity(granularity: str) -> None:
         raise PlanError(f"Unknown granularity {granularity!r}; use one of {GRANULARITIES}.")
 
 
+def check_prompt_for_planning(prompt: Any, granularity: str) -> str:
+    """The checks every planner makes before reading a prompt: text, no prompt-weight syntax, a known granularity."""
+    _check_granularity(granularity)
+    check_weight_syntax(_check_prompt(prompt))
+    return prompt
+
+
 class _OnePromptTokenizer:
     """Calls ``tokenizer`` once per prompt: every branch of a plan asks for offsets of the same p0."""
 
@@ -286,4 +293,11 @@ def decompose_many(
     return [plan for plan in plans if plan is not None]
 
 
-__all__ = ["check_weight_syntax", "decompose", "decompose_many", "language_notice", "load_nlp"]
+__all__ = [
+    "check_prompt_for_planning",
+    "check_weight_syntax",
+    "decompose",
+    "decompose_many",
+    "language_notice",
+    "load_nlp",
+]

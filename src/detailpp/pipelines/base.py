@@ -29,6 +29,7 @@ from detailpp.hub import read_detail_defaults
 from detailpp.inputs import DetailInputError, check_image_side
 from detailpp.method.backbone import Backbone
 from detailpp.method.engine import BranchLayout, DetailEngine
+from detailpp.parsing.planner import Planner
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import BranchTokens, DecompositionPlan, check_prompt_text, load_plan, validate_plan
 
@@ -135,21 +136,29 @@ class DetailPipelineMixin:
         plain.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return plain
 
-    def decompose(self, prompt: str, granularity: str = "subject") -> DecompositionPlan:
-        """The plan for ``prompt``, from the spaCy parser (:func:`detailpp.parsing.decompose.decompose`)."""
-        from detailpp.parsing.decompose import decompose
+    def decompose(
+        self, prompt: str, granularity: str = "subject", planner: Planner | str | None = None
+    ) -> DecompositionPlan:
+        """The plan for ``prompt`` by ``planner`` (default: the spaCy parser), with this pipeline's tokenizer
+        (:func:`detailpp.parsing.planner.plan_prompt`)."""
+        from detailpp.parsing.planner import plan_prompt
 
-        return decompose(prompt, granularity=granularity, tokenizer=self.plan_tokenizer)
+        return plan_prompt(prompt, planner, granularity, self.plan_tokenizer)
 
     def prepare_plan(
-        self, prompt: str | None, plan: DecompositionPlan | dict | str | None, config: DetailConfig
+        self,
+        prompt: str | None,
+        plan: DecompositionPlan | dict | str | None,
+        config: DetailConfig,
+        planner: Planner | str | None = None,
     ) -> DecompositionPlan:
-        """Parse or load the plan and validate it against the prompt and this pipeline's tokenizer."""
+        """Parse (with ``planner``, default spaCy) or load the plan and validate it against the prompt and this
+        pipeline's tokenizer."""
         if plan is None:
             if prompt is None or not isinstance(prompt, str):
                 raise DetailInputError("Give `prompt` as one string (Detail++ runs one prompt per call), or a `plan`.")
             check_prompt_text(prompt)
-            plan = self.decompose(prompt, config.granularity)
+            plan = self.decompose(prompt, config.granularity, planner)
         else:
             plan = load_plan(plan)
         return validate_plan(plan, self.plan_tokenizer, prompt)
@@ -193,6 +202,7 @@ class DetailPipelineMixin:
         width: int,
         num_inference_steps: int,
         kwargs: dict[str, Any],
+        planner: Planner | str | None = None,
     ) -> tuple[DetailConfig, DecompositionPlan]:
         """The Detail++ part of a call's checks, before anything is encoded: fail early, with the fix in the message.
 
@@ -219,7 +229,7 @@ class DetailPipelineMixin:
         check_image_side("`width`", width, hint, self.SIDE_MULTIPLE)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        return config, self.prepare_plan(prompt, plan, config)
+        return config, self.prepare_plan(prompt, plan, config, planner)
 
     def check_base_inputs(self, prompt: str, height: int, width: int, *args: Any, **kwargs: Any) -> None:
         """The base pipeline's own ``check_inputs`` for a Detail++ run (each family calls its base's)."""

@@ -33,6 +33,7 @@ from detailpp.backbones.mmdit import FLUX_DEFAULT_BLOCKS, FluxBackbone, RowCondi
 from detailpp.config import DetailConfig
 from detailpp.inputs import DetailInputError
 from detailpp.method.engine import BranchLayout
+from detailpp.parsing.planner import Planner
 from detailpp.pipelines.base import UNSUPPORTED, DetailPipelineMixin
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan, check_token_window
@@ -234,6 +235,7 @@ class DetailPlusPlusFluxPipeline(DetailPipelineMixin, FluxPipeline):
         max_sequence_length: int = 512,
         detail_config: DetailConfig | None = None,
         plan: DecompositionPlan | dict | str | None = None,
+        planner: Planner | str | None = None,
         return_branch_images: bool = False,
         return_masks: bool = False,
         **kwargs: Any,
@@ -264,7 +266,7 @@ class DetailPlusPlusFluxPipeline(DetailPipelineMixin, FluxPipeline):
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
         )
         if not plan.branches:  # 2. A plan without detail branch: plain FLUX (which checks its own inputs)
             return self.plain_call(

@@ -19,6 +19,7 @@ from diffusers.utils import replace_example_docstring
 from detailpp.backbones.unet import Conditioning, UNetBackbone
 from detailpp.config import DetailConfig
 from detailpp.method.engine import BranchLayout
+from detailpp.parsing.planner import Planner
 from detailpp.pipelines.base import DetailPipelineMixin
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan
@@ -172,6 +173,7 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         detail_config: DetailConfig | None = None,
         plan: DecompositionPlan | dict | str | None = None,
+        planner: Planner | str | None = None,
         return_branch_images: bool = False,
         return_masks: bool = False,
         **kwargs: Any,
@@ -200,7 +202,7 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
         )
         self.check_ip_adapter_inputs(
             ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None

@@ -24,6 +24,7 @@ from detailpp.config import DetailConfig
 from detailpp.inputs import DetailInputError
 from detailpp.method.attention import MaskLayers
 from detailpp.method.engine import BranchLayout
+from detailpp.parsing.planner import Planner
 from detailpp.pipelines.base import UNSUPPORTED, DetailPipelineMixin
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan
@@ -224,6 +225,7 @@ class DetailPlusPlusSD3Pipeline(DetailPipelineMixin, StableDiffusion3Pipeline):
         mu: float | None = None,
         detail_config: DetailConfig | None = None,
         plan: DecompositionPlan | dict | str | None = None,
+        planner: Planner | str | None = None,
         return_branch_images: bool = False,
         return_masks: bool = False,
         **kwargs: Any,
@@ -252,7 +254,7 @@ class DetailPlusPlusSD3Pipeline(DetailPipelineMixin, StableDiffusion3Pipeline):
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
         )
         if not plan.branches:  # 2. A plan without detail branch: plain SD3 (which checks its own inputs)
             return self.plain_call(

@@ -31,6 +31,7 @@ from detailpp.config import DetailConfig
 from detailpp.inputs import DetailInputError
 from detailpp.method.attention import HookError
 from detailpp.method.engine import BranchLayout
+from detailpp.parsing.planner import Planner
 from detailpp.pipelines.base import UNSUPPORTED, DetailPipelineMixin
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import DecompositionPlan
@@ -227,6 +228,7 @@ class DetailPlusPlusPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffu
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         detail_config: DetailConfig | None = None,
         plan: DecompositionPlan | dict | str | None = None,
+        planner: Planner | str | None = None,
         return_branch_images: bool = False,
         return_masks: bool = False,
         ip_adapter_image: Any | None = None,
@@ -248,6 +250,8 @@ class DetailPlusPlusPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffu
                 branches that were pruned after the first S steps hold no meaningful values).
             detail_config: every Detail++ setting (:class:`detailpp.DetailConfig`).
             plan: the decomposition plan; parsed from ``prompt`` when absent.
+            planner: what parses ``prompt`` when no ``plan`` is given: ``"spacy"`` (default) or a planner such as
+                :class:`detailpp.LLMPlanner` (a language model behind an OpenAI-compatible server).
             return_branch_images: also decode every branch (p0, p1, p2..pn). Keeps every branch computed to the
                 end; the final image is the same either way.
             return_masks: also return each detail branch's normalised subject map.
@@ -266,7 +270,7 @@ class DetailPlusPlusPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffu
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
         )
         self.check_ip_adapter_inputs(
             ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None

@@ -25,6 +25,7 @@ from detailpp.backbones.unet import UNetBackbone
 from detailpp.config import DetailConfig
 from detailpp.inputs import DetailInputError
 from detailpp.method.engine import BranchLayout
+from detailpp.parsing.planner import Planner
 from detailpp.pipelines.base import DetailPipelineMixin
 from detailpp.pipelines.control import ControlResiduals, align_guidance, as_list
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
@@ -278,6 +279,7 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         detail_config: DetailConfig | None = None,
         plan: DecompositionPlan | dict | str | None = None,
+        planner: Planner | str | None = None,
         return_branch_images: bool = False,
         return_masks: bool = False,
         ip_adapter_image: Any | None = None,
@@ -302,7 +304,7 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
         )
         self.check_ip_adapter_inputs(
             ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None
