@@ -80,6 +80,17 @@ class DecompositionPlan:
     def subjects(self) -> list[str]:
         return [b.subject for b in self.branches]
 
+    def texts_to_encode(self, negative_prompt: str | None = None) -> list[tuple[str, str]]:
+        """``(text, what)`` for every text a call encodes with this plan: p0, then (with detail branches) p1 and each
+        sub-prompt, then the negative prompt when given; ``what`` names it in messages."""
+        texts = [(self.prompt, "prompt")]
+        if self.branches:
+            texts.append((self.base, "base prompt"))
+            texts += [(b.prompt, f"sub-prompt of {b.subject!r}") for b in self.branches]
+        if negative_prompt:
+            texts.append((negative_prompt, "negative prompt"))
+        return texts
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["branches"] = [

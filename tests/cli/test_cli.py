@@ -316,7 +316,12 @@ BAD = [
     (["--device", "tpu9"], "--device 'tpu9' is not a device name; use cpu, cuda, cuda:1, mps... or leave it out"),
     (["--seed", "99999999999999999999999"], "--seed must lie in 0..18446744073709551615 (or -1 for a random seed)"),
     (["--seed", "-2"], "--seed must lie in 0..18446744073709551615 (or -1 for a random seed), got -2."),
-    (["--width", "100"], "--width must be a positive multiple of 8, got 100."),
+    (["--width", "100"], "--width must be a multiple of 8 in 8..4096, got 100."),
+    (["--width", "100000"], "--width must be a multiple of 8 in 8..4096, got 100000."),
+    (["--steps", "100000"], "--steps must be a whole number in 1..1000, got 100000."),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0, got nan."),
+    (["--guidance-scale", "inf"], "--guidance-scale must be a finite number >= 0, got inf."),
+    (["--tau", "nan"], "--tau must be a finite number, got nan."),
     (["--model", "nobody/nothing"], "--model nobody/nothing: not in the Hugging Face cache, and HF_HUB_OFFLINE=1"),
     (["--model", "./no-folder"], "--model './no-folder': no such folder or file, and no Hub id"),
     (["--scheduler", "warp"], "argument --scheduler: invalid choice: 'warp'"),
@@ -364,7 +369,7 @@ def test_a_prompt_past_the_token_window_is_one_line(tmp_path):
     words = ("a red circle next to a blue square on a green field under a yellow star " * 23).split()[:338]
     proc = run_cli("generate", " ".join(words), "--model", "tiny-random", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("detailpp generate: error: The prompt is 338 CLIP tokens long; SDXL's text ")
+    assert proc.stderr.startswith("detailpp generate: error: The prompt is 338 CLIP tokens long; the text encoders ")
     assert proc.stderr.count("\n") == 1 and "Shorten it." in proc.stderr
     assert not (tmp_path / "outputs").exists()
 
@@ -373,8 +378,11 @@ def test_a_prompt_past_the_token_window_is_one_line(tmp_path):
     ("flags", "message"),
     [
         (["--device", "tpu9"], "--device 'tpu9' is not a device name"),
-        (["--base-seed", "99999999999999999999999"], "--base-seed must lie in 0..9223372036854775807"),
-        (["--width", "0"], "--width must be positive, got 0."),
+        (["--base-seed", "99999999999999999999999"], "--base-seed must lie in 0..18446744073709551615"),
+        (["--base-seed", str(2**64 - 2), "--images-per-prompt", "3"], "--base-seed + --images-per-prompt - 1 must"),
+        (["--width", "0"], "--width must be a multiple of 8 in 8..4096, got 0."),
+        (["--steps", "100000"], "--steps must be a whole number in 1..1000, got 100000."),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0, got nan."),
     ],
 )
 def test_bench_generate_bad_input_before_loading(flags, message, tmp_path, capsys, no_load):

@@ -357,6 +357,7 @@ def _generation_settings(args: argparse.Namespace) -> dict:
     """The run's sampling settings: the model's native size, steps and guidance unless given (toy: 128x128, 20
     steps, guidance 5), every value checked, and the device and dtype (``args`` is updated to match)."""
     from detailpp.cli.common import check_device, check_dtype, default_steps, native_size
+    from detailpp.inputs import check_guidance, check_image_side, check_seed, check_steps
 
     size = native_size(args.model)
     args.height = size if args.height is None else args.height
@@ -364,13 +365,14 @@ def _generation_settings(args: argparse.Namespace) -> dict:
     args.steps = default_steps(args.model) if args.steps is None else args.steps
     if args.guidance_scale is None:
         args.guidance_scale = 5.0 if args.model == "toy" else 7.5
-    for name in ("steps", "height", "width"):
-        if getattr(args, name) < 1:
-            raise BenchError(f"--{name} must be positive, got {getattr(args, name)}.")
+    check_steps("--steps", args.steps)
+    check_image_side("--height", args.height)
+    check_image_side("--width", args.width)
+    check_guidance("--guidance-scale", args.guidance_scale)
     if args.images_per_prompt < 1:
         raise BenchError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
-    if not 0 <= args.base_seed <= 2**63 - 1:  # base + k for every image must stay a valid torch seed
-        raise BenchError(f"--base-seed must lie in 0..{2**63 - 1}, got {args.base_seed}.")
+    check_seed("--base-seed", args.base_seed)  # and base + k, the seed of every prompt's last image
+    check_seed("--base-seed + --images-per-prompt - 1", args.base_seed + args.images_per_prompt - 1)
     if args.device is not None:
         check_device(args.device)
     args.dtype = check_dtype(args.dtype, args.device or check_device(None))

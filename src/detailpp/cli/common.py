@@ -14,12 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from detailpp.cli import UserError
-from detailpp.inputs import DetailInputError, check_image_side
+from detailpp.inputs import check_image_side, check_seed
 
 logger = logging.getLogger(__name__)
 
-#: torch.Generator.manual_seed's range; -1 asks for a random seed (A1111's convention).
-SEED_MIN, SEED_MAX = 0, 2**64 - 1
+#: -1 asks for a random seed (A1111's convention); the range is :data:`detailpp.inputs.SEED_MAX`'s.
 RANDOM_SEED = -1
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 #: the built-in models' native size; a diffusers folder's own size is read from its config.
@@ -29,14 +28,18 @@ EMBEDDED_MODELS = ("toy", "tiny-random", "tiny-random-sd15", "tiny-random-sd21")
 
 
 def resolve_seeds(seeds: Iterable[int]) -> list[int]:
-    """The seeds to use: ``-1`` becomes a random seed (logged and recorded like a given one)."""
+    """The seeds to use: ``-1`` becomes a random seed (logged and recorded like a given one); a seed given twice
+    makes one image (the same seed makes the same image), with a notice."""
     out = []
     for seed in seeds:
         if seed == RANDOM_SEED:
             seed = secrets.randbelow(2**32)
             logger.info("--seed -1: random seed %d", seed)
-        elif not SEED_MIN <= seed <= SEED_MAX:
-            raise UserError(f"--seed must lie in 0..{SEED_MAX} (or -1 for a random seed), got {seed}.")
+        else:
+            check_seed("--seed", seed, hint=" (or -1 for a random seed)")
+        if seed in out:
+            logger.warning("--seed %d is given twice; it makes one image (the same seed makes the same image).", seed)
+            continue
         out.append(seed)
     return out
 
@@ -131,12 +134,9 @@ def default_steps(model: str) -> int:
 
 
 def check_size(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    try:
+    """``--height``/``--width`` (None: the model's size), by :func:`detailpp.inputs.check_image_side`."""
+    if value is not None:
         check_image_side(f"--{name}", value)
-    except DetailInputError as e:
-        raise UserError(str(e)) from None
 
 
 def check_output_dir(folder: Path) -> None:

@@ -43,6 +43,7 @@ from detailpp.cli.common import (
 from detailpp.cli.flags import add_compile_flag, add_device_flags, add_model_flag, add_size_flags
 from detailpp.config import PRESETS, DetailConfig
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
+from detailpp.inputs import check_guidance, check_prompt_window, check_scheduler_steps, check_steps
 from detailpp.models.lora import LoraError, apply_loras, check_peft, parse_lora
 from detailpp.plan import GRANULARITIES, DecompositionPlan, PlanError, check_prompt_text, load_plan
 
@@ -160,19 +161,11 @@ def flag_fields(args: argparse.Namespace) -> dict:
 
 
 def check_token_window(text: str, what: str) -> None:
-    """Refuse a prompt longer than CLIP's window (SDXL's text encoders would silently drop its end)."""
+    """The 75-token rule (:func:`detailpp.inputs.check_prompt_window`) with SDXL's packaged CLIP tokenizer, before the
+    model loads."""
     from detailpp.models.resources import load_clip_tokenizer
-    from detailpp.plan import CLIP_MAX_TOKENS
 
-    tokenizer = load_clip_tokenizer()
-    ids = tokenizer(text, truncation=False, verbose=False).input_ids[1:-1]
-    window = CLIP_MAX_TOKENS - 2
-    if len(ids) > window:
-        dropped = tokenizer.decode(ids[window : window + 6]).strip()
-        raise UserError(
-            f"The {what} is {len(ids)} CLIP tokens long; SDXL's text encoders read only the first {window} "
-            f"(about 50 words): everything from {dropped!r}... would be ignored. Shorten it."
-        )
+    check_prompt_window(text, what, load_clip_tokenizer())
 
 
 def check_args(args: argparse.Namespace) -> DetailConfig:
@@ -186,10 +179,10 @@ def check_args(args: argparse.Namespace) -> DetailConfig:
             raise UserError(str(e)) from None
     for name in ("height", "width"):
         check_size(name, getattr(args, name))
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}.")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise UserError(f"--guidance-scale must be at least 0, got {args.guidance_scale}.")
+    if args.steps is not None:
+        check_steps("--steps", args.steps)
+    if args.guidance_scale is not None:
+        check_guidance("--guidance-scale", args.guidance_scale)
     args.seed = resolve_seeds(args.seed)
     check_controlnet_args(args)
     try:
@@ -225,12 +218,8 @@ def early_plan(args: argparse.Namespace, config: DetailConfig) -> DecompositionP
         check_token_window(args.prompt, "prompt")
         plan = decompose(args.prompt, config.granularity, tokenizer=tokenizer)
     plan = validate_plan(plan, tokenizer, args.prompt)
-    for text, what in [(plan.prompt, "prompt"), (plan.base, "base prompt")] + [
-        (b.prompt, f"sub-prompt of {b.subject!r}") for b in plan.branches
-    ]:
-        check_token_window(text, what)
-    if args.negative_prompt:
-        check_token_window(args.negative_prompt, "negative prompt")
+    for text, what in plan.texts_to_encode(args.negative_prompt):
+        check_prompt_window(text, what, tokenizer)
     return plan
 
 
@@ -300,6 +289,7 @@ def load(args: argparse.Namespace, model: str, device: str, dtype: str | None):
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.scheduler is not None:
         set_scheduler(pipe, args.scheduler)
+    check_scheduler_steps(pipe.scheduler, args.steps or default_steps(model), "--steps")  # before the first image
     try:
         apply_loras(pipe, args.lora_specs)
     except LoraError as e:

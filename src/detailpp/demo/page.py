@@ -38,6 +38,7 @@ from detailpp.demo.session import (
     check_settings,
     plan_to_rows,
 )
+from detailpp.inputs import MAX_STEPS
 from detailpp.plan import GRANULARITIES
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def settings_controls(gr: Any, start: PageStart) -> dict[str, Any]:
     config, c = start.config, {}
     with gr.Row():
         c["seed"] = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="detailpp-seed")
-        c["steps"] = gr.Slider(1, 100, value=start.steps, step=1, label="Steps", elem_id="detailpp-steps")
+        c["steps"] = gr.Slider(1, MAX_STEPS, value=start.steps, step=1, label="Steps", elem_id="detailpp-steps")
         c["guidance"] = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance", elem_id="detailpp-guidance")
     with gr.Row():
         c["tau"] = gr.Slider(  # (a recommended tau outside the usual range widens it)

@@ -8,6 +8,7 @@ once, runs one generation at a time and returns everything the page shows (:clas
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -20,7 +21,15 @@ import torch
 from detailpp.config import DetailConfig
 from detailpp.errors import DetailError
 from detailpp.images import mask_overlay
-from detailpp.inputs import DetailInputError, check_image_side
+from detailpp.inputs import (
+    DetailInputError,
+    check_guidance,
+    check_image_side,
+    check_prompt_window,
+    check_scheduler_steps,
+    check_seed,
+    check_steps,
+)
 from detailpp.plan import GRANULARITIES, Branch, DecompositionPlan, PlanError, check_prompt_text, find_subject_span
 
 # Gradio phones home for analytics and a version check unless told not to; the demo must work offline.
@@ -42,8 +51,6 @@ TOY_EXAMPLE_PROMPTS = [
     "a dotted yellow star and a green heart",
     "a purple triangle, a white cross and an orange circle",
 ]
-MAX_SIDE = 4096
-MAX_STEPS = 200
 #: one generation at a time in this process, whichever page, tab or Blocks asked for it.
 GENERATION_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()
@@ -144,9 +151,16 @@ def _as_int(name: str, value: Any) -> int:
         number = float(value)
     except (TypeError, ValueError):
         raise DemoInputError(f"{name} must be a number, got {value!r}.") from None
-    if number != int(number):
+    if not math.isfinite(number) or number != int(number):
         raise DemoInputError(f"{name} must be a whole number, got {value!r}.")
     return int(number)
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"{name} must be a number, got {value!r}.") from None
 
 
 @dataclass(frozen=True)
@@ -179,28 +193,16 @@ def check_settings(
     ``preset``: ``"detailpp"`` (our defaults) or ``"authors"`` (the authors' code, see
     :meth:`DetailConfig.authors_preset`).
     """
-    seed_value = _as_int("The seed", seed)
-    if not 0 <= seed_value < 2**63:
-        raise DemoInputError(f"The seed must lie in [0, 2^63), got {seed_value}.")
-    steps_value = _as_int("Steps", steps)
-    if not 1 <= steps_value <= MAX_STEPS:
-        raise DemoInputError(f"Steps must lie in [1, {MAX_STEPS}], got {steps_value}.")
-    sizes = {}
-    for name, value in (("Height", height), ("Width", width)):
-        side = _as_int(name, value)
-        try:
-            check_image_side(name, side, hint=" (e.g. 512, 768, 1024)")
-        except DetailInputError as e:
-            raise DemoInputError(str(e)) from None
-        if side > MAX_SIDE:
-            raise DemoInputError(f"{name} must be at most {MAX_SIDE} pixels, got {side}.")
-        sizes[name] = side
-    try:
-        guidance = float(guidance_scale)
-    except (TypeError, ValueError):
-        raise DemoInputError(f"The guidance scale must be a number, got {guidance_scale!r}.") from None
-    if guidance < 0:
-        raise DemoInputError(f"The guidance scale must be >= 0, got {guidance}.")
+    try:  # the rules of detailpp.inputs, as the CLI and the Python API word them (with the page's names)
+        seed_value = check_seed("The seed", _as_int("The seed", seed))
+        steps_value = check_steps("Steps", _as_int("Steps", steps))
+        sizes = {
+            name: check_image_side(name, _as_int(name, value), hint=" (e.g. 512, 768, 1024)")
+            for name, value in (("Height", height), ("Width", width))
+        }
+        guidance = check_guidance("The guidance scale", _as_float("The guidance scale", guidance_scale))
+    except DetailInputError as e:
+        raise DemoInputError(str(e)) from None
     if granularity not in GRANULARITIES:
         raise DemoInputError(f"Granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     try:
@@ -395,6 +397,7 @@ class DemoSession:
                 # the demo's fields over the model's recommended settings (the toy model's nursing step size)
                 config = pipe.make_detail_config(settings.config.preset_name, **_demo_fields(settings.config))
                 plan = pipe.prepare_plan(plan.prompt, plan, config)
+                check_plan_texts(pipe, plan, negative_prompt, settings.steps)
             except (DetailError, ValueError) as e:
                 raise DemoInputError(str(e)) from e
             started = time.perf_counter()
@@ -446,6 +449,15 @@ class DemoSession:
         if self.model_name.startswith("tiny-random"):
             notes.append(f"{self.model_name} has random weights: its images are noise")
         return DemoResult(image, plain, branches, masks, plan, seconds, notes)
+
+
+def check_plan_texts(pipe: Any, plan: DecompositionPlan, negative_prompt: str | None, steps: int) -> None:
+    """The rules the pipeline's call checks, with the page's names, before the run starts: the 75-token window of
+    every text the plan encodes (refused, as everywhere: :func:`detailpp.inputs.check_prompt_window`) and the
+    scheduler's own limit on the steps."""
+    for text, what in plan.texts_to_encode(negative_prompt):
+        check_prompt_window(text, what, pipe.tokenizer)
+    check_scheduler_steps(pipe.scheduler, steps, "Steps")
 
 
 def control_arguments(pipe: Any, control_image: Any | None, settings: Settings) -> dict:

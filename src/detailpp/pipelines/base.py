@@ -27,7 +27,16 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 
 from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, DetailConfig, check_detail_fields
 from detailpp.hub import read_detail_defaults
-from detailpp.inputs import DetailInputError, check_image_side
+from detailpp.inputs import (
+    DetailInputError,
+    check_finite,
+    check_guidance,
+    check_image_side,
+    check_negative_prompt,
+    check_prompt_window,
+    check_scheduler_steps,
+    check_steps,
+)
 from detailpp.method.engine import BranchLayout, Conditioning, DetailEngine, UNetExtras
 from detailpp.pipelines.output import DetailPlusPlusPipelineOutput
 from detailpp.plan import BranchTokens, DecompositionPlan, check_prompt_text, load_plan, validate_plan
@@ -195,6 +204,8 @@ class DetailPipelineMixin:
         height: int,
         width: int,
         num_inference_steps: int,
+        guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
         **base_inputs: Any,
     ) -> tuple[DetailConfig, DecompositionPlan]:
         """Every check of the call, before anything is encoded: fail early, with the fix in the message.
@@ -219,9 +230,14 @@ class DetailPipelineMixin:
             raise DetailInputError(f"`detail_config` must be a DetailConfig, got {type(config).__name__}.")
         check_image_side("`height`", height)
         check_image_side("`width`", width)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        check_steps("`num_inference_steps`", num_inference_steps)
+        check_scheduler_steps(self.scheduler, num_inference_steps, "`num_inference_steps`")
+        check_guidance("`guidance_scale`", guidance_scale)
+        check_finite("`guidance_rescale`", guidance_rescale, minimum=0)
+        negative_prompt = check_negative_prompt("`negative_prompt`", base_inputs.get("negative_prompt"))
         plan = self.prepare_plan(prompt, plan, config)
+        for text, what in plan.texts_to_encode(negative_prompt):  # the 75-token rule, as the CLI and the demo
+            check_prompt_window(text, what, self.tokenizer)
         if plan.branches:
             self.check_base_inputs(plan.prompt, height, width, **base_inputs)
         return config, plan
