@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, check_detail_fields
+from detailpp.errors import DetailError
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +94,30 @@ def read_detail_defaults(model: str | os.PathLike, **hub_kwargs: Any) -> dict[st
     return data
 
 
+class ModelFileError(DetailError, ValueError):
+    """A file of a model folder (``model_index.json``...) that cannot be read; the message names it."""
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """The JSON in ``path``; :class:`ModelFileError` naming the file (and the place in it) when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path} ({what}) is not valid JSON: {e}. Fix the file, or give another model.") from e
+
+
 def read_model_index(model: str | os.PathLike, **hub_kwargs: Any) -> dict | None:
     """The model's ``model_index.json`` (a local folder's, or a Hub repo's fetched into the cache), or ``None``."""
     name = os.fspath(model)
     if os.path.isdir(name):
         path = Path(name) / "model_index.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return read_json_file(path, "the model's index") if path.is_file() else None
     if os.path.exists(name):  # a single-file checkpoint: no index
         return None
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(name, "model_index.json", **hub_kwargs)).read_text(encoding="utf-8"))
+        fetched = Path(hf_hub_download(name, "model_index.json", **hub_kwargs))
     except hub_misses():
         return None
+    return read_json_file(fetched, f"the Hub repo {name}'s model index")

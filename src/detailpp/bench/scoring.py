@@ -22,6 +22,7 @@ from detailpp.bench.manifest import (
 )
 from detailpp.bench.runs import Progress, Summary, load_manifest, load_scores, merge_manifest, other_parts
 from detailpp.bench.sharding import Shard
+from detailpp.errors import operation
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def run_scoring(
     )
     start = time.perf_counter()
     if todo:
-        scorer = metric.load()
+        with operation(f"loading the {metric.name} scorer"):
+            scorer = metric.load()
         part = JsonlAppender(scores_dir / part_name(metric.name, shard.index, shard.count))
         manual = shard.launcher == "manual"
         bar = Progress(
@@ -120,7 +122,8 @@ def _score_items(
         batch = todo[k : k + batch_size]
         images = _read_images(out, batch)
         t0 = time.perf_counter()
-        results = scorer.score(images, [r["prompt"] for r in batch])
+        with operation(f"scoring {out / batch[0]['file']} and the {len(batch) - 1} image(s) after it"):
+            results = scorer.score(images, [r["prompt"] for r in batch])
         dt = (time.perf_counter() - t0) / len(batch)
         for r, (value, details) in zip(batch, results, strict=True):
             part.append(

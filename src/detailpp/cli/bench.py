@@ -31,6 +31,7 @@ from detailpp.bench.sharding import resolve_shard
 from detailpp.bench.suites import BASE_SEED, DEFAULT_IMAGES_PER_PROMPT, SUITE_NAMES, Suite, load_suite
 from detailpp.cli import HelpFormatter, add_deprecated_alias, add_output_flags
 from detailpp.cli.flags import add_compile_flag, add_device_flags, add_model_flag, add_size_flags
+from detailpp.errors import operation
 from detailpp.plan import GRANULARITIES
 
 logger = logging.getLogger(__name__)
@@ -263,7 +264,8 @@ class PipelineGenerator:
             from detailpp.models.loading import load_pipeline
         except ImportError as e:
             raise BenchError(f"The Detail++ pipeline is not available in this installation ({e}).") from e
-        pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype)
+        with operation(f"loading the model {self.model!r}"):
+            pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         self.device = str(getattr(pipe, "device", None) or self.device or "cpu")
@@ -285,11 +287,12 @@ class PipelineGenerator:
             generator=torch.Generator(self.device).manual_seed(seed),
             output_type="pil",
         )
-        if self.method == "sdxl":
-            out = self.pipe.plain_pipeline()(**kwargs)  # the plain base pipeline on the same components
-        else:
-            plan = None if self.plans is None else self.plans[prompt]
-            out = self.pipe(**kwargs, detail_config=self.detail_config, plan=plan)
+        with operation(f"generating {prompt!r} with seed {seed}"):
+            if self.method == "sdxl":
+                out = self.pipe.plain_pipeline()(**kwargs)  # the plain base pipeline on the same components
+            else:
+                plan = None if self.plans is None else self.plans[prompt]
+                out = self.pipe(**kwargs, detail_config=self.detail_config, plan=plan)
         return out.images[0]
 
 
@@ -331,6 +334,7 @@ def _generate(args: argparse.Namespace) -> int:
     generate_fn = PipelineGenerator(
         args.method, args.model, shard.device, args.dtype, settings, detail_config, plans, args.compile
     )
+    args.interrupt_hint = f"the images made so far stay in {args.output_dir}: run the same command to resume"
     summary = run_generation(
         args.output_dir,
         suite,
@@ -455,6 +459,7 @@ def _score(args: argparse.Namespace) -> int:
     metric = make_metric(
         metric_name, device, args.blip_model, scb_settings, args.image_reward_model, args.image_reward_root
     )
+    args.interrupt_hint = f"the scores so far stay in {args.dir}: run the same command to resume"
     summary = run_scoring(
         args.dir, metric, shard=shard, batch_size=args.batch_size, rescore=args.rescore, progress=not args.quiet
     )

@@ -25,6 +25,7 @@ from detailpp.cli.common import (
     check_size,
 )
 from detailpp.cli.flags import add_device_flags, add_model_flag, add_size_flags
+from detailpp.errors import operation
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("Model %r has random weights: its images are noise (it checks the set-up only).", model)
     if args.host not in LOCAL_HOSTS:
         logger.warning("Listening on %s: anyone who can reach this address can use the demo and its GPU.", args.host)
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    with operation(f"loading the model {model!r}"):
+        pipe = load_pipeline(model, device=device, dtype=dtype)
     if args.controlnet is not None:
         from detailpp.pipelines.sdxl_controlnet import with_controlnets
 

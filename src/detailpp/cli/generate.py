@@ -42,6 +42,7 @@ from detailpp.cli.common import (
 )
 from detailpp.cli.flags import add_compile_flag, add_device_flags, add_model_flag, add_size_flags
 from detailpp.config import PRESETS, DetailConfig
+from detailpp.errors import operation
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
 from detailpp.inputs import check_guidance, check_prompt_window, check_scheduler_steps, check_steps
 from detailpp.models.lora import LoraError, apply_loras, check_peft, parse_lora
@@ -244,8 +245,16 @@ def _run(args: argparse.Namespace) -> int:
         from detailpp.models.loading import model_detail_defaults
 
         config = make_config(args, model_detail_defaults(model))
-    plan = early_plan(args, config)
-    pipe, load_seconds = load(args, model, device, dtype)
+    with operation("parsing the prompt"):
+        plan = early_plan(args, config)
+    if args.plan is not None and args.granularity not in (None, plan.granularity):
+        logger.warning(
+            "--granularity %s is ignored with --plan: the plan's own granularity (%s) is used.",
+            args.granularity,
+            plan.granularity,
+        )
+    with operation(f"loading the model {model!r}"):
+        pipe, load_seconds = load(args, model, device, dtype)
     config = make_config(args, dict(pipe.detail_defaults))
     if args.eager_nursing:
         from detailpp.method.compile import nursing_graphs
@@ -261,14 +270,29 @@ def _run(args: argparse.Namespace) -> int:
         plan = None
     # Validate the plan against the model's own tokenizer, once for every seed.
     plan = pipe.prepare_plan(prompt, plan, config)
+    if args.plan is not None:  # a given plan was split its own way: the settings record what ran
+        config = config.replace(granularity=plan.granularity)
     if not plan.branches:
         logger.info(
             "No detail branch for %r: the image is plain %s sampling.", prompt, pipe.base_pipeline_class.__name__
         )
     call = call_arguments(args, model, config, plan, default_guidance(pipe))
-    for seed in args.seed:
-        generate_one(args, pipe, call, seed, load_seconds)
+    for k, seed in enumerate(args.seed):
+        args.interrupt_hint = interrupt_hint(args.seed, k, args.output_dir)
+        with operation(f"generating the image of seed {seed}"):
+            generate_one(args, pipe, call, seed, load_seconds)
+    args.interrupt_hint = None
     return 0
+
+
+def interrupt_hint(seeds: list[int], k: int, folder: Path) -> str:
+    """What an interrupt during seed ``seeds[k]`` leaves: the seeds done, those missing, how to make them."""
+    done, missing = seeds[:k], seeds[k:]
+    made = f"the images of seed(s) {', '.join(map(str, done))} are in {folder}; " if done else ""
+    return (
+        f"{made}seed(s) {', '.join(map(str, missing))} made no image: run the same command with --seed "
+        f"{' '.join(map(str, missing))} to make them"
+    )
 
 
 def load(args: argparse.Namespace, model: str, device: str, dtype: str | None):

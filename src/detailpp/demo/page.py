@@ -387,9 +387,11 @@ def build_demo(
 
 
 def launch_kwargs(demo: Any) -> dict[str, Any]:
-    """Offline, local-only launch settings: no share link, no server-side rendering, no MCP server."""
+    """Offline, local-only launch settings: no share link, no server-side rendering, no MCP server, and none of
+    Gradio's printed notices (the command logs the address; the share-link hint would point at a link it refuses)."""
     return {
         "share": False,
+        "quiet": True,
         "ssr_mode": False,
         "mcp_server": False,
         "show_error": False,
