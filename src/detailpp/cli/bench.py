@@ -309,10 +309,10 @@ def _generate(args: argparse.Namespace) -> int:
     from detailpp.cli.common import quiet_loading
 
     suite, prompts = _suite_prompts(args)
+    detail_config, detail_dict = _bench_detail_config(args)  # checks the model before reading anything of it
     settings = _generation_settings(args)
     if args.quiet:
         quiet_loading()
-    detail_config, detail_dict = _bench_detail_config(args)
     plans = _suite_plans(args, prompts)
     identity = run_identity(
         suite,
@@ -391,11 +391,15 @@ def _generation_settings(args: argparse.Namespace) -> dict:
 
 def _bench_detail_config(args: argparse.Namespace) -> tuple[Any, dict | None]:
     """``(DetailConfig, its dict)`` of ``--detail-config`` over the model's recommended settings (its
-    ``detail_config.json``); ``(None, None)`` for ``--method sdxl``."""
+    ``detail_config.json``); ``(None, None)`` for ``--method sdxl``. The model is checked (:func:`check_model`)
+    before anything of it is read."""
+    from detailpp.cli.common import check_model
+
     fields = parse_detail_config(args.detail_config)
+    if args.method == "sdxl" and fields:
+        raise BenchError("--detail-config applies to --method detailpp only.")
+    check_model(args.model)  # a path that names nothing, a family Detail++ cannot run, an unreachable Hub: now
     if args.method == "sdxl":
-        if fields:
-            raise BenchError("--detail-config applies to --method detailpp only.")
         return None, None
     from detailpp.config import ConfigError
     from detailpp.models.loading import model_detail_defaults

@@ -228,12 +228,6 @@ def a1111_sampler(scheduler) -> str:
 # --- models ----------------------------------------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
 def check_model(model: str) -> None:
     """Refuse, before loading, a model name that names nothing, a Hub id that offline mode cannot load, or a model of
     a family Detail++ cannot run on (its ``model_index.json``:
@@ -255,7 +249,11 @@ def _check_model_name(model: str) -> None:
             f"--model {model!r}: no such folder or file, and no Hub id of the form 'owner/name'; give a local SDXL "
             "folder or .safetensors file, a Hub id, or --model toy (the embedded model)."
         )
-    if _offline():
+    from detailpp.hub import check_hub_reachable, hub_offline
+
+    if not hub_offline():
+        check_hub_reachable(model, "--model")  # one quick request, not a minute of retries
+    else:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
@@ -275,6 +273,9 @@ def check_controlnet_source(source: str, flag: str = "--controlnet") -> None:
             f"{flag} {source!r}: no such folder and no Hub id of the form 'owner/name' (e.g. "
             "diffusers/controlnet-canny-sdxl-1.0); or use tiny-random to check the set-up."
         )
+    from detailpp.hub import check_hub_reachable
+
+    check_hub_reachable(source, flag, "config.json")
 
 
 def check_control_image(path: Path, flag: str = "--control-image") -> tuple[int, int]:
