@@ -251,10 +251,11 @@ class PipelineGenerator:
         detail_config: Any = None,
         plans: dict | None = None,
         compile_unet: bool = False,
+        config: str | None = None,
     ):
         self.method, self.model, self.device, self.dtype = method, model, device, dtype
         self.settings, self.detail_config, self.plans = settings, detail_config, plans
-        self.compile_unet = compile_unet
+        self.compile_unet, self.config = compile_unet, config
         self.pipe: Any = None
 
     def load(self) -> None:
@@ -265,7 +266,7 @@ class PipelineGenerator:
         except ImportError as e:
             raise BenchError(f"The Detail++ pipeline is not available in this installation ({e}).") from e
         with operation(f"loading the model {self.model!r}"):
-            pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype)
+            pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype, config=self.config)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         self.device = str(getattr(pipe, "device", None) or self.device or "cpu")
@@ -325,6 +326,8 @@ def _generate(args: argparse.Namespace) -> int:
         args.label,
         plans=None if plans is None else "file",
     )
+    if args.config is not None:  # a single file's configuration: part of what the images depend on
+        identity["model_config"] = args.config
     shard = resolve_shard(args.shard_index, args.num_shards, args.device)
     if plans is not None:
         from detailpp.bench.plans import record_run_plans
@@ -332,7 +335,7 @@ def _generate(args: argparse.Namespace) -> int:
         check_run_identity(args.output_dir, identity)  # the folder's settings first, then its plans.jsonl
         record_run_plans(args.output_dir, plans, write=shard.is_main or shard.launcher == "manual")
     generate_fn = PipelineGenerator(
-        args.method, args.model, shard.device, args.dtype, settings, detail_config, plans, args.compile
+        args.method, args.model, shard.device, args.dtype, settings, detail_config, plans, args.compile, args.config
     )
     args.interrupt_hint = f"the images made so far stay in {args.output_dir}: run the same command to resume"
     summary = run_generation(
@@ -363,7 +366,7 @@ def _generation_settings(args: argparse.Namespace) -> dict:
     from detailpp.cli.common import check_device, check_dtype, default_steps, native_size
     from detailpp.inputs import check_guidance, check_image_side, check_seed, check_steps
 
-    size = native_size(args.model)
+    size = native_size(args.model, args.config)
     args.height = size if args.height is None else args.height
     args.width = size if args.width is None else args.width
     args.steps = default_steps(args.model) if args.steps is None else args.steps
@@ -398,7 +401,7 @@ def _bench_detail_config(args: argparse.Namespace) -> tuple[Any, dict | None]:
     fields = parse_detail_config(args.detail_config)
     if args.method == "sdxl" and fields:
         raise BenchError("--detail-config applies to --method detailpp only.")
-    check_model(args.model)  # a path that names nothing, a family Detail++ cannot run, an unreachable Hub: now
+    check_model(args.model, args.config)  # a path naming nothing, a family Detail++ cannot run, an unreachable Hub
     if args.method == "sdxl":
         return None, None
     from detailpp.config import ConfigError

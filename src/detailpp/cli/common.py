@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from detailpp.cli import UserError
+from detailpp.errors import DetailError
 from detailpp.inputs import check_image_side, check_seed
 
 logger = logging.getLogger(__name__)
@@ -104,22 +105,30 @@ def check_dtype(dtype: str | None, device: str) -> str | None:
     return dtype
 
 
-def native_size(model: str) -> int:
+def native_size(model: str, config_source: str | None = None) -> int:
     """The model's native image size in pixels, read before it is loaded: its UNet's sample size times the VAE's
-    factor (a folder's files, or a Hub repo's fetched into the cache: SD 1.5 512, SD 2.1 768, SDXL 1024); 1024 when
-    they cannot be read."""
+    factor (a folder's files, or a Hub repo's fetched into the cache: SD 1.5 512, SD 2.1 768, SDXL 1024; a single
+    file: its ``config_source``'s, else its family's bundled layout's); 1024 when they cannot be read."""
     if model in BUILTIN_SIZES:
         return BUILTIN_SIZES[model]
-    folder = Path(model)
+    source = model
+    if Path(model).expanduser().is_file():  # a single file: its --config's size, else its family's layout's
+        from detailpp.models.single_file import layout_dir, read_kind
+
+        try:
+            source = config_source or str(layout_dir(read_kind(Path(model).expanduser())))
+        except DetailError:
+            return 1024
+    folder = Path(source)
     if model == "toy":
         from detailpp.models.loading import TOY_MODEL_DIR as folder
 
     def config(name: str) -> dict:
         path = folder / name / "config.json"
-        if not folder.exists() and model.count("/") == 1:  # a Hub id
+        if not folder.exists() and source.count("/") == 1:  # a Hub id
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(model, f"{name}/config.json"))
+            path = Path(hf_hub_download(source, f"{name}/config.json"))
         return json.loads(path.read_text(encoding="utf-8"))
 
     try:
@@ -228,39 +237,61 @@ def a1111_sampler(scheduler) -> str:
 # --- models ----------------------------------------------------------------------------------------------------------
 
 
-def check_model(model: str) -> None:
+def check_model(model: str, config: str | None = None) -> None:
     """Refuse, before loading, a model name that names nothing, a Hub id that offline mode cannot load, or a model of
-    a family Detail++ cannot run on (its ``model_index.json``:
-    :class:`~detailpp.models.families.UnsupportedModelError`)."""
+    a family Detail++ cannot run on (its ``model_index.json``, or a single file's keys:
+    :class:`~detailpp.models.families.UnsupportedModelError`); a single file's ``--config`` too."""
     from detailpp.models.families import BUILTIN_MODELS, model_family
 
+    path = Path(model).expanduser()
+    if path.is_file():
+        from detailpp.models.single_file import check_config, read_kind
+
+        kind = read_kind(path)  # a pickle, another file, SD3, an inpainting model...: refused with the reason
+        if config is not None:
+            if not Path(config).expanduser().is_dir() and not looks_like_path(config):
+                _check_hub_id(config, "--config")
+            check_config(str(Path(config).expanduser()) if Path(config).expanduser().is_dir() else config, kind)
+        return
+    if config is not None:
+        raise UserError(f"--config applies to a .safetensors --model only; {model!r} is not a file.")
     if model in BUILTIN_MODELS:
         return
-
-    path = Path(model).expanduser()
     if not path.exists():
         _check_model_name(model)
     model_family(path if path.exists() else model)
 
 
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (a Hub id is ``owner/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
 def _check_model_name(model: str) -> None:
-    if model.startswith((".", "/", "~")) or model.count("/") != 1 or model.endswith((".safetensors", ".ckpt")):
+    from detailpp.models.single_file import looks_like_single_file
+
+    if looks_like_path(model) or looks_like_single_file(model):
         raise UserError(
             f"--model {model!r}: no such folder or file, and no Hub id of the form 'owner/name'; give a local SDXL "
             "folder or .safetensors file, a Hub id, or --model toy (the embedded model)."
         )
+    _check_hub_id(model, "--model")
+
+
+def _check_hub_id(name: str, flag: str) -> None:
+    """A Hub id: reachable (one quick request, not a minute of retries), or in the cache when offline."""
     from detailpp.hub import check_hub_reachable, hub_offline
 
     if not hub_offline():
-        check_hub_reachable(model, "--model")  # one quick request, not a minute of retries
-    else:
-        from huggingface_hub import try_to_load_from_cache
+        check_hub_reachable(name, flag)
+        return
+    from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
-            raise UserError(
-                f"--model {model}: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; unset "
-                "HF_HUB_OFFLINE to download it, give a local SDXL folder or .safetensors file, or use --model toy."
-            )
+    if not isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+        raise UserError(
+            f"{flag} {name}: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; unset "
+            "HF_HUB_OFFLINE to download it, give a local SDXL folder or .safetensors file, or use --model toy."
+        )
 
 
 # --- ControlNet ------------------------------------------------------------------------------------------------------

@@ -94,13 +94,13 @@ def run(args: argparse.Namespace) -> int:
     from detailpp.models.loading import load_pipeline
 
     model = args.model or default_model()
-    check_model(model)
+    check_model(model, args.config)
     if model.startswith("tiny-random"):
         logger.warning("Model %r has random weights: its images are noise (it checks the set-up only).", model)
     if args.host not in LOCAL_HOSTS:
         logger.warning("Listening on %s: anyone who can reach this address can use the demo and its GPU.", args.host)
     with operation(f"loading the model {model!r}"):
-        pipe = load_pipeline(model, device=device, dtype=dtype)
+        pipe = load_pipeline(model, device=device, dtype=dtype, config=args.config)
     if args.controlnet is not None:
         from detailpp.pipelines.sdxl_controlnet import with_controlnets
 

@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     config = check_args(args)
     model = args.model or default_model()
-    check_model(model)
+    check_model(model, args.config)
     device = check_device(args.device)
     dtype = check_dtype(args.dtype, device)
     if model in ("toy",) or Path(model).is_dir():  # the model's recommended settings, readable before loading
@@ -304,7 +304,7 @@ def load(args: argparse.Namespace, model: str, device: str, dtype: str | None):
     if args.quiet:
         quiet_loading()
     started = time.perf_counter()
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    pipe = load_pipeline(model, device=device, dtype=dtype, config=args.config)
     if args.controlnet:
         from detailpp.pipelines.sdxl_controlnet import with_controlnets
 
