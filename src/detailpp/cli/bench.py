@@ -329,11 +329,16 @@ def _generate(args: argparse.Namespace) -> int:
     if args.config is not None:  # a single file's configuration: part of what the images depend on
         identity["model_config"] = args.config
     shard = resolve_shard(args.shard_index, args.num_shards, args.device)
+    record_plans = None
     if plans is not None:
         from detailpp.bench.plans import record_run_plans
 
-        check_run_identity(args.output_dir, identity)  # the folder's settings first, then its plans.jsonl
-        record_run_plans(args.output_dir, plans, write=shard.is_main or shard.launcher == "manual")
+        check_run_identity(args.output_dir, identity, write=False)  # the folder's settings first, then its plans
+        record_run_plans(args.output_dir, plans, write=False)
+
+        def record_plans() -> None:  # with the run's first image, as run.json
+            record_run_plans(args.output_dir, plans, write=shard.is_main or shard.launcher == "manual")
+
     generate_fn = PipelineGenerator(
         args.method, args.model, shard.device, args.dtype, settings, detail_config, plans, args.compile, args.config
     )
@@ -347,6 +352,7 @@ def _generate(args: argparse.Namespace) -> int:
         shard=shard,
         progress=not args.quiet,
         prepare=generate_fn.load,
+        on_first_image=record_plans,
     )
     if summary.made:
         logger.info(
