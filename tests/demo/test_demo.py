@@ -28,6 +28,7 @@ from detailpp.demo.session import (
     plan_to_rows,
     rows_to_plan,
 )
+from detailpp.models.resources import load_clip_tokenizer
 from detailpp.plan import Branch, DecompositionPlan
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,11 @@ def test_table_cells_are_cleaned_and_empty_rows_ignored():
             "Row 3 (branch p3): the subject 'dragon' does not occur in the prompt",
         ),
         (PROMPT, [["base", "a dog", ""], ["branch", "a red do", "do"]], "the subject 'do' does not occur"),
+        (
+            PROMPT,
+            [["base", "a dog", ""], ["brnach", "a red dog", "dog"]],
+            "Row 2 has the role 'brnach'; a row's role is 'base' (one row) or 'branch' (or empty, for a branch).",
+        ),
     ],
 )
 def test_table_errors_name_the_row_and_the_fix(prompt, rows, message):
@@ -131,6 +137,11 @@ def test_captions_name_every_branch_and_its_sub_prompt():
 
 
 # ---------------------------------------------------------------------------------------------------- settings
+
+
+def test_the_seed_range_is_the_command_lines():
+    assert check_settings(**GOOD | {"seed": 2**63, "nursing": False, "granularity": "subject"}).seed == 2**63
+    assert check_settings(**GOOD | {"seed": 2**64 - 1, "nursing": False, "granularity": "subject"}).seed == 2**64 - 1
 
 
 def test_settings_become_a_detail_config():
@@ -177,6 +188,8 @@ class FakePipe:
     unet = None
     default_sample_size = 16
     vae_scale_factor = 8
+    scheduler = None
+    tokenizer = load_clip_tokenizer()
 
     def __init__(self) -> None:
         self.active = 0
@@ -361,7 +374,7 @@ def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
     monkeypatch.setattr(detailpp.models.loading, "load_pipeline", lambda *a, **k: loaded.append((a, k)) or FakePipe())
     monkeypatch.setattr(detailpp.demo, "launch", lambda demo, host, port: launched.append((demo, host, port)))
     assert main(["demo", "--model", "tiny-random", "--port", "7861", "--steps", "3", "--size", "128"]) == 0
-    assert loaded == [(("tiny-random",), {"device": "cpu", "dtype": None})]
+    assert loaded == [(("tiny-random",), {"device": "cpu", "dtype": None, "config": None})]
     ((demo, host, port),) = launched
     assert (host, port) == ("127.0.0.1", 7861)
     generate = [f for f in demo.fns.values() if f.name == "on_generate"]
@@ -375,8 +388,8 @@ def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
     ("args", "message"),
     [
         (["--port", "70000"], "--port must lie in"),
-        (["--width", "100"], "--width must be a positive multiple of 8"),
-        (["--size", "100"], "--width must be a positive multiple of 8"),  # the deprecated --size sets both
+        (["--width", "100"], "--width must be a multiple of 8 in 8..4096"),
+        (["--size", "100"], "--width must be a multiple of 8 in 8..4096"),  # the deprecated --size sets both
         (["--device", "tpu9"], "--device 'tpu9' is not a device name"),
     ],
 )
@@ -516,7 +529,7 @@ def test_the_page_in_a_real_browser(tiny_pipe):
                 error = page.locator("#detailpp-error")
                 page.locator("#detailpp-width input").fill("100")
                 page.locator("#detailpp-generate").click()
-                expect(error).to_contain_text("Width must be a positive multiple of 8", timeout=30_000)
+                expect(error).to_contain_text("Width must be a multiple of 8 in 8..4096", timeout=30_000)
                 page.locator("#detailpp-width input").fill("64")
 
                 page.locator("#detailpp-prompt textarea").fill("")

@@ -30,7 +30,15 @@ from detailpp.inputs import (
     check_seed,
     check_steps,
 )
-from detailpp.plan import GRANULARITIES, Branch, DecompositionPlan, PlanError, check_prompt_text, find_subject_span
+from detailpp.plan import (
+    GRANULARITIES,
+    Branch,
+    DecompositionPlan,
+    PlanError,
+    check_prompt_text,
+    find_subject_span,
+    plan_rewrites,
+)
 
 # Gradio phones home for analytics and a version check unless told not to; the demo must work offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -99,8 +107,9 @@ def _filled(row: list[str]) -> bool:
 def rows_to_plan(prompt: str, rows: Any, granularity: str = "subject") -> DecompositionPlan:
     """The plan the table describes for ``prompt``; :class:`DemoInputError` names the row and the fix.
 
-    Exactly one row has the role ``base``; every other non-empty row is a detail branch and needs a prompt and a
-    subject that is written in ``prompt``. Token indices are left to :func:`detailpp.plan.validate_plan`.
+    Exactly one row has the role ``base``; every other non-empty row is a detail branch (role ``branch``, or empty;
+    any other role is refused) and needs a prompt and a subject that is written in ``prompt``. Token indices are left
+    to :func:`detailpp.plan.validate_plan`.
     """
     prompt = check_prompt(prompt)
     table = normalize_rows(rows)
@@ -117,8 +126,13 @@ def rows_to_plan(prompt: str, rows: Any, granularity: str = "subject") -> Decomp
     branches = []
     others = ((i, r) for i, r in enumerate(table) if i != bases[0] and _filled(r))
     for n, (i, row) in enumerate(others, start=2):
-        _, sub_prompt, subject = row
+        role, sub_prompt, subject = row
         where = f"Row {i + 1} (branch p{n})"
+        if role.lower() not in ("branch", ""):
+            raise DemoInputError(
+                f"Row {i + 1} has the role {role!r}; a row's role is 'base' (one row) or 'branch' (or empty, for a "
+                "branch)."
+            )
         if not sub_prompt:
             raise DemoInputError(f"{where} has no prompt; write the base prompt plus this subject's details.")
         if not subject:
@@ -147,6 +161,10 @@ def check_prompt(prompt: Any) -> str:
 def _as_int(name: str, value: Any) -> int:
     if value is None or value == "":
         raise DemoInputError(f"{name} is empty; give a number.")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # (exact: a float would round the seeds near 2^64)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -423,7 +441,8 @@ class DemoSession:
                 ).images[0]
             seconds = time.perf_counter() - started
         logger.info("generated %r (seed %d) in %.1f s", plan.prompt, settings.seed, seconds)
-        return self.result(out, plain, plan, config, settings, note, seconds)
+        notes = [n for n in [note, *plan_rewrites(plan)] if n]  # a hand-edited branch that rewrites the prompt
+        return self.result(out, plain, plan, config, settings, "; ".join(notes) or None, seconds)
 
     def result(
         self,
