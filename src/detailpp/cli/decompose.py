@@ -13,11 +13,15 @@ saying why (printed with the plan, and logged as a warning); prompt-weight synta
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from detailpp.cli import UserError
 from detailpp.plan import GRANULARITIES, DecompositionPlan
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,34 +74,54 @@ def _table(plan: DecompositionPlan) -> str:
     return "\n".join(lines)
 
 
-def _read_prompts(path: str) -> list[str]:
-    from detailpp.models.resources import read_prompt_file
-
-    if path == "-":
-        text = sys.stdin.read()
-        return [line.strip() for line in text.replace("\r", "").split("\n") if line.strip()]
+def _read_lines(path: str) -> list[tuple[int, str]]:
+    """``(line number, prompt)`` of every line of the file ('-': standard input) that holds text; the blank lines
+    skipped are logged by number."""
     try:
-        return read_prompt_file(path)
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise UserError(f"no such prompt file: {path!r}") from e
     except UnicodeDecodeError as e:
         raise UserError(f"the prompt file {path!r} is not UTF-8 text ({e.reason})") from e
+    lines = list(enumerate(text.replace("\r", "").split("\n"), start=1))
+    if lines and not lines[-1][1]:
+        lines.pop()  # the newline that ends the file
+    blank = [n for n, line in lines if not line.strip()]
+    if blank:
+        logger.info("skipped %d blank line(s): line %s", len(blank), ", ".join(map(str, blank)))
+    return [(n, line.strip()) for n, line in lines if line.strip()]
+
+
+def _decompose_file(args: argparse.Namespace, out: TextIO) -> int:
+    """Every line's plan as JSON Lines; a line that cannot be decomposed is reported by its line number, the others
+    are printed; exit code 2 when any failed."""
+    from detailpp.parsing.decompose import decompose_each
+
+    lines = _read_lines(args.file)
+    if not lines:
+        raise UserError(f"the prompt file {args.file!r} has no prompts (one prompt a line)")
+    results = decompose_each([text for _, text in lines], args.granularity)
+    failed = 0
+    for (number, _), result in zip(lines, results, strict=True):
+        if isinstance(result, Exception):
+            failed += 1
+            print(f"detailpp decompose: line {number}: {result}", file=sys.stderr)
+        else:  # a notice is logged as a warning (standard error)
+            print(result.to_json(ensure_ascii=False), file=out)
+    if failed:
+        raise UserError(f"{failed} of {len(lines)} line(s) of {args.file} could not be decomposed (above)")
+    return 0
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Decompose the prompt (or every prompt of ``--file``) and print the plan(s)."""
-    from detailpp.parsing.decompose import decompose, decompose_many
+    from detailpp.parsing.decompose import decompose
 
     out = out or sys.stdout
     if args.file is not None and args.prompt is not None:
         raise UserError("give a prompt or --file, not both")
     if args.file is not None:
-        prompts = _read_prompts(args.file)
-        if not prompts:
-            raise UserError(f"the prompt file {args.file!r} has no prompts (one prompt a line)")
-        for plan in decompose_many(prompts, args.granularity):
-            print(plan.to_json(ensure_ascii=False), file=out)  # a notice is logged as a warning (standard error)
-        return 0
+        return _decompose_file(args, out)
     if args.prompt is None:
         raise UserError('give a prompt, e.g. detailpp decompose "a red car and a blue bench", or --file PROMPTS.txt')
     plan = decompose(args.prompt, args.granularity)
