@@ -299,6 +299,21 @@ def test_mask_outline_is_visible_over_the_same_colour():
     assert (out[31, 31] == (255, 32, 32)).all() and (out[2, 2] == (255, 32, 32)).all()
 
 
+def test_branch_grid_captions_keep_their_spaces():
+    """At the grid's small font the default space is 2 px ("next toa square"): words stand at least 0.4 font sizes
+    apart, and every line fits its image."""
+    from detailpp.images import captioned_grid
+
+    grid = captioned_grid([PIL.Image.new("RGB", (128, 128), "white")], ["to a to a to a"])
+    ink = (np.asarray(grid.convert("L"))[128:, :] < 128).any(axis=0)
+    gaps = np.diff(np.flatnonzero(ink)) - 1
+    assert sorted(gaps[gaps > 0]) == [4, 4, 4, 5, 5]  # the five spaces between the six words, 4-5 px each
+    long = captioned_grid([PIL.Image.new("RGB", (128, 128), "white")] * 2, ["p0: a red circle next to a striped blue "
+                          "square in a field", "x"])  # fmt: skip
+    first = np.asarray(long.convert("L"))[128:, :128] < 128
+    assert first[:, -3:].sum() == 0 and (np.asarray(long.convert("L"))[128:, 128:132] < 128).sum() == 0
+
+
 def test_saved_masks_are_outlined(tmp_path, capsys):
     assert (
         main(["generate", "a red circle and a blue square", *FAST, "--output-dir", str(tmp_path), "--save-masks"]) == 0

@@ -8,6 +8,7 @@ screenshot of the finished page there (how ``docs/img/demo.png`` is made).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import socket
@@ -294,6 +295,25 @@ def test_generate_on_the_tiny_model_returns_every_branch_mask_and_plain_sdxl(tin
     rows[2][2] = "dragon"
     with pytest.raises(DemoInputError, match="'dragon' does not occur"):
         session.generate(PROMPT, rows, table_prompt=PROMPT, settings=settings())
+
+
+def test_images_downloaded_from_the_page_carry_their_parameters(tiny_pipe):
+    """Gradio serves a PIL image as the PNG it encodes with the image's text info: the parameters go with it."""
+    import PIL.Image
+    from gradio.processing_utils import encode_pil_to_bytes
+
+    session = DemoSession(tiny_pipe, "tiny-random")
+    result = session.generate(
+        PROMPT, plan_to_rows(PLAN), table_prompt=PROMPT, settings=settings(), negative_prompt="blurry"
+    )
+    for image, kind in ((result.image, "Detail++ branches: 2"), (result.plain_image, "Method: plain")):
+        served = PIL.Image.open(io.BytesIO(encode_pil_to_bytes(image, "png")))
+        lines = served.text["parameters"].splitlines()
+        assert lines[:2] == [PROMPT, "Negative prompt: blurry"]
+        assert "Steps: 2, Sampler: Euler, CFG scale: 5.0, Seed: 0, Size: 64x64, Model: tiny-random" in lines[2]
+        assert kind in lines[2]
+    record = json.loads(PIL.Image.open(io.BytesIO(encode_pil_to_bytes(result.image, "png"))).text["detailpp"])
+    assert record["plan"] == result.plan.to_dict() and record["seed"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------- the page

@@ -441,6 +441,7 @@ class DemoSession:
                 ).images[0]
             seconds = time.perf_counter() - started
         logger.info("generated %r (seed %d) in %.1f s", plan.prompt, settings.seed, seconds)
+        stamp_parameters(out.images[0], plain, pipe, plan, config, settings, negative_prompt, self.model_name)
         notes = [n for n in [note, *plan_rewrites(plan)] if n]  # a hand-edited branch that rewrites the prompt
         return self.result(out, plain, plan, config, settings, "; ".join(notes) or None, seconds)
 
@@ -468,6 +469,40 @@ class DemoSession:
         if self.model_name.startswith("tiny-random"):
             notes.append(f"{self.model_name} has random weights: its images are noise")
         return DemoResult(image, plain, branches, masks, plan, seconds, notes)
+
+
+def stamp_parameters(
+    image: Any,
+    plain: Any | None,
+    pipe: Any,
+    plan: DecompositionPlan,
+    config: DetailConfig,
+    settings: Settings,
+    negative_prompt: str | None,
+    model: str,
+) -> None:
+    """The generation parameters in the images' PNG text chunks, as ``detailpp generate`` writes them (A1111's
+    ``parameters``, the settings and plan as JSON in ``detailpp``): an image downloaded from the page carries them
+    (Gradio copies a PIL image's text info into the PNG it serves)."""
+    from detailpp.cli.common import a1111_sampler
+    from detailpp.images import a1111_parameters, dumps
+
+    sampler = a1111_sampler(pipe.scheduler) if getattr(pipe, "scheduler", None) is not None else "?"
+    common = (settings.steps, sampler, settings.guidance_scale, settings.seed, settings.width, settings.height, model)
+    extra = {
+        "Detail++ tau": config.mask_threshold,
+        "Detail++ share steps": config.share_steps,
+        "Detail++ nursing": config.nursing,
+        "Detail++ preset": config.preset_name,
+        "Detail++ branches": len(plan.branches),
+    }
+    record = {"prompt": plan.prompt, "negative_prompt": negative_prompt, "model": model, "seed": settings.seed}
+    record |= {"steps": settings.steps, "guidance_scale": settings.guidance_scale, "sampler": sampler}
+    record |= {"width": settings.width, "height": settings.height}
+    image.info["parameters"] = a1111_parameters(plan.prompt, negative_prompt, *common, extra)
+    image.info["detailpp"] = dumps(record | {"detail_config": config.to_dict(), "plan": plan.to_dict()})
+    if plain is not None:
+        plain.info["parameters"] = a1111_parameters(plan.prompt, negative_prompt, *common, {"Method": "plain"})
 
 
 def check_plan_texts(pipe: Any, plan: DecompositionPlan, negative_prompt: str | None, steps: int) -> None:
