@@ -299,6 +299,16 @@ def test_mask_outline_is_visible_over_the_same_colour():
     assert (out[31, 31] == (255, 32, 32)).all() and (out[2, 2] == (255, 32, 32)).all()
 
 
+def test_the_sidecar_is_valid_json_whatever_a_number_became():
+    from detailpp.images import dumps
+
+    text = dumps({"nursing": [{"losses": [0.5, float("nan")]}], "guidance_scale": float("inf")})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "nursing": [{"losses": [0.5, None]}],
+        "guidance_scale": None,
+    }
+
+
 def test_branch_grid_captions_keep_their_spaces():
     """At the grid's small font the default space is 2 px ("next toa square"): words stand at least 0.4 font sizes
     apart, and every line fits its image."""
