@@ -9,7 +9,9 @@ memory after ``empty_cache``:
 - plain (diffusers' ``FluxPipeline`` / ``StableDiffusion3Pipeline`` on the same components);
 - Detail++ with nursing off; with nursing on, eager (``nursing_graphs=False``) and replayed as CUDA graphs (the
   default on a GPU);
-- nursing on with the capture blocks cut to the first 4 and 10 double-stream blocks (what a pass costs);
+- nursing on with the capture blocks cut to the first 4, and extended to all double-stream (joint) blocks, against
+  the default capture blocks (FLUX 2-9, SD3.5-large 8-17): what a nursing pass costs;
+- nursing off with a window of 0.4 T instead of 0.8 T (FLUX fixes its layout early: docs/method.md);
 - the floor of nursing off: the plain call plus, for the window's S steps, the difference between one transformer
   forward at the window's batch and at the plain batch (both timed here, CUDA events, median of 10);
 - with ``enable_model_cpu_offload()``: plain, nursing off, nursing on (peak memory).
@@ -178,7 +180,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "detailpp, nursing on, eager": detail(nursing=True, nursing_graphs=False),
         "detailpp, nursing on, CUDA graphs": detail(nursing=True),
         f"nursing on, capture blocks 0-3 of {n_blocks}": detail(nursing=True, mmdit_capture_blocks=tuple(range(4))),
-        f"nursing on, capture blocks 0-9 of {n_blocks}": detail(nursing=True, mmdit_capture_blocks=tuple(range(10))),
+        f"nursing on, capture all {n_blocks} blocks": detail(
+            nursing=True, mmdit_capture_blocks=tuple(range(n_blocks))
+        ),
+        "detailpp, nursing off, S = 0.4 T": detail(nursing=False, share_steps=0.4),
     }
     save = (lambda: Path(args.json).write_text(json.dumps(results, indent=1) + "\n")) if args.json else lambda: None
     for label, call in calls.items():

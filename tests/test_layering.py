@@ -113,7 +113,7 @@ ROOMS: dict[str, set[str]] = {
     "resources": set(),
     "config": {"errors"},
     "plan": {"errors"},
-    "inputs": {"errors"},
+    "inputs": {"plan", "errors"},
     "hub": {"config", "errors"},
     "images": {"atomic"},
     "parsing": {"plan", "resources", "config", "errors"},
@@ -121,7 +121,7 @@ ROOMS: dict[str, set[str]] = {
     "backbones": {"method", "config", "errors"},
     "pipelines": {"backbones", "method", "parsing", "hub", "config", "inputs", "plan", "resources", "errors"},
     "models": {"pipelines", "backbones", "method", "hub", "config", "inputs", "plan", "resources", "errors"},
-    "bench": {"atomic", "config", "plan", "parsing", "resources", "errors"},
+    "bench": {"atomic", "config", "hub", "plan", "parsing", "resources", "errors"},
     "demo": {"models", "pipelines", "parsing", "config", "images", "inputs", "plan", "resources", "errors"},
     "cli": {
         "bench",

@@ -262,6 +262,7 @@ class DetailConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for any value out of range (no side effects)."""
+        self._check_finite()
         if not 0.0 <= self.share_steps <= 1.0:
             raise ConfigError(f"share_steps must lie in [0, 1] (a fraction of the steps), got {self.share_steps}.")
         if not 0.0 < self.mask_threshold < 1.0:
@@ -307,6 +308,15 @@ class DetailConfig:
                         f"The authors' preset cannot honour {name}={getattr(self, name)!r}: their code fixes it to "
                         f"{value!r}. Drop the preset, or switch single authors' behaviours on instead."
                     )
+
+    def _check_finite(self) -> None:
+        """Every number finite: a NaN passes every range check written as ``x < 0`` and then poisons the run."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                name = "mask_threshold (tau)" if f.name == "mask_threshold" else f.name
+                raise ConfigError(f"{name} must be a finite number, got {value!r}.")
 
     @property
     def resolved_mask_source(self) -> Literal["full", "previous"]:

@@ -8,6 +8,7 @@ Below the pipelines and the model registry: a pipeline's ``from_pretrained`` rea
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, check_detail_fields
+from detailpp.errors import DetailError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,59 @@ def hub_misses() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             pass
     return misses  # RepositoryNotFoundError, LocalEntryNotFoundError, requests' errors... are OSErrors
+
+
+class HubUnreachableError(DetailError, OSError):
+    """A Hub id was given, the Hub cannot be reached and offline mode is off; the message says how to go on."""
+
+
+def hub_offline() -> bool:
+    """Whether offline mode is on (``HF_HUB_OFFLINE``, read now as well as at huggingface_hub's import)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(endpoint: str, timeout: float) -> str | None:
+    """One request to the Hub without retries: ``None`` when anything answers, else why not (once per process)."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout, follow_redirects=False)
+    except Exception as e:  # httpx's ConnectError, TimeoutException...; OSError; whatever the client raises
+        return f"{type(e).__name__}: {str(e).strip() or 'no answer'}"
+    return None
+
+
+def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
+    """Why the Hub cannot be reached, or ``None`` (also in offline mode, where it is never asked). One quick request
+    per process, instead of huggingface_hub's retries (about 25 s a file when the name does not resolve)."""
+    if hub_offline():
+        return None
+    from huggingface_hub import constants
+
+    return _probe(constants.ENDPOINT, timeout)
+
+
+def check_hub_reachable(repo_id: str, what: str, cached_file: str = "model_index.json") -> None:
+    """Fail fast, in one line, when ``repo_id`` would be fetched from a Hub that cannot be reached: the fix is
+    ``HF_HUB_OFFLINE=1`` (the cache) or a local folder. Nothing happens offline or when the Hub answers."""
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(repo_id, cached_file), str)
+    fix = (
+        "it is in your Hugging Face cache: run with HF_HUB_OFFLINE=1 to use the cached copy"
+        if cached
+        else "run with HF_HUB_OFFLINE=1 to use only the Hugging Face cache, connect to the network, or give a local "
+        "folder"
+    )
+    raise HubUnreachableError(
+        f"{what} {repo_id}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason}); {fix}."
+    )
 
 
 def detail_defaults_path(
@@ -93,17 +148,30 @@ def read_detail_defaults(model: str | os.PathLike, **hub_kwargs: Any) -> dict[st
     return data
 
 
+class ModelFileError(DetailError, ValueError):
+    """A file of a model folder (``model_index.json``...) that cannot be read; the message names it."""
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """The JSON in ``path``; :class:`ModelFileError` naming the file (and the place in it) when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path} ({what}) is not valid JSON: {e}. Fix the file, or give another model.") from e
+
+
 def read_model_index(model: str | os.PathLike, **hub_kwargs: Any) -> dict | None:
     """The model's ``model_index.json`` (a local folder's, or a Hub repo's fetched into the cache), or ``None``."""
     name = os.fspath(model)
     if os.path.isdir(name):
         path = Path(name) / "model_index.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return read_json_file(path, "the model's index") if path.is_file() else None
     if os.path.exists(name):  # a single-file checkpoint: no index
         return None
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(name, "model_index.json", **hub_kwargs)).read_text(encoding="utf-8"))
+        fetched = Path(hf_hub_download(name, "model_index.json", **hub_kwargs))
     except hub_misses():
         return None
+    return read_json_file(fetched, f"the Hub repo {name}'s model index")

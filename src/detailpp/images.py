@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import textwrap
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,28 @@ import PIL.PngImagePlugin
 import torch
 
 from detailpp.atomic import atomic_write_bytes
+
+#: ``--scheduler`` name -> (diffusers class, from_config overrides, A1111's sampler name)
+SCHEDULERS: dict[str, tuple[str, dict, str]] = {
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "dpm++-2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}, "DPM++ 2M"),
+    "dpm++-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+_A1111_NAMES = {cls: name for cls, kw, name in SCHEDULERS.values() if not kw.get("use_karras_sigmas")}
+
+
+def a1111_sampler(scheduler) -> str:
+    """The ``Sampler:`` name A1111 writes for a diffusers scheduler (its class name when A1111 has none)."""
+    cls_name = type(scheduler).__name__
+    name = _A1111_NAMES.get(cls_name, cls_name)
+    if cls_name == "DPMSolverMultistepScheduler" and getattr(scheduler.config, "use_karras_sigmas", False):
+        name += " Karras"
+    return name
 
 
 def save_png(image: PIL.Image.Image, path: str | Path, text_chunks: dict[str, str] | None = None) -> None:
@@ -65,25 +87,50 @@ def _font(size: int) -> PIL.ImageFont.ImageFont:
         return PIL.ImageFont.load_default()
 
 
+#: The least space between two words of a caption, in font sizes: the default font's own space (a fifth of the size
+#: at small sizes) makes "next to a" read as "next toa".
+WORD_GAP = 0.4
+
+
+def caption_lines(text: str, font: PIL.ImageFont.ImageFont, width: float, font_size: int) -> list[list[tuple]]:
+    """``text`` wrapped to ``width`` pixels: lines of ``(word, x)``, words at least :data:`WORD_GAP` font sizes apart
+    (a word wider than a line gets a line of its own)."""
+    gap = max(font.getlength(" "), WORD_GAP * font_size)
+    lines: list[list[tuple]] = []
+    line: list[tuple] = []
+    x = 0.0
+    for word in text.split():
+        length = font.getlength(word)
+        if line and x + gap + length > width:
+            lines.append(line)
+            line, x = [], 0.0
+        x += gap if line else 0.0
+        line.append((word, x))
+        x += length
+    return [*lines, line] if line else lines
+
+
 def captioned_grid(images: Sequence[PIL.Image.Image], captions: Sequence[str], columns: int | None = None):
-    """Images side by side, each with its caption underneath (the paper's Figure 2 layout)."""
+    """Images side by side, each with its caption underneath (the paper's Figure 2 layout), wrapped to the image's
+    width (at most four lines)."""
     if not images:
         raise ValueError("No image to put in a grid.")
     w, h = images[0].size
     columns = columns or len(images)
     rows = (len(images) + columns - 1) // columns
     font_size = max(10, w // 24)
-    wrap = max(12, int(w / (font_size * 0.55)))
-    wrapped = [textwrap.wrap(c, wrap)[:4] or [""] for c in captions]
-    caption_h = (max(len(x) for x in wrapped) + 1) * int(font_size * 1.25)
+    font = _font(font_size)
+    wrapped = [caption_lines(c, font, w - 8, font_size)[:4] or [[]] for c in captions]
+    line_h = int(font_size * 1.25)
+    caption_h = (max(len(x) for x in wrapped) + 1) * line_h
     grid = PIL.Image.new("RGB", (columns * w, rows * (h + caption_h)), "white")
     draw = PIL.ImageDraw.Draw(grid)
-    font = _font(font_size)
     for i, (img, lines) in enumerate(zip(images, wrapped, strict=True)):
         x, y = (i % columns) * w, (i // columns) * (h + caption_h)
         grid.paste(img.convert("RGB").resize((w, h)), (x, y))
         for j, line in enumerate(lines):
-            draw.text((x + 4, y + h + 4 + j * int(font_size * 1.25)), line, fill="black", font=font)
+            for word, dx in line:
+                draw.text((x + 4 + dx, y + h + 4 + j * line_h), word, fill="black", font=font)
     return grid
 
 
@@ -132,4 +179,16 @@ def read_png_text(path: str | Path) -> dict[str, str]:
 
 
 def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False)
+    """``data`` as JSON that every reader accepts: a number that is not finite (a NaN loss) is written as ``null``,
+    never as the bare ``NaN`` Python would write."""
+    return json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data

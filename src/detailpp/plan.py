@@ -8,19 +8,25 @@ the tokenizer before any denoising starts.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from detailpp.errors import DetailError
+
+logger = logging.getLogger(__name__)
 
 Granularity = Literal["subject", "attribute"]
 GRANULARITIES: tuple[str, ...] = ("subject", "attribute")
 
 #: CLIP's context window: start token + 75 text tokens + end token.
 CLIP_MAX_TOKENS = 77
+#: The most detail branches a plan may have: each adds two rows (with CFG) to every denoising step of the sharing
+#: window, and a nursing target; 16 subjects is far beyond what one image shows distinctly.
+MAX_BRANCHES = 16
 
 
 class PlanError(DetailError, ValueError):
@@ -80,6 +86,17 @@ class DecompositionPlan:
     def subjects(self) -> list[str]:
         return [b.subject for b in self.branches]
 
+    def texts_to_encode(self, negative_prompt: str | None = None) -> list[tuple[str, str]]:
+        """``(text, what)`` for every text a call encodes with this plan: p0, then (with detail branches) p1 and each
+        sub-prompt, then the negative prompt when given; ``what`` names it in messages."""
+        texts = [(self.prompt, "prompt")]
+        if self.branches:
+            texts.append((self.base, "base prompt"))
+            texts += [(b.prompt, f"sub-prompt of {b.subject!r}") for b in self.branches]
+        if negative_prompt:
+            texts.append((negative_prompt, "negative prompt"))
+        return texts
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["branches"] = [
@@ -97,6 +114,10 @@ class DecompositionPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> DecompositionPlan:
         if not isinstance(data, Mapping):
             raise PlanError(f"A plan must be a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"The plan has unknown field(s) {unknown}; a plan's fields are {sorted(known)}.")
         missing = [k for k in ("prompt", "base") if k not in data]
         if missing:
             raise PlanError(f"The plan lacks the field(s) {missing}; a plan needs 'prompt', 'base' and 'branches'.")
@@ -191,14 +212,34 @@ def subject_token_indices(prompt: str, subject: str, tokenizer: Any, occurrence:
     return token_indices_for_span(prompt, *span, tokenizer)
 
 
-def subject_occurrence(prompt: str, subject: str, indices: Sequence[int], tokenizer: Any) -> int:
-    """Which occurrence of ``subject`` in ``prompt`` the token ``indices`` point at (0 when none matches)."""
+def matching_occurrence(prompt: str, subject: str, indices: Sequence[int], tokenizer: Any) -> int | None:
+    """Which occurrence of ``subject`` in ``prompt`` the token ``indices`` point at, or ``None``."""
     k = 0
     while (span := find_subject_span(prompt, subject, k)) is not None:
         if set(token_indices_for_span(prompt, *span, tokenizer)) == set(indices):
             return k
         k += 1
-    return 0
+    return None
+
+
+def subject_occurrence(prompt: str, subject: str, indices: Sequence[int], tokenizer: Any) -> int:
+    """Which occurrence of ``subject`` in ``prompt`` the token ``indices`` point at (0 when none matches)."""
+    found = matching_occurrence(prompt, subject, indices, tokenizer)
+    return 0 if found is None else found
+
+
+def retokenized(plan: DecompositionPlan, from_tokenizer: Any, to_tokenizer: Any) -> DecompositionPlan:
+    """``plan`` with each subject's token indices counted by ``to_tokenizer``, at the occurrence of the subject in p0
+    that its indices (counted by ``from_tokenizer``) point at: a plan parsed before the model loads (with the
+    packaged CLIP tokenizer) made ready for the model's own tokenizer (FLUX.1's T5)."""
+    branches = []
+    for b in plan.branches:
+        occurrence = 0
+        if b.subject_token_indices:
+            occurrence = subject_occurrence(plan.prompt, b.subject, b.subject_token_indices, from_tokenizer)
+        indices = subject_token_indices(plan.prompt, b.subject, to_tokenizer, occurrence)
+        branches.append(replace(b, subject_token_indices=indices))
+    return replace(plan, branches=tuple(branches))
 
 
 def token_window(tokenizer: Any) -> int:
@@ -237,26 +278,77 @@ def tokenizer_name(tokenizer: Any) -> str:
 def validate_plan(plan: DecompositionPlan, tokenizer: Any, prompt: str | None = None) -> DecompositionPlan:
     """Check a plan and return it with token indices computed by ``tokenizer``.
 
-    Every branch subject must occur in p0 and lie inside CLIP's window; ``prompt``, when given, must equal p0.
-    Token indices supplied in the plan pick which occurrence of a repeated subject is meant; missing ones are
-    computed from the first occurrence.
+    The prompt and the base prompt must be text (``prompt``, when given, must equal p0); at most
+    :data:`MAX_BRANCHES` detail branches; every branch's subject must occur in p0 and lie inside the tokenizer's
+    window. Token indices supplied in the plan pick which occurrence of a repeated subject is meant (indices that
+    point at no occurrence are refused); missing ones are computed from the first occurrence. A base or sub-prompt
+    that adds words not in p0 is run, with a warning (:func:`plan_rewrites`): Detail++ expects each sub-prompt to be
+    the base prompt plus one subject's details from p0.
     """
     if prompt is not None and prompt.strip() != plan.prompt.strip():
         raise PlanError(
             f"The plan was made for the prompt {plan.prompt!r}, not {prompt!r}; pass the plan's prompt or none."
         )
     check_prompt_text(plan.prompt, "The plan's prompt")
+    if not isinstance(plan.base, str) or not plan.base.strip():
+        raise PlanError("The plan's base prompt is empty; write the prompt without its details (p1).")
+    if len(plan.branches) > MAX_BRANCHES:
+        raise PlanError(
+            f"The plan has {len(plan.branches)} detail branches; Detail++ runs at most {MAX_BRANCHES} (each one adds "
+            "to every denoising step's batch). Keep the subjects whose details matter most."
+        )
     branches = []
-    for b in plan.branches:
-        if not b.prompt.strip():
+    for n, b in enumerate(plan.branches, start=2):
+        if not isinstance(b.prompt, str) or not b.prompt.strip():
             raise PlanError(f"The branch for {b.subject!r} has an empty prompt.")
-        occurrence = 0
+        indices = subject_token_indices(plan.prompt, b.subject, tokenizer, 0)
         if b.subject_token_indices:
-            occurrence = subject_occurrence(plan.prompt, b.subject, b.subject_token_indices, tokenizer)
-        indices = subject_token_indices(plan.prompt, b.subject, tokenizer, occurrence)
+            occurrence = matching_occurrence(plan.prompt, b.subject, b.subject_token_indices, tokenizer)
+            if occurrence is None:
+                raise PlanError(
+                    f"Branch p{n}'s subject_token_indices {list(b.subject_token_indices)} do not point at "
+                    f"{b.subject!r} in the prompt (its first occurrence is at tokens {list(indices)}); correct them, "
+                    "or leave them out to have them computed."
+                )
+            indices = subject_token_indices(plan.prompt, b.subject, tokenizer, occurrence)
         check_token_window(b.subject, indices, token_window(tokenizer), tokenizer_name(tokenizer))
         branches.append(replace(b, subject_token_indices=indices))
+    for message in plan_rewrites(plan):
+        _warn_once(message)
     return replace(plan, branches=tuple(branches))
+
+
+_WORD = re.compile(r"[\w'-]+")
+_WARNED: set[str] = set()
+
+
+def _words(text: str) -> set[str]:
+    """A prompt's words, lower case; "a" and "an" as one (the renderer re-chooses the article)."""
+    return {"a" if w == "an" else w for w in (m.lower() for m in _WORD.findall(text))}
+
+
+def plan_rewrites(plan: DecompositionPlan) -> list[str]:
+    """One sentence per prompt of the plan (the base, each sub-prompt) that adds words p0 does not have."""
+    full = _words(plan.prompt)
+    texts = [("The base prompt", plan.base)] + [
+        (f"Branch p{n} ({b.subject!r})", b.prompt) for n, b in enumerate(plan.branches, start=2)
+    ]
+    out = []
+    for what, text in texts:
+        added = sorted(_words(text) - full)
+        if added:
+            out.append(
+                f"{what} adds words the prompt does not have ({', '.join(map(repr, added))}): it rewrites the "
+                "prompt, where Detail++ expects the base prompt plus one subject's details from the prompt."
+            )
+    return out
+
+
+def _warn_once(message: str) -> None:
+    """A plan's warning, once per process (a plan is validated before loading, after, and at every call)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
 
 
 def tokens_in_prompt(plan: DecompositionPlan, branch: Branch, prompt: str, tokenizer: Any) -> tuple[int, ...]:

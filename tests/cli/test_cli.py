@@ -299,6 +299,31 @@ def test_mask_outline_is_visible_over_the_same_colour():
     assert (out[31, 31] == (255, 32, 32)).all() and (out[2, 2] == (255, 32, 32)).all()
 
 
+def test_the_sidecar_is_valid_json_whatever_a_number_became():
+    from detailpp.images import dumps
+
+    text = dumps({"nursing": [{"losses": [0.5, float("nan")]}], "guidance_scale": float("inf")})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "nursing": [{"losses": [0.5, None]}],
+        "guidance_scale": None,
+    }
+
+
+def test_branch_grid_captions_keep_their_spaces():
+    """At the grid's small font the default space is 2 px ("next toa square"): words stand at least 0.4 font sizes
+    apart, and every line fits its image."""
+    from detailpp.images import captioned_grid
+
+    grid = captioned_grid([PIL.Image.new("RGB", (128, 128), "white")], ["to a to a to a"])
+    ink = (np.asarray(grid.convert("L"))[128:, :] < 128).any(axis=0)
+    gaps = np.diff(np.flatnonzero(ink)) - 1
+    assert sorted(gaps[gaps > 0]) == [4, 4, 4, 5, 5]  # the five spaces between the six words, 4-5 px each
+    long = captioned_grid([PIL.Image.new("RGB", (128, 128), "white")] * 2, ["p0: a red circle next to a striped blue "
+                          "square in a field", "x"])  # fmt: skip
+    first = np.asarray(long.convert("L"))[128:, :128] < 128
+    assert first[:, -3:].sum() == 0 and (np.asarray(long.convert("L"))[128:, 128:132] < 128).sum() == 0
+
+
 def test_saved_masks_are_outlined(tmp_path, capsys):
     assert (
         main(["generate", "a red circle and a blue square", *FAST, "--output-dir", str(tmp_path), "--save-masks"]) == 0
@@ -316,7 +341,12 @@ BAD = [
     (["--device", "tpu9"], "--device 'tpu9' is not a device name; use cpu, cuda, cuda:1, mps... or leave it out"),
     (["--seed", "99999999999999999999999"], "--seed must lie in 0..18446744073709551615 (or -1 for a random seed)"),
     (["--seed", "-2"], "--seed must lie in 0..18446744073709551615 (or -1 for a random seed), got -2."),
-    (["--width", "100"], "--width must be a positive multiple of 8, got 100."),
+    (["--width", "100"], "--width must be a multiple of 8 in 8..4096, got 100."),
+    (["--width", "100000"], "--width must be a multiple of 8 in 8..4096, got 100000."),
+    (["--steps", "100000"], "--steps must be a whole number in 1..1000, got 100000."),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0, got nan."),
+    (["--guidance-scale", "inf"], "--guidance-scale must be a finite number >= 0, got inf."),
+    (["--tau", "nan"], "--tau must be a finite number, got nan."),
     (["--model", "nobody/nothing"], "--model nobody/nothing: not in the Hugging Face cache, and HF_HUB_OFFLINE=1"),
     (["--model", "./no-folder"], "--model './no-folder': no such folder or file, and no Hub id"),
     (["--scheduler", "warp"], "argument --scheduler: invalid choice: 'warp'"),
@@ -364,7 +394,7 @@ def test_a_prompt_past_the_token_window_is_one_line(tmp_path):
     words = ("a red circle next to a blue square on a green field under a yellow star " * 23).split()[:338]
     proc = run_cli("generate", " ".join(words), "--model", "tiny-random", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("detailpp generate: error: The prompt is 338 CLIP tokens long; SDXL's text ")
+    assert proc.stderr.startswith("detailpp generate: error: The prompt is 338 CLIP tokens long; the text encoders ")
     assert proc.stderr.count("\n") == 1 and "Shorten it." in proc.stderr
     assert not (tmp_path / "outputs").exists()
 
@@ -373,8 +403,11 @@ def test_a_prompt_past_the_token_window_is_one_line(tmp_path):
     ("flags", "message"),
     [
         (["--device", "tpu9"], "--device 'tpu9' is not a device name"),
-        (["--base-seed", "99999999999999999999999"], "--base-seed must lie in 0..9223372036854775807"),
-        (["--width", "0"], "--width must be positive, got 0."),
+        (["--base-seed", "99999999999999999999999"], "--base-seed must lie in 0..18446744073709551615"),
+        (["--base-seed", str(2**64 - 2), "--images-per-prompt", "3"], "--base-seed + --images-per-prompt - 1 must"),
+        (["--width", "0"], "--width must be a multiple of 8 in 8..4096, got 0."),
+        (["--steps", "100000"], "--steps must be a whole number in 1..1000, got 100000."),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0, got nan."),
     ],
 )
 def test_bench_generate_bad_input_before_loading(flags, message, tmp_path, capsys, no_load):

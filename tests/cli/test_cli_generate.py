@@ -89,8 +89,8 @@ def test_generate_with_a_plan_file(tmp_path):
     ("argv", "message"),
     [
         (["   "], "prompt is empty"),
-        ([PROMPT, "--height", "100"], "--height must be a positive multiple of 8"),
-        ([PROMPT, "--steps", "0"], "--steps must be at least 1"),
+        ([PROMPT, "--height", "100"], "--height must be a multiple of 8 in 8..4096"),
+        ([PROMPT, "--steps", "0"], "--steps must be a whole number in 1..1000, got 0."),
         ([PROMPT, "--tau", "1.5"], "--tau must lie in (0, 1)"),
         ([PROMPT, "--share-steps", "2"], "--share-steps must lie in [0, 1]"),
         ([], "Give a prompt"),

@@ -8,6 +8,7 @@ screenshot of the finished page there (how ``docs/img/demo.png`` is made).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from detailpp.demo.session import (
     rows_to_plan,
 )
 from detailpp.plan import Branch, DecompositionPlan
+from detailpp.resources import load_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,11 @@ def test_table_cells_are_cleaned_and_empty_rows_ignored():
             "Row 3 (branch p3): the subject 'dragon' does not occur in the prompt",
         ),
         (PROMPT, [["base", "a dog", ""], ["branch", "a red do", "do"]], "the subject 'do' does not occur"),
+        (
+            PROMPT,
+            [["base", "a dog", ""], ["brnach", "a red dog", "dog"]],
+            "Row 2 has the role 'brnach'; a row's role is 'base' (one row) or 'branch' (or empty, for a branch).",
+        ),
     ],
 )
 def test_table_errors_name_the_row_and_the_fix(prompt, rows, message):
@@ -133,6 +140,11 @@ def test_captions_name_every_branch_and_its_sub_prompt():
 # ---------------------------------------------------------------------------------------------------- settings
 
 
+def test_the_seed_range_is_the_command_lines():
+    assert check_settings(**GOOD | {"seed": 2**63, "nursing": False, "granularity": "subject"}).seed == 2**63
+    assert check_settings(**GOOD | {"seed": 2**64 - 1, "nursing": False, "granularity": "subject"}).seed == 2**64 - 1
+
+
 def test_settings_become_a_detail_config():
     s = check_settings(**GOOD | {"seed": 7.0, "height": "128", "nursing": True, "granularity": "attribute"})
     assert (s.seed, s.steps, s.height, s.width, s.guidance_scale) == (7, 2, 128, 64, 5.0)
@@ -144,15 +156,18 @@ def test_settings_become_a_detail_config():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"height": 100}, "Height must be a positive multiple of 8 (e.g. 512, 768, 1024), got 100."),
-        ({"width": 0}, "Width must be a positive multiple of 8"),
+        ({"height": 100}, "Height must be a multiple of 8 in 8..4096 (e.g. 512, 768, 1024), got 100."),
+        ({"width": 0}, "Width must be a multiple of 8 in 8..4096"),
         ({"width": 64.5}, "Width must be a whole number"),
+        ({"width": float("inf")}, "Width must be a whole number"),
         ({"width": None}, "Width is empty"),
-        ({"height": 8192}, "at most 4096"),
-        ({"steps": 0}, "Steps must lie in [1, 200]"),
-        ({"seed": -1}, "The seed must lie in"),
+        ({"height": 8192}, "Height must be a multiple of 8 in 8..4096 (e.g. 512, 768, 1024), got 8192."),
+        ({"steps": 0}, "Steps must be a whole number in 1..1000, got 0."),
+        ({"seed": -1}, "The seed must lie in 0..18446744073709551615, got -1."),
+        ({"seed": 2**64}, "The seed must lie in 0..18446744073709551615, got 18446744073709551616."),
         ({"seed": "abc"}, "The seed must be a number"),
-        ({"guidance_scale": -1}, "guidance scale must be >= 0"),
+        ({"guidance_scale": -1}, "The guidance scale must be a finite number >= 0, got -1.0."),
+        ({"guidance_scale": float("nan")}, "The guidance scale must be a finite number >= 0, got nan."),
         ({"tau": 1.0}, "tau must lie in (0, 1)"),
         ({"share_steps": 2}, "share-steps must lie in [0, 1]"),
         ({"granularity": "word"}, "Granularity must be one of"),
@@ -174,6 +189,8 @@ class FakePipe:
     unet = None
     default_sample_size = 16
     vae_scale_factor = 8
+    scheduler = None
+    tokenizer = load_clip_tokenizer()
 
     def __init__(self) -> None:
         self.active = 0
@@ -280,6 +297,25 @@ def test_generate_on_the_tiny_model_returns_every_branch_mask_and_plain_sdxl(tin
         session.generate(PROMPT, rows, table_prompt=PROMPT, settings=settings())
 
 
+def test_images_downloaded_from_the_page_carry_their_parameters(tiny_pipe):
+    """Gradio serves a PIL image as the PNG it encodes with the image's text info: the parameters go with it."""
+    import PIL.Image
+    from gradio.processing_utils import encode_pil_to_bytes
+
+    session = DemoSession(tiny_pipe, "tiny-random")
+    result = session.generate(
+        PROMPT, plan_to_rows(PLAN), table_prompt=PROMPT, settings=settings(), negative_prompt="blurry"
+    )
+    for image, kind in ((result.image, "Detail++ branches: 2"), (result.plain_image, "Method: plain")):
+        served = PIL.Image.open(io.BytesIO(encode_pil_to_bytes(image, "png")))
+        lines = served.text["parameters"].splitlines()
+        assert lines[:2] == [PROMPT, "Negative prompt: blurry"]
+        assert "Steps: 2, Sampler: Euler, CFG scale: 5.0, Seed: 0, Size: 64x64, Model: tiny-random" in lines[2]
+        assert kind in lines[2]
+    record = json.loads(PIL.Image.open(io.BytesIO(encode_pil_to_bytes(result.image, "png"))).text["detailpp"])
+    assert record["plan"] == result.plan.to_dict() and record["seed"] == 0
+
+
 # ---------------------------------------------------------------------------------------------------- the page
 
 
@@ -358,7 +394,7 @@ def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
     monkeypatch.setattr(detailpp.models.loading, "load_pipeline", lambda *a, **k: loaded.append((a, k)) or FakePipe())
     monkeypatch.setattr(detailpp.demo, "launch", lambda demo, host, port: launched.append((demo, host, port)))
     assert main(["demo", "--model", "tiny-random", "--port", "7861", "--steps", "3", "--size", "128"]) == 0
-    assert loaded == [(("tiny-random",), {"device": "cpu", "dtype": None})]
+    assert loaded == [(("tiny-random",), {"device": "cpu", "dtype": None, "config": None})]
     ((demo, host, port),) = launched
     assert (host, port) == ("127.0.0.1", 7861)
     generate = [f for f in demo.fns.values() if f.name == "on_generate"]
@@ -372,8 +408,8 @@ def test_cli_demo_loads_the_model_and_serves_on_localhost(monkeypatch, caplog):
     ("args", "message"),
     [
         (["--port", "70000"], "--port must lie in"),
-        (["--width", "100"], "--width must be a positive multiple of 8"),
-        (["--size", "100"], "--width must be a positive multiple of 8"),  # the deprecated --size sets both
+        (["--width", "100"], "--width must be a multiple of 8 in 8..4096"),
+        (["--size", "100"], "--width must be a multiple of 8 in 8..4096"),  # the deprecated --size sets both
         (["--device", "tpu9"], "--device 'tpu9' is not a device name"),
     ],
 )
@@ -513,7 +549,7 @@ def test_the_page_in_a_real_browser(tiny_pipe):
                 error = page.locator("#detailpp-error")
                 page.locator("#detailpp-width input").fill("100")
                 page.locator("#detailpp-generate").click()
-                expect(error).to_contain_text("Width must be a positive multiple of 8", timeout=30_000)
+                expect(error).to_contain_text("Width must be a multiple of 8 in 8..4096", timeout=30_000)
                 page.locator("#detailpp-width input").fill("64")
 
                 page.locator("#detailpp-prompt textarea").fill("")

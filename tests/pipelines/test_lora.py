@@ -144,3 +144,39 @@ def test_generate_takes_lora_flags(tmp_path, lora_file, capsys, monkeypatch):
     assert main(["generate", "a dog", *fast, "--lora", str(missing), "--output-dir", str(tmp_path / "o")]) == 2
     assert f"--lora {missing}: no such file or folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_two_loras_with_diffusers_default_file_name_are_two_adapters(tmp_path, lora_file):
+    import shutil
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(lora_file, tmp_path / folder / lora_file.name)
+    specs = [parse_lora(f"{tmp_path / 'a' / lora_file.name}:0.5"), parse_lora(str(tmp_path / "b" / lora_file.name))]
+    pipe = build_tiny_pipeline(0)
+    apply_loras(pipe, specs)
+    assert sorted(pipe.get_list_adapters()["unet"]) == ["a", "b"]
+    twice = [parse_lora(str(lora_file)), parse_lora(str(lora_file))]  # the same file twice: two names too
+    pipe = build_tiny_pipeline(0)
+    apply_loras(pipe, twice)
+    name = lora_file.parent.name
+    assert sorted(pipe.get_list_adapters()["unet"]) == [name, f"{name}_2"]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "message"),
+    [
+        (":abc", "the scale 'abc' is not a number; write PATH:SCALE, e.g. {path}:0.8."),
+        (":nan", "the scale must be a finite number, got nan."),
+        (":inf", "the scale must be a finite number, got inf."),
+    ],
+)
+def test_a_lora_scale_that_is_no_finite_number_is_named(lora_file, tmp_path, capsys, suffix, message):
+    from detailpp.cli import main
+
+    with pytest.raises(LoraError) as e:
+        parse_lora(f"{lora_file}{suffix}")
+    assert str(e.value) == f"--lora {lora_file}{suffix}: " + message.format(path=lora_file)
+    argv = ["generate", "a dog", "--model", "tiny-random", "--lora", f"{lora_file}{suffix}"]
+    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"detailpp generate: error: {e.value}\n"

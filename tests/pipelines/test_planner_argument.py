@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from detailpp import DecompositionPlan, PlanError
-from detailpp.models.tiny_sd import build_tiny_sd_pipeline
+from detailpp.models.tiny import build_tiny_sd_pipeline
 from detailpp.parsing.llm import LLMPlanner
 from tests.parsing.llm_server import MODEL, FakeLLMServer, answer
 from tests.parsing.test_llm_planner import GOOD, GOOD_PLAN, PROMPT

@@ -25,10 +25,12 @@ from detailpp.method.attention import AttentionState, MaskLayers
 from detailpp.method.backbone import StopForward, stop_after
 
 #: FLUX.1's default Detail++ blocks, as [start, stop) fractions of its double-stream blocks' depth (19 in FLUX.1):
-#: (sharing, capturing). See docs/method.md, "Detail++ on MMDiT".
-FLUX_DEFAULT_BLOCKS: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 1.0), (0.0, 1.0))
-#: SD3 / SD3.5's default Detail++ blocks, as [start, stop) fractions of its joint blocks' depth: (sharing, capturing).
-SD3_DEFAULT_BLOCKS: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 1.0), (0.0, 1.0))
+#: (sharing, capturing): share in all of them, capture in blocks 2-9 (subjects localise early; a nursing pass stops
+#: after block 9). See docs/method.md, "Detail++ on MMDiT".
+FLUX_DEFAULT_BLOCKS: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 1.0), (0.1, 0.5))
+#: SD3 / SD3.5's default Detail++ blocks, as [start, stop) fractions of its joint blocks' depth: (sharing, capturing):
+#: share in all, capture in blocks 8-17 of SD3.5-large's 38 (5-10 of SD3-medium's 24).
+SD3_DEFAULT_BLOCKS: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 1.0), (0.2, 0.45))
 
 
 def blocks_of(fractions: tuple[float, float], n_blocks: int) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -127,12 +128,19 @@ def encode_png(image: Any, item: Item, identity: dict) -> bytes:
     return buf.getvalue()
 
 
-def check_run_identity(out_dir: str | Path, identity: dict) -> None:
-    """Write ``identity`` to the run folder's ``run.json``, or check it against the one there (creates the folder)."""
+def check_run_identity(out_dir: str | Path, identity: dict, write: bool = True) -> None:
+    """Check ``identity`` against the run folder's ``run.json``; with ``write``, write it when there is none (the
+    folder is made then). :func:`run_generation` writes it with the folder's first image only, so that a run that
+    fails before (a model that does not load) leaves nothing that would refuse the next one."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     check_or_write_json(
-        out / RUN_FILE, identity, "images", "Use another --output-dir folder, or the same settings to resume the run."
+        out / RUN_FILE,
+        identity,
+        "images",
+        "Use another --output-dir folder, or the same settings to resume the run.",
+        write=write,
     )
 
 
@@ -146,6 +154,7 @@ def run_generation(
     shard: Shard | None = None,
     progress: bool = True,
     prepare: Callable[[], Any] | None = None,
+    on_first_image: Callable[[], Any] | None = None,
 ) -> Summary:
     """Generate the suite's images into ``out_dir`` (the shard's share), resuming whatever is already done.
 
@@ -153,12 +162,14 @@ def run_generation(
     against the folder's ``run.json`` (a folder holds one method with one set of settings). ``prepare()`` (loading
     the model) runs once before this process's first image, and not at all when nothing is left to do; its time is
     kept apart (``summary.extra["load_s"]`` and ``timings.load_s`` of this process's first record), so
-    ``summary.seconds`` and every ``generate_s`` count generation only.
+    ``summary.seconds`` and every ``generate_s`` count generation only. ``run.json`` is written (and
+    ``on_first_image()`` called: the CLI records the run's plans there) once this process has its first image, before
+    the image is written; a run that fails before leaves no file, and no folder it made.
     """
     shard = shard or Shard()
     out = Path(out_dir)
-    (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
-    check_run_identity(out, identity)
+    existed = out.exists()
+    check_run_identity(out, identity, write=False)
     prompts = suite.prompts[:max_prompts] if max_prompts else suite.prompts
     items = plan_items(prompts, identity["images_per_prompt"], identity["base_seed"])
     done, todo = _generation_todo(out, items, shard)
@@ -174,11 +185,22 @@ def run_generation(
     )
     part = JsonlAppender(out / part_name("manifest", shard.index, shard.count))
     bar = _generation_bar(out, items, todo, shard, summary, f"{identity.get('label')} {suite.name}", progress)
+
+    def first_image() -> None:
+        check_run_identity(out, identity)  # written now (or checked again: another process may have written it)
+        (out / SAMPLES_DIR).mkdir(exist_ok=True)
+        if on_first_image is not None:
+            on_first_image()
+
     try:
         load = _prepare(prepare, todo, summary)
         start = time.perf_counter()
-        _generate_items(out, todo, identity, generate_fn, part, worker(shard), summary, bar, load)
+        _generate_items(out, todo, identity, generate_fn, part, worker(shard), summary, bar, load, first_image)
         summary.seconds = time.perf_counter() - start
+    except BaseException:
+        if not existed and not (out / RUN_FILE).exists():
+            remove_empty_run_folder(out)
+        raise
     finally:
         bar.close()
     shard.wait()
@@ -234,11 +256,15 @@ def _generate_items(
     summary: Summary,
     bar: Progress,
     load: dict[str, float],
+    first_image: Callable[[], None],
 ) -> None:
-    """Make, write and record each item of ``todo`` (the load time goes into the first record only)."""
-    for it in todo:
+    """Make, write and record each item of ``todo`` (the load time goes into the first record only; ``first_image()``
+    runs once, before the first image is written)."""
+    for k, it in enumerate(todo):
         t0 = time.perf_counter()
         image = generate_fn(it.prompt, it.seed)
+        if k == 0:
+            first_image()
         t1 = time.perf_counter()
         data = encode_png(image, it, identity)
         atomic_write_bytes(out / it.file, data)
@@ -248,6 +274,17 @@ def _generate_items(
         load = {}
         summary.made += 1
         bar.step()
+
+
+def remove_empty_run_folder(out: Path) -> None:
+    """Remove what a failed run made in a folder it created, when it holds nothing else (an empty manifest part, the
+    empty ``samples/``, the folder)."""
+    for part in out.glob("manifest.part-*.jsonl"):
+        if part.stat().st_size == 0:
+            part.unlink()
+    for folder in (out / SAMPLES_DIR, out):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _generation_record(it: Item, identity: dict, image: Any, data: bytes, timings: dict, worker: dict) -> dict:

@@ -166,8 +166,10 @@ def strip_volatile(record: dict) -> dict:
 
 
 # --- run.json --------------------------------------------------------------------------------------------------------
-def check_or_write_json(path: Path, content: dict, what: str, hint: str) -> None:
-    """Write ``content`` to ``path``, or check that the file already there says the same (resuming a run)."""
+def check_or_write_json(path: Path, content: dict, what: str, hint: str, write: bool = True) -> None:
+    """Check that ``path`` says the same as ``content`` (resuming a run), or, when there is no such file and
+    ``write``, write it. A difference is refused with every differing setting named (``settings.steps: 20 there, 50
+    now``)."""
     if path.exists():
         try:
             existing = json.loads(path.read_text(encoding="utf-8"))
@@ -175,11 +177,31 @@ def check_or_write_json(path: Path, content: dict, what: str, hint: str) -> None
             raise BenchError(f"{path} is unreadable ({e}); it records {what}. Move it away to start afresh.") from e
         if canonical_json(existing) != canonical_json(content):
             content = json.loads(canonical_json(content))  # tuples as the lists JSON reads back: only real changes
-            diffs = sorted(k for k in set(existing) | set(content) if existing.get(k) != content.get(k))
-            details = "; ".join(f"{k}: {existing.get(k)!r} there, {content.get(k)!r} now" for k in diffs[:4])
-            raise BenchError(f"{path.parent} holds {what} made with other settings ({details}). {hint}")
+            diffs = differences(existing, content)
+            details = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs[:4])
+            more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+            raise BenchError(f"{path.parent} holds {what} made with other settings ({details}{more}). {hint}")
         return
-    atomic_write_text(path, json.dumps(content, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    if write:
+        atomic_write_text(path, json.dumps(content, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+_ABSENT = object()
+
+
+def differences(before: Any, after: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value before, value after)`` for every leaf that differs between two JSON objects, sorted;
+    a key only one side has shows ``None`` on the other."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        out = []
+        for key in sorted(set(before) | set(after)):
+            a, b = before.get(key, _ABSENT), after.get(key, _ABSENT)
+            if a is _ABSENT or b is _ABSENT:
+                out.append((f"{prefix}{key}", None if a is _ABSENT else a, None if b is _ABSENT else b))
+            else:
+                out += differences(a, b, f"{prefix}{key}.")
+        return out
+    return [] if before == after else [(prefix.rstrip("."), before, after)]
 
 
 def load_json(path: Path, what: str) -> dict:

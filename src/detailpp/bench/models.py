@@ -38,6 +38,10 @@ def resolve_source(name: str, what: str, flag: str) -> str:
 def load_model(what: str, name: str, flag: str, loader: Callable[[str], T]) -> T:
     """``loader(source)`` with any failure turned into a :class:`BenchError` that says what to do."""
     source = resolve_source(name, what, flag)
+    if not os.path.isdir(source):
+        from detailpp.hub import check_hub_reachable
+
+        check_hub_reachable(source, f"{flag} (the {what} model)", "config.json")
     try:
         return loader(source)
     except BenchError:

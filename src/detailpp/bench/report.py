@@ -79,6 +79,19 @@ class RunScores:
     expected: int
     #: metric -> list of (record, score) for the images scored.
     scores: dict[str, list[tuple[dict, float]]] = field(default_factory=dict)
+    #: the generation model (run.json's ``model``) and method.
+    model: str = "?"
+    method: str = "?"
+    #: metric -> the scorer that computed it (its models, from ``scores/<metric>.config.json``).
+    scorers: dict[str, str] = field(default_factory=dict)
+
+
+def scorer_name(metric: str, config: dict) -> str:
+    """The models a metric's scores were computed with, from its recorded settings."""
+    if "model" in config:
+        return str(config["model"])
+    models = [str(config[k]) for k in ("clip_model", "detector") if k in config]
+    return " + ".join(models) or metric
 
 
 def collect(folders: list[str | Path]) -> list[RunScores]:
@@ -93,8 +106,11 @@ def collect(folders: list[str | Path]) -> list[RunScores]:
             run.get("label") or run.get("method", folder.name),
             run.get("suite", "?"),
             int(run.get("num_prompts", 0)) * int(run.get("images_per_prompt", 0)),
+            model=str(run.get("model", "?")),
+            method=str(run.get("method", "?")),
         )
-        for metric in current_metric_configs(folder):
+        for metric, config in current_metric_configs(folder).items():
+            entry.scorers[metric] = scorer_name(metric, config)
             scored = load_scores(folder, metric)
             pairs = [
                 (records[i], s["score"])
@@ -168,6 +184,17 @@ def render_markdown(columns, rows) -> str:
     if notes:
         out += "\n\\* partial: " + "; ".join(notes) + ".\n"
     return out
+
+
+def render_runs(runs: list[RunScores]) -> str:
+    """Where each row's numbers come from: every folder's generation model and the scorer of each metric."""
+    lines = ["", "Runs (the generation model; the scorer of each metric):", ""]
+    for run in runs:
+        scorers = ", ".join(f"{LABELS.get(m, m)} by `{name}`" for m, name in sorted(run.scorers.items()))
+        lines.append(
+            f"- {run.label}, {run.suite} ({run.folder}): {run.method} on `{run.model}`; {scorers or 'no scores yet'}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def render_csv(columns, rows) -> str:
@@ -285,7 +312,7 @@ def write_report(
         "chart": out / "table1.png",
         "json": out / "report.json",
     }
-    md = render_markdown(columns, rows)
+    md = render_markdown(columns, rows) + render_runs(runs)
     atomic_write_text(paths["markdown"], md)
     atomic_write_text(paths["csv"], render_csv(columns, rows))
     bar_chart(columns, rows, paths["chart"])
@@ -326,6 +353,11 @@ def write_report(
             for label, cells in rows.items()
         },
         "galleries": galleries,
+        "runs": [
+            {"folder": str(r.folder), "label": r.label, "suite": r.suite, "method": r.method, "model": r.model}
+            | {"scorers": r.scorers}
+            for r in runs
+        ],
     }
     atomic_write_text(paths["json"], json.dumps(report, indent=1) + "\n")
     logger.info("Table 1:\n%s", md)

@@ -3,6 +3,7 @@ image in ``scores/<metric>.part-*.jsonl``, the metric's settings in ``scores/<me
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from detailpp.bench.manifest import (
 )
 from detailpp.bench.runs import Progress, Summary, load_manifest, load_scores, merge_manifest, other_parts
 from detailpp.bench.sharding import Shard
+from detailpp.errors import operation
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ def run_scoring(
     out = Path(out_dir)
     records = _scoring_records(out, metric)
     scores_dir = out / SCORES_DIR
-    _check_metric_config(scores_dir, metric, shard, rescore)
+    if not rescore:  # the settings there must be these (written with the first score: a failure leaves none)
+        _check_metric_config(scores_dir, metric, write=False)
     done = load_scores(out, metric.name, metric.config)
 
     def is_scored(r: dict) -> bool:  # scored, and the image is still the one that was scored
@@ -59,7 +62,8 @@ def run_scoring(
     )
     start = time.perf_counter()
     if todo:
-        scorer = metric.load()
+        with operation(f"loading the {metric.name} scorer"):
+            scorer = metric.load()
         part = JsonlAppender(scores_dir / part_name(metric.name, shard.index, shard.count))
         manual = shard.launcher == "manual"
         bar = Progress(
@@ -70,7 +74,7 @@ def run_scoring(
             metric.name,
         )
         try:
-            _score_items(out, todo, metric, scorer, part, worker(shard), batch_size, summary, bar)
+            _score_items(out, todo, metric, scorer, part, worker(shard), batch_size, summary, bar, rescore)
         finally:
             bar.close()
     summary.seconds = time.perf_counter() - start
@@ -89,18 +93,24 @@ def _scoring_records(out: Path, metric: Any) -> list[dict]:
     return records
 
 
-def _check_metric_config(scores_dir: Path, metric: Any, shard: Shard, rescore: bool) -> None:
-    """Write the metric's settings beside its scores, or check them against those there (``rescore``: replace)."""
+def _check_metric_config(scores_dir: Path, metric: Any, write: bool = True, replace: bool = False) -> None:
+    """Check the metric's settings against those beside its scores; ``write``: write them when there are none
+    (``replace``, for ``--rescore``: write them over the old ones)."""
     config_path = scores_dir / f"{metric.name}.config.json"
-    scores_dir.mkdir(parents=True, exist_ok=True)
-    if rescore and shard.is_main and config_path.exists():
-        config_path.unlink()
-    shard.wait()
+    if replace:
+        from detailpp.atomic import atomic_write_text
+
+        scores_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, json.dumps(metric.config, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        return
+    if write:
+        scores_dir.mkdir(parents=True, exist_ok=True)
     check_or_write_json(
         config_path,
         metric.config,
         f"{metric.name} scores",
         "Pass the same settings to resume, or --rescore to score again with the new ones.",
+        write=write,
     )
 
 
@@ -114,13 +124,18 @@ def _score_items(
     batch_size: int,
     summary: Summary,
     bar: Progress,
+    rescore: bool = False,
 ) -> None:
-    """Score ``todo`` in batches of ``batch_size``, one record per image appended to ``part``."""
+    """Score ``todo`` in batches of ``batch_size``, one record per image appended to ``part``; the metric's settings
+    are written beside the scores with the first batch's (``rescore``: over the old ones)."""
     for k in range(0, len(todo), batch_size):
         batch = todo[k : k + batch_size]
         images = _read_images(out, batch)
         t0 = time.perf_counter()
-        results = scorer.score(images, [r["prompt"] for r in batch])
+        with operation(f"scoring {out / batch[0]['file']} and the {len(batch) - 1} image(s) after it"):
+            results = scorer.score(images, [r["prompt"] for r in batch])
+        if k == 0:
+            _check_metric_config(out / SCORES_DIR, metric, replace=rescore)
         dt = (time.perf_counter() - t0) / len(batch)
         for r, (value, details) in zip(batch, results, strict=True):
             part.append(

@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 
-from detailpp.errors import DetailError
+from detailpp.errors import DetailError, operation_of
 
 #: sub-command -> module of this package defining ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
@@ -28,7 +28,14 @@ logger = logging.getLogger("detailpp")
 _SILENCED = {
     "transformers.utils.import_utils": ("requires torchvision (not installed)",),
     "diffusers.pipelines.pipeline_utils": ("Couldn't connect to the Hub",),
+    # an empty list of modules to keep in float32 (a cast of a model with none): nothing to warn about
+    "diffusers.models.modeling_utils": ("that should be kept in float32: [].",),
+    # a LoRA without text-encoder keys (most): apply_loras checks that every LoRA matches some layer
+    "diffusers.loaders.peft": ("No LoRA keys associated to",),
+    "diffusers.loaders.lora_base": ("No LoRA keys associated to",),
 }
+#: loggers whose INFO lines are noise on a command's output (each HTTP request of huggingface_hub's client).
+_WARNINGS_ONLY = ("httpx", "httpcore")
 
 
 class UserError(DetailError):
@@ -138,6 +145,16 @@ def silence_notices() -> None:
             target.addFilter(_DropNotices(messages))
 
 
+def quiet_libraries() -> None:
+    """After the command's logging is set: no INFO lines of the HTTP client, and huggingface_hub's warnings printed
+    once (it adds its own stderr handler and also passes them on to the root logger's)."""
+    for name in _WARNINGS_ONLY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    hub = logging.getLogger("huggingface_hub")
+    if hub.propagate:
+        hub.handlers = [h for h in hub.handlers if type(h) is not logging.StreamHandler]
+
+
 def describe_os_error(e: OSError) -> str:
     """An OSError as one line that names the file (a full disk names the file it could not write)."""
     if type(e) is not OSError and not isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError)):
@@ -150,7 +167,35 @@ def describe_os_error(e: OSError) -> str:
     return str(e)
 
 
+def failing_library(error: BaseException) -> str:
+    """The library an exception came from: the top-level package of the deepest frame of its traceback outside the
+    standard library (numpy's C code leaves no frame: its caller is named); ``"detailpp"`` when it is our own."""
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    for module in reversed(frames):
+        root = module.split(".")[0]
+        if root and root not in sys.stdlib_module_names and root != "__main__":
+            return root
+    return "detailpp"
+
+
+def describe_failure(error: BaseException, command: str) -> str:
+    """A failure that is no bad input, in one line: the library, the operation, the error, and where to look."""
+    library = failing_library(error)
+    doing = operation_of(error) or f"running 'detailpp {command}'"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    what = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    bug = " (a bug of detailpp: please report it)" if library == "detailpp" else ""
+    return f"{library} failed while {doing}{bug} ({what}); run with -v for the traceback."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command. A bad input (the :class:`DetailError` family, a file that cannot be read or written) is one
+    line and exit code 2; a failure inside a library is one line naming the library and the operation, exit code 1
+    (``-v`` adds the traceback); an interrupt says what is missing and how to resume, exit code 130."""
     silence_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -159,20 +204,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     for notice in getattr(args, "_deprecated", None) or []:
         logger.warning(notice)
     try:
         return int(args._run(args) or 0)
-    except (DetailError, ValueError, OSError, FloatingPointError) as e:
-        # Input problems get one clear line, not a traceback; --verbose shows the traceback too.
+    except (DetailError, OSError) as e:
         if args.verbose:
             logger.exception("failed")
         message = describe_os_error(e) if isinstance(e, OSError) else str(e)
         print(f"detailpp {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"detailpp {args.command}: interrupted", file=sys.stderr)
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"detailpp {args.command}: interrupted{f'; {hint}' if hint else ''}", file=sys.stderr)
         return 130
+    except Exception as e:  # a library's failure (or our bug): not the user's input
+        if args.verbose:
+            logger.exception("failed")
+        message = str(e) if isinstance(e, FloatingPointError) else describe_failure(e, args.command)
+        print(f"detailpp {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,6 +38,7 @@ from detailpp.cli.flags import (
     add_size_flags,
     planner_from_args,
 )
+from detailpp.errors import operation
 from detailpp.plan import GRANULARITIES
 
 logger = logging.getLogger(__name__)
@@ -264,10 +265,11 @@ class PipelineGenerator:
         plans: dict | None = None,
         compile_unet: bool = False,
         planner: Any = None,
+        config: str | None = None,
     ):
         self.method, self.model, self.device, self.dtype = method, model, device, dtype
         self.settings, self.detail_config, self.plans = settings, detail_config, plans
-        self.compile_unet, self.planner = compile_unet, planner
+        self.compile_unet, self.planner, self.config = compile_unet, planner, config
         self.pipe: Any = None
 
     def load(self) -> None:
@@ -277,7 +279,8 @@ class PipelineGenerator:
             from detailpp.models.loading import load_pipeline
         except ImportError as e:
             raise BenchError(f"The Detail++ pipeline is not available in this installation ({e}).") from e
-        pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype)
+        with operation(f"loading the model {self.model!r}"):
+            pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype, config=self.config)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         self.device = str(getattr(pipe, "device", None) or self.device or "cpu")
@@ -299,11 +302,12 @@ class PipelineGenerator:
             generator=torch.Generator(self.device).manual_seed(seed),
             output_type="pil",
         )
-        if self.method == "sdxl":
-            out = self.pipe.plain_pipeline()(**kwargs)  # the plain base pipeline on the same components
-        else:
-            plan = None if self.plans is None else self.plans[prompt]
-            out = self.pipe(**kwargs, detail_config=self.detail_config, plan=plan, planner=self.planner)
+        with operation(f"generating {prompt!r} with seed {seed}"):
+            if self.method == "sdxl":
+                out = self.pipe.plain_pipeline()(**kwargs)  # the plain base pipeline on the same components
+            else:
+                plan = None if self.plans is None else self.plans[prompt]
+                out = self.pipe(**kwargs, detail_config=self.detail_config, plan=plan, planner=self.planner)
         return out.images[0]
 
 
@@ -320,10 +324,10 @@ def _generate(args: argparse.Namespace) -> int:
     from detailpp.cli.common import quiet_loading
 
     suite, prompts = _suite_prompts(args)
+    detail_config, detail_dict = _bench_detail_config(args)  # checks the model before reading anything of it
     settings = _generation_settings(args)
     if args.quiet:
         quiet_loading()
-    detail_config, detail_dict = _bench_detail_config(args)
     planner = _suite_planner(args)
     plans = _suite_plans(args, prompts)
     identity = run_identity(
@@ -338,17 +342,34 @@ def _generate(args: argparse.Namespace) -> int:
         plans=None if plans is None else "file",
         planner=None if planner is None else planner.identity(),
     )
+    if args.config is not None:  # a single file's configuration: part of what the images depend on
+        identity["model_config"] = args.config
     shard = resolve_shard(args.shard_index, args.num_shards, args.device)
+    record_plans = None
     if plans is not None:
         from detailpp.bench.plans import record_run_plans
 
-        check_run_identity(args.output_dir, identity)  # the folder's settings first, then its plans.jsonl
-        record_run_plans(args.output_dir, plans, write=shard.is_main or shard.launcher == "manual")
+        check_run_identity(args.output_dir, identity, write=False)  # the folder's settings first, then its plans
+        record_run_plans(args.output_dir, plans, write=False)
+
+        def record_plans() -> None:  # with the run's first image, as run.json
+            record_run_plans(args.output_dir, plans, write=shard.is_main or shard.launcher == "manual")
+
     if planner is not None:  # the server is reachable and takes the key, before any model loads
         planner.check(prompts, getattr(detail_config, "granularity", "subject"))
     generate_fn = PipelineGenerator(
-        args.method, args.model, shard.device, args.dtype, settings, detail_config, plans, args.compile, planner
+        args.method,
+        args.model,
+        shard.device,
+        args.dtype,
+        settings,
+        detail_config,
+        plans,
+        args.compile,
+        planner,
+        args.config,
     )
+    args.interrupt_hint = f"the images made so far stay in {args.output_dir}: run the same command to resume"
     summary = run_generation(
         args.output_dir,
         suite,
@@ -358,6 +379,7 @@ def _generate(args: argparse.Namespace) -> int:
         shard=shard,
         progress=not args.quiet,
         prepare=generate_fn.load,
+        on_first_image=record_plans,
     )
     if summary.made:
         logger.info(
@@ -374,21 +396,25 @@ def _generate(args: argparse.Namespace) -> int:
 def _generation_settings(args: argparse.Namespace) -> dict:
     """The run's sampling settings: the model's native size, steps and guidance unless given (toy: 128x128, 20
     steps, guidance 5), every value checked, and the device and dtype (``args`` is updated to match)."""
-    from detailpp.cli.common import check_device, check_dtype, default_steps, native_size
+    from detailpp.cli.common import check_device, check_dtype, default_steps, family_guidance, native_size
+    from detailpp.inputs import check_guidance, check_image_side, check_seed, check_steps
 
-    size = native_size(args.model)
+    size = native_size(args.model, args.config)
     args.height = size if args.height is None else args.height
     args.width = size if args.width is None else args.width
-    args.steps = default_steps(args.model) if args.steps is None else args.steps
-    if args.guidance_scale is None:
-        args.guidance_scale = 5.0 if args.model == "toy" else 7.5
-    for name in ("steps", "height", "width"):
-        if getattr(args, name) < 1:
-            raise BenchError(f"--{name} must be positive, got {getattr(args, name)}.")
+    family = getattr(args, "family", None)
+    args.steps = default_steps(args.model, family) if args.steps is None else args.steps
+    if args.guidance_scale is None:  # T2I-CompBench's 7.5 on the UNets; FLUX.1 3.5 and SD3 7.0, their pipelines'
+        args.guidance_scale = 5.0 if args.model == "toy" else family_guidance(family, 7.5)
+    check_steps("--steps", args.steps)
+    multiple = 16 if family is not None and family.transformer else 8  # a transformer patches the latents 2x2
+    check_image_side("--height", args.height, multiple=multiple)
+    check_image_side("--width", args.width, multiple=multiple)
+    check_guidance("--guidance-scale", args.guidance_scale)
     if args.images_per_prompt < 1:
         raise BenchError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
-    if not 0 <= args.base_seed <= 2**63 - 1:  # base + k for every image must stay a valid torch seed
-        raise BenchError(f"--base-seed must lie in 0..{2**63 - 1}, got {args.base_seed}.")
+    check_seed("--base-seed", args.base_seed)  # and base + k, the seed of every prompt's last image
+    check_seed("--base-seed + --images-per-prompt - 1", args.base_seed + args.images_per_prompt - 1)
     if args.device is not None:
         check_device(args.device)
     args.dtype = check_dtype(args.dtype, args.device or check_device(None))
@@ -403,11 +429,15 @@ def _generation_settings(args: argparse.Namespace) -> dict:
 
 def _bench_detail_config(args: argparse.Namespace) -> tuple[Any, dict | None]:
     """``(DetailConfig, its dict)`` of ``--detail-config`` over the model's recommended settings (its
-    ``detail_config.json``); ``(None, None)`` for ``--method sdxl``."""
+    ``detail_config.json``); ``(None, None)`` for ``--method sdxl``. The model is checked (:func:`check_model`)
+    before anything of it is read."""
+    from detailpp.cli.common import check_model
+
     fields = parse_detail_config(args.detail_config)
+    if args.method == "sdxl" and fields:
+        raise BenchError("--detail-config applies to --method detailpp only.")
+    args.family = check_model(args.model, args.config)  # a path naming nothing, an unrunnable family, an offline Hub
     if args.method == "sdxl":
-        if fields:
-            raise BenchError("--detail-config applies to --method detailpp only.")
         return None, None
     from detailpp.config import ConfigError
     from detailpp.models.loading import model_detail_defaults
@@ -485,6 +515,7 @@ def _score(args: argparse.Namespace) -> int:
     metric = make_metric(
         metric_name, device, args.blip_model, scb_settings, args.image_reward_model, args.image_reward_root
     )
+    args.interrupt_hint = f"the scores so far stay in {args.dir}: run the same command to resume"
     summary = run_scoring(
         args.dir, metric, shard=shard, batch_size=args.batch_size, rescore=args.rescore, progress=not args.quiet
     )

@@ -14,12 +14,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from detailpp.cli import UserError
-from detailpp.inputs import DetailInputError, check_image_side
+from detailpp.errors import DetailError
+from detailpp.images import SCHEDULERS, a1111_sampler  # noqa: F401 (the CLI's --scheduler names)
+from detailpp.inputs import check_image_side, check_seed
 
 logger = logging.getLogger(__name__)
 
-#: torch.Generator.manual_seed's range; -1 asks for a random seed (A1111's convention).
-SEED_MIN, SEED_MAX = 0, 2**64 - 1
+#: -1 asks for a random seed (A1111's convention); the range is :data:`detailpp.inputs.SEED_MAX`'s.
 RANDOM_SEED = -1
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 #: the built-in models' native size; a diffusers folder's own size is read from its config.
@@ -30,14 +31,18 @@ EMBEDDED_MODELS = ("toy", "tiny-random", "tiny-random-sd15", "tiny-random-sd21",
 
 
 def resolve_seeds(seeds: Iterable[int]) -> list[int]:
-    """The seeds to use: ``-1`` becomes a random seed (logged and recorded like a given one)."""
+    """The seeds to use: ``-1`` becomes a random seed (logged and recorded like a given one); a seed given twice
+    makes one image (the same seed makes the same image), with a notice."""
     out = []
     for seed in seeds:
         if seed == RANDOM_SEED:
             seed = secrets.randbelow(2**32)
             logger.info("--seed -1: random seed %d", seed)
-        elif not SEED_MIN <= seed <= SEED_MAX:
-            raise UserError(f"--seed must lie in 0..{SEED_MAX} (or -1 for a random seed), got {seed}.")
+        else:
+            check_seed("--seed", seed, hint=" (or -1 for a random seed)")
+        if seed in out:
+            logger.warning("--seed %d is given twice; it makes one image (the same seed makes the same image).", seed)
+            continue
         out.append(seed)
     return out
 
@@ -102,22 +107,30 @@ def check_dtype(dtype: str | None, device: str) -> str | None:
     return dtype
 
 
-def native_size(model: str) -> int:
+def native_size(model: str, config_source: str | None = None) -> int:
     """The model's native image size in pixels, read before it is loaded: its UNet's sample size times the VAE's
-    factor (a folder's files, or a Hub repo's fetched into the cache: SD 1.5 512, SD 2.1 768, SDXL 1024); 1024 when
-    they cannot be read."""
+    factor (a folder's files, or a Hub repo's fetched into the cache: SD 1.5 512, SD 2.1 768, SDXL 1024; a single
+    file: its ``config_source``'s, else its family's bundled layout's); 1024 when they cannot be read."""
     if model in BUILTIN_SIZES:
         return BUILTIN_SIZES[model]
-    folder = Path(model)
+    source = model
+    if Path(model).expanduser().is_file():  # a single file: its --config's size, else its family's layout's
+        from detailpp.models.single_file import layout_dir, read_kind
+
+        try:
+            source = config_source or str(layout_dir(read_kind(Path(model).expanduser())))
+        except DetailError:
+            return 1024
+    folder = Path(source)
     if model == "toy":
         from detailpp.models.loading import TOY_MODEL_DIR as folder
 
     def config(name: str) -> dict:
         path = folder / name / "config.json"
-        if not folder.exists() and model.count("/") == 1:  # a Hub id
+        if not folder.exists() and source.count("/") == 1:  # a Hub id
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(model, f"{name}/config.json"))
+            path = Path(hf_hub_download(source, f"{name}/config.json"))
         return json.loads(path.read_text(encoding="utf-8"))
 
     try:
@@ -127,17 +140,45 @@ def native_size(model: str) -> int:
         return 1024
 
 
-def default_steps(model: str) -> int:
-    return 20 if model in EMBEDDED_MODELS else 50
+def default_steps(model: str, family=None, pipe=None) -> int:
+    """The steps a run takes when ``--steps`` is absent: 20 on the embedded models, else the loaded pipeline's
+    default (:attr:`~detailpp.pipelines.base.DetailPipelineMixin.default_num_inference_steps`: SDXL and SD 50, FLUX.1
+    and SD3 28, FLUX.1-schnell 4), or before loading its family's (``family``, a
+    :class:`~detailpp.models.families.ModelFamily`)."""
+    if model in EMBEDDED_MODELS:
+        return 20
+    if pipe is not None and hasattr(pipe, "default_num_inference_steps"):
+        return pipe.default_num_inference_steps
+    if family is not None:
+        return _base_default(_family_base(family), "num_inference_steps", 50)
+    return 50
+
+
+def family_guidance(family, default: float) -> float:
+    """The guidance scale of a transformer family's diffusers pipeline (FLUX.1 3.5, SD3 7.0); ``default`` for the
+    UNet families (a bench keeps its own)."""
+    if family is None or not family.transformer:
+        return default
+    return float(_base_default(_family_base(family), "guidance_scale", default))
+
+
+def _family_base(family) -> type:
+    from detailpp.models.loading import pipeline_class_for
+
+    return pipeline_class_for(family).base_pipeline_class
+
+
+def _base_default(cls: type, name: str, fallback):
+    import inspect
+
+    parameter = inspect.signature(cls.__call__).parameters.get(name)
+    return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def check_size(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    try:
+    """``--height``/``--width`` (None: the model's size), by :func:`detailpp.inputs.check_image_side`."""
+    if value is not None:
         check_image_side(f"--{name}", value)
-    except DetailInputError as e:
-        raise UserError(str(e)) from None
 
 
 def check_output_dir(folder: Path) -> None:
@@ -190,20 +231,6 @@ def dtype_name(text: str) -> str:
 
 
 # --- schedulers ------------------------------------------------------------------------------------------------------
-#: --scheduler name -> (diffusers class, from_config overrides, A1111's sampler name)
-SCHEDULERS: dict[str, tuple[str, dict, str]] = {
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "dpm++-2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}, "DPM++ 2M"),
-    "dpm++-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
-    "pndm": ("PNDMScheduler", {}, "PLMS"),
-    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-}
-_A1111_NAMES = {cls: name for cls, kw, name in SCHEDULERS.values() if not kw.get("use_karras_sigmas")}
-
-
 def scheduler_name(text: str) -> str:
     """argparse type of ``--scheduler``: 'DPM++ 2M Karras', 'dpm++_2m_karras' and 'dpm++-2m-karras' are one name."""
     return re.sub(r"[\s_]+", "-", text.strip().lower()).replace("euler-ancestral", "euler-a")
@@ -217,53 +244,65 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
 
 
-def a1111_sampler(scheduler) -> str:
-    """The ``Sampler:`` name A1111 writes for a diffusers scheduler (its class name when A1111 has none)."""
-    cls_name = type(scheduler).__name__
-    name = _A1111_NAMES.get(cls_name, cls_name)
-    if cls_name == "DPMSolverMultistepScheduler" and getattr(scheduler.config, "use_karras_sigmas", False):
-        name += " Karras"
-    return name
-
-
 # --- models ----------------------------------------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def check_model(model: str) -> None:
+def check_model(model: str, config: str | None = None):
     """Refuse, before loading, a model name that names nothing, a Hub id that offline mode cannot load, or a model of
-    a family Detail++ cannot run on (its ``model_index.json``:
-    :class:`~detailpp.models.families.UnsupportedModelError`)."""
+    a family Detail++ cannot run on (its ``model_index.json``, or a single file's keys:
+    :class:`~detailpp.models.families.UnsupportedModelError`); a single file's ``--config`` too. Returns the model's
+    :class:`~detailpp.models.families.ModelFamily` (``None`` when it cannot be read before loading)."""
     from detailpp.models.families import BUILTIN_MODELS, model_family
 
-    if model in BUILTIN_MODELS:
-        return
-
     path = Path(model).expanduser()
+    if path.is_file():
+        from detailpp.models.single_file import check_config, read_kind
+
+        kind = read_kind(path)  # a pickle, another file, SD3, an inpainting model...: refused with the reason
+        if config is not None:
+            if not Path(config).expanduser().is_dir() and not looks_like_path(config):
+                _check_hub_id(config, "--config")
+            check_config(str(Path(config).expanduser()) if Path(config).expanduser().is_dir() else config, kind)
+        return kind.family
+    if config is not None:
+        raise UserError(f"--config applies to a .safetensors --model only; {model!r} is not a file.")
+    if model in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model]
     if not path.exists():
         _check_model_name(model)
-    model_family(path if path.exists() else model)
+    return model_family(path if path.exists() else model)
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (a Hub id is ``owner/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
 
 
 def _check_model_name(model: str) -> None:
-    if model.startswith((".", "/", "~")) or model.count("/") != 1 or model.endswith((".safetensors", ".ckpt")):
+    from detailpp.models.single_file import looks_like_single_file
+
+    if looks_like_path(model) or looks_like_single_file(model):
         raise UserError(
             f"--model {model!r}: no such folder or file, and no Hub id of the form 'owner/name'; give a local SDXL "
             "folder or .safetensors file, a Hub id, or --model toy (the embedded model)."
         )
-    if _offline():
-        from huggingface_hub import try_to_load_from_cache
+    _check_hub_id(model, "--model")
 
-        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
-            raise UserError(
-                f"--model {model}: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; unset "
-                "HF_HUB_OFFLINE to download it, give a local SDXL folder or .safetensors file, or use --model toy."
-            )
+
+def _check_hub_id(name: str, flag: str) -> None:
+    """A Hub id: reachable (one quick request, not a minute of retries), or in the cache when offline."""
+    from detailpp.hub import check_hub_reachable, hub_offline
+
+    if not hub_offline():
+        check_hub_reachable(name, flag)
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+        raise UserError(
+            f"{flag} {name}: not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; unset "
+            "HF_HUB_OFFLINE to download it, give a local SDXL folder or .safetensors file, or use --model toy."
+        )
 
 
 # --- ControlNet ------------------------------------------------------------------------------------------------------
@@ -276,6 +315,9 @@ def check_controlnet_source(source: str, flag: str = "--controlnet") -> None:
             f"{flag} {source!r}: no such folder and no Hub id of the form 'owner/name' (e.g. "
             "diffusers/controlnet-canny-sdxl-1.0); or use tiny-random to check the set-up."
         )
+    from detailpp.hub import check_hub_reachable
+
+    check_hub_reachable(source, flag, "config.json")
 
 
 def check_control_image(path: Path, flag: str = "--control-image") -> tuple[int, int]:

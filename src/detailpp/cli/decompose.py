@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from detailpp.cli import UserError
 from detailpp.cli.flags import add_planner_flags, planner_from_args
 from detailpp.plan import GRANULARITIES, DecompositionPlan
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,18 +92,48 @@ def _table(plan: DecompositionPlan) -> str:
     return "\n".join(lines)
 
 
-def _read_prompts(path: str) -> list[str]:
-    from detailpp.resources import read_prompt_file
-
-    if path == "-":
-        text = sys.stdin.read()
-        return [line.strip() for line in text.replace("\r", "").split("\n") if line.strip()]
+def _read_lines(path: str) -> list[tuple[int, str]]:
+    """``(line number, prompt)`` of every line of the file ('-': standard input) that holds text; the blank lines
+    skipped are logged by number."""
     try:
-        return read_prompt_file(path)
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise UserError(f"no such prompt file: {path!r}") from e
     except UnicodeDecodeError as e:
         raise UserError(f"the prompt file {path!r} is not UTF-8 text ({e.reason})") from e
+    lines = list(enumerate(text.replace("\r", "").split("\n"), start=1))
+    if lines and not lines[-1][1]:
+        lines.pop()  # the newline that ends the file
+    blank = [n for n, line in lines if not line.strip()]
+    if blank:
+        logger.info("skipped %d blank line(s): line %s", len(blank), ", ".join(map(str, blank)))
+    return [(n, line.strip()) for n, line in lines if line.strip()]
+
+
+def _decompose_file(args: argparse.Namespace, out: TextIO) -> int:
+    """Every line's plan as JSON Lines (with --compare: ``{"spacy": ..., "llm": ...}``); a line that cannot be
+    decomposed is reported by its line number, the others are printed; exit code 2 when any failed."""
+    from detailpp.parsing.planner import SpacyPlanner, plan_each
+
+    lines = _read_lines(args.file)
+    if not lines:
+        raise UserError(f"the prompt file {args.file!r} has no prompts (one prompt a line)")
+    prompts = [text for _, text in lines]
+    results = plan_each(prompts, planner_from_args(args), args.granularity, concurrency=args.concurrency)
+    spacy = plan_each(prompts, SpacyPlanner(), args.granularity) if args.compare else None
+    failed = 0
+    for n, ((number, _), result) in enumerate(zip(lines, results, strict=True)):
+        if isinstance(result, Exception):
+            failed += 1
+            print(f"detailpp decompose: line {number}: {result}", file=sys.stderr)
+        elif spacy is not None:  # a notice is logged as a warning (standard error)
+            left = spacy[n].to_dict() if not isinstance(spacy[n], Exception) else {"error": str(spacy[n])}
+            print(json.dumps({"spacy": left, "llm": result.to_dict()}, ensure_ascii=False), file=out)
+        else:
+            print(result.to_json(ensure_ascii=False), file=out)
+    if failed:
+        raise UserError(f"{failed} of {len(lines)} line(s) of {args.file} could not be decomposed (above)")
+    return 0
 
 
 def _compare_table(spacy: DecompositionPlan, llm: DecompositionPlan, model: str) -> str:
@@ -141,22 +175,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.concurrency < 1:
         raise UserError(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.file is not None:
-        prompts = _read_prompts(args.file)
-        if not prompts:
-            raise UserError(f"the prompt file {args.file!r} has no prompts (one prompt a line)")
-    elif args.prompt is None:
+        return _decompose_file(args, out)
+    if args.prompt is None:
         raise UserError('give a prompt, e.g. detailpp decompose "a red car and a blue bench", or --file PROMPTS.txt')
-    else:
-        prompts = [args.prompt]
-    planner = planner_from_args(args)
-    plans = plan_prompts(prompts, planner, args.granularity, concurrency=args.concurrency)
-    spacy = plan_prompts(prompts, SpacyPlanner(), args.granularity) if args.compare else None
-    if args.file is not None:
-        for n, plan in enumerate(plans):  # a notice is logged as a warning (standard error)
-            line = {"spacy": spacy[n].to_dict(), "llm": plan.to_dict()} if spacy else plan.to_dict()
-            print(json.dumps(line, ensure_ascii=False), file=out)
-        return 0
-    (plan,) = plans
+    (plan,) = plan_prompts([args.prompt], planner_from_args(args), args.granularity)
+    spacy = plan_prompts([args.prompt], SpacyPlanner(), args.granularity) if args.compare else None
     if spacy and args.json:
         print(json.dumps({"spacy": spacy[0].to_dict(), "llm": plan.to_dict()}, ensure_ascii=False, indent=2), file=out)
     elif spacy:

@@ -19,6 +19,7 @@ import socket
 
 from detailpp.cli import UserError, add_deprecated_alias
 from detailpp.cli.common import (
+    BUILTIN_SIZES,
     check_controlnet_source,
     check_device,
     check_dtype,
@@ -26,6 +27,8 @@ from detailpp.cli.common import (
     check_size,
 )
 from detailpp.cli.flags import add_device_flags, add_model_flag, add_planner_flags, add_size_flags, planner_from_args
+from detailpp.errors import operation
+from detailpp.inputs import check_image_side
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +100,21 @@ def run(args: argparse.Namespace) -> int:
     from detailpp.models.loading import load_pipeline
 
     model = args.model or default_model()
-    check_model(model)
+    family = check_model(model, args.config)
+    if family is not None and family.transformer:
+        if args.controlnet is not None:
+            raise UserError(f"--controlnet: Detail++ runs ControlNet with SDXL only, not with {family.label}.")
+        for name in ("width", "height"):  # a transformer patches the latents 2x2
+            if getattr(args, name) is not None:
+                check_image_side(f"--{name}", getattr(args, name), f" for {family.label}", multiple=16)
+    if model in BUILTIN_SIZES:  # the page opens at a built-in's native size
+        args.width, args.height = args.width or BUILTIN_SIZES[model], args.height or BUILTIN_SIZES[model]
     if model.startswith("tiny-random"):
         logger.warning("Model %r has random weights: its images are noise (it checks the set-up only).", model)
     if args.host not in LOCAL_HOSTS:
         logger.warning("Listening on %s: anyone who can reach this address can use the demo and its GPU.", args.host)
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    with operation(f"loading the model {model!r}"):
+        pipe = load_pipeline(model, device=device, dtype=dtype, config=args.config)
     if args.controlnet is not None:
         from detailpp.pipelines.sdxl_controlnet import with_controlnets
 

@@ -14,13 +14,22 @@ from detailpp.models.families import builtin_models_help
 
 
 def add_model_flag(p: argparse.ArgumentParser, default: str | None, default_text: str) -> None:
-    """``--model``: a Hub id, a local folder or single file, or a built-in model (every one of them listed)."""
+    """``--model``: a Hub id, a local folder or single file, or a built-in model (every one of them listed); and
+    ``--config``, a single file's configuration."""
     p.add_argument(
         "--model",
         default=default,
         metavar="ID|PATH|NAME",
-        help="a Hub id or local diffusers folder (SDXL or SD 1.x/2.x, told apart by its model_index.json), an SDXL "
-        f".safetensors file, or a built-in model: {builtin_models_help()} (default: {default_text})",
+        help="a Hub id or local diffusers folder (SDXL or SD 1.x/2.x, told apart by its model_index.json), a "
+        ".safetensors single file in the original layout (SDXL, SD 1.x or 2.x, told apart by its keys; loaded "
+        f"offline), or a built-in model: {builtin_models_help()} (default: {default_text})",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="DIR|ID",
+        help="with a .safetensors --model: the diffusers folder or Hub id whose configuration it is loaded with "
+        "(default: the package's SDXL base, SD 1.5 or SD 2.1 configuration, by the file's family)",
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from detailpp.atomic import atomic_write_text
 from detailpp.cli import UserError
 from detailpp.cli.common import (
+    BUILTIN_SIZES,
     SCHEDULERS,
     a1111_sampler,
     check_controlnet_args,
@@ -50,10 +51,12 @@ from detailpp.cli.flags import (
     planner_from_args,
 )
 from detailpp.config import PRESETS, DetailConfig
+from detailpp.errors import operation
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
+from detailpp.inputs import check_guidance, check_image_side, check_prompt_window, check_scheduler_steps, check_steps
 from detailpp.models.lora import LoraError, apply_loras, check_peft, parse_lora
 from detailpp.parsing.plan_cache import CACHE_FILE
-from detailpp.plan import GRANULARITIES, DecompositionPlan, PlanError, check_prompt_text, load_plan
+from detailpp.plan import GRANULARITIES, DecompositionPlan, PlanError, check_prompt_text, load_plan, retokenized
 
 logger = logging.getLogger(__name__)
 
@@ -171,19 +174,11 @@ def flag_fields(args: argparse.Namespace) -> dict:
 
 
 def check_token_window(text: str, what: str) -> None:
-    """Refuse a prompt longer than CLIP's window (SDXL's text encoders would silently drop its end)."""
-    from detailpp.plan import CLIP_MAX_TOKENS
+    """The window rule (:func:`detailpp.inputs.check_prompt_window`) with SDXL's packaged CLIP tokenizer, before the
+    model loads."""
     from detailpp.resources import load_clip_tokenizer
 
-    tokenizer = load_clip_tokenizer()
-    ids = tokenizer(text, truncation=False, verbose=False).input_ids[1:-1]
-    window = CLIP_MAX_TOKENS - 2
-    if len(ids) > window:
-        dropped = tokenizer.decode(ids[window : window + 6]).strip()
-        raise UserError(
-            f"The {what} is {len(ids)} CLIP tokens long; SDXL's text encoders read only the first {window} "
-            f"(about 50 words): everything from {dropped!r}... would be ignored. Shorten it."
-        )
+    check_prompt_window(text, what, load_clip_tokenizer())
 
 
 def check_args(args: argparse.Namespace) -> DetailConfig:
@@ -197,10 +192,10 @@ def check_args(args: argparse.Namespace) -> DetailConfig:
             raise UserError(str(e)) from None
     for name in ("height", "width"):
         check_size(name, getattr(args, name))
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}.")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise UserError(f"--guidance-scale must be at least 0, got {args.guidance_scale}.")
+    if args.steps is not None:
+        check_steps("--steps", args.steps)
+    if args.guidance_scale is not None:
+        check_guidance("--guidance-scale", args.guidance_scale)
     args.seed = resolve_seeds(args.seed)
     check_controlnet_args(args)
     try:
@@ -222,28 +217,58 @@ def make_config(args: argparse.Namespace, model_fields: dict | None = None) -> D
         raise UserError(str(e).replace("mask_threshold (tau)", "--tau").replace("share_steps", "--share-steps")) from e
 
 
-def early_plan(args: argparse.Namespace, config: DetailConfig, planner: Any = None) -> DecompositionPlan:
+def early_plan(
+    args: argparse.Namespace, config: DetailConfig, planner: Any = None, family: Any = None
+) -> DecompositionPlan:
     """The plan (given, or parsed by ``planner``), validated with SDXL's packaged CLIP tokenizer before the model is
-    loaded (the LLM planner asks its server here: a server that cannot be used fails before the load)."""
+    loaded (the LLM planner asks its server here: a server that cannot be used fails before the load).
+
+    FLUX.1 counts its subjects in T5 tokens and reads 512 of them: its window and a given plan's token indices are
+    checked once the model (and its T5 tokenizer) is loaded; here the plan's structure is.
+    """
+    from dataclasses import replace
+
     from detailpp.plan import validate_plan
     from detailpp.resources import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
+    clip_window = family is None or family.name != "flux"
     if args.plan is not None:
         plan = load_plan(args.plan)
     else:
         from detailpp.parsing.planner import plan_prompt
 
-        check_token_window(args.prompt, "prompt")
+        if clip_window:
+            check_token_window(args.prompt, "prompt")
         plan = plan_prompt(args.prompt, planner, config.granularity, tokenizer)
+    if not clip_window:  # the structure only: the indices are T5's (checked after loading)
+        stripped = replace(plan, branches=tuple(replace(b, subject_token_indices=()) for b in plan.branches))
+        validate_plan(stripped, tokenizer, args.prompt)
+        return plan
     plan = validate_plan(plan, tokenizer, args.prompt)
-    for text, what in [(plan.prompt, "prompt"), (plan.base, "base prompt")] + [
-        (b.prompt, f"sub-prompt of {b.subject!r}") for b in plan.branches
-    ]:
-        check_token_window(text, what)
-    if args.negative_prompt:
-        check_token_window(args.negative_prompt, "negative prompt")
+    for text, what in plan.texts_to_encode(args.negative_prompt):
+        check_prompt_window(text, what, tokenizer)
     return plan
+
+
+def check_family_args(args: argparse.Namespace, family: Any) -> None:
+    """What a transformer family (FLUX.1, SD3) cannot take, refused before loading."""
+    if family is None or not family.transformer:
+        return
+    for name in ("height", "width"):  # a transformer patches the latents 2x2: sides in multiples of 16
+        if getattr(args, name) is not None:
+            check_image_side(f"--{name}", getattr(args, name), f" for {family.label}", multiple=16)
+    if args.scheduler is not None:
+        raise UserError(
+            f"--scheduler {args.scheduler}: {family.label} samples with its own flow-matching scheduler "
+            "(FlowMatchEulerDiscreteScheduler); the UNet schedulers of --scheduler do not apply to it. Leave "
+            "--scheduler out."
+        )
+    if args.controlnet:
+        raise UserError(
+            f"--controlnet: Detail++ runs ControlNet with Stable Diffusion XL only, not with {family.label}; leave "
+            "--controlnet out or use an SDXL model."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -260,7 +285,10 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     config = check_args(args)
     model = args.model or default_model()
-    check_model(model)
+    family = check_model(model, args.config)
+    check_family_args(args, family)
+    if model in BUILTIN_SIZES and not args.controlnet:  # a built-in's native size (else: the control image's)
+        args.height, args.width = args.height or BUILTIN_SIZES[model], args.width or BUILTIN_SIZES[model]
     device = check_device(args.device)
     dtype = check_dtype(args.dtype, device)
     if model in ("toy",) or Path(model).is_dir():  # the model's recommended settings, readable before loading
@@ -270,28 +298,57 @@ def _run(args: argparse.Namespace) -> int:
     if args.plan is not None and args.planner != "spacy":
         raise UserError("--plan gives the plan itself; --planner parses a prompt: give one of them.")
     planner = planner_from_args(args, cache=args.output_dir / CACHE_FILE if args.planner == "llm" else None)
-    plan = early_plan(args, config, planner)
-    pipe, load_seconds = load(args, model, device, dtype)
+    with operation("parsing the prompt"):
+        plan = early_plan(args, config, planner, family)
+    if args.plan is not None and args.granularity not in (None, plan.granularity):
+        logger.warning(
+            "--granularity %s is ignored with --plan: the plan's own granularity (%s) is used.",
+            args.granularity,
+            plan.granularity,
+        )
+    with operation(f"loading the model {model!r}"):
+        pipe, load_seconds = load(args, model, device, dtype)
     config = make_config(args, dict(pipe.detail_defaults))
     if args.compile:
         pipe.compile_detail()
         logger.info(
-            "The first image compiles the UNet's blocks (BENCHMARKS.md has the time); the later ones reuse them."
+            "The first image compiles the denoiser's blocks (BENCHMARKS.md has the time); the later ones reuse them."
         )
     prompt = plan.prompt
     if args.plan is None and plan.granularity != config.granularity:  # the Hub model recommends another granularity
         plan = None
+    elif args.plan is None:  # parsed with the packaged CLIP tokenizer: the model's own counts the subjects' tokens
+        from detailpp.resources import load_clip_tokenizer
+
+        plan = retokenized(plan, load_clip_tokenizer(), pipe.plan_tokenizer)
     # Validate the plan against the model's own tokenizer, once for every seed.
     plan = pipe.prepare_plan(prompt, plan, config, planner)
+    if args.plan is not None:  # a given plan was split its own way: the settings record what ran
+        config = config.replace(granularity=plan.granularity)
     if not plan.branches:
         logger.info(
             "No detail branch for %r: the image is plain %s sampling.", prompt, pipe.base_pipeline_class.__name__
         )
+    args.steps = args.steps or default_steps(model, family, pipe)
+    check_scheduler_steps(pipe.scheduler, args.steps, "--steps")  # before the first image
     call = call_arguments(args, model, config, plan, default_guidance(pipe))
     call["planner"] = planner  # recorded with each image; the plan is given, so the call parses nothing
-    for seed in args.seed:
-        generate_one(args, pipe, call, seed, load_seconds)
+    for k, seed in enumerate(args.seed):
+        args.interrupt_hint = interrupt_hint(args.seed, k, args.output_dir)
+        with operation(f"generating the image of seed {seed}"):
+            generate_one(args, pipe, call, seed, load_seconds)
+    args.interrupt_hint = None
     return 0
+
+
+def interrupt_hint(seeds: list[int], k: int, folder: Path) -> str:
+    """What an interrupt during seed ``seeds[k]`` leaves: the seeds done, those missing, how to make them."""
+    done, missing = seeds[:k], seeds[k:]
+    made = f"the images of seed(s) {', '.join(map(str, done))} are in {folder}; " if done else ""
+    return (
+        f"{made}seed(s) {', '.join(map(str, missing))} made no image: run the same command with --seed "
+        f"{' '.join(map(str, missing))} to make them"
+    )
 
 
 def load(args: argparse.Namespace, model: str, device: str, dtype: str | None):
@@ -303,7 +360,7 @@ def load(args: argparse.Namespace, model: str, device: str, dtype: str | None):
     if args.quiet:
         quiet_loading()
     started = time.perf_counter()
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    pipe = load_pipeline(model, device=device, dtype=dtype, config=args.config)
     if args.controlnet:
         from detailpp.pipelines.sdxl_controlnet import with_controlnets
 
@@ -335,8 +392,17 @@ def control_arguments(args: argparse.Namespace) -> dict:
     }
 
 
+def pipeline_family(pipe) -> str:
+    """The family a pipeline runs (``"sdxl"``, ``"sd"``, ``"flux"``, ``"sd3"``), recorded with every image."""
+    from detailpp.models.families import family_of_class
+
+    return family_of_class(type(pipe).__name__).name
+
+
 def default_guidance(pipe) -> float:
-    """The default guidance scale of the pipeline's diffusers base (SDXL 5.0, SD 1.x/2.x 7.5)."""
+    """The default guidance scale of the pipeline's diffusers base (SDXL 5.0, SD 1.x/2.x 7.5, FLUX.1 3.5, SD3 7.0)."""
+    if hasattr(pipe, "default_guidance_scale"):
+        return pipe.default_guidance_scale
     base = getattr(pipe, "base_pipeline_class", type(pipe))
     return float(inspect.signature(base.__call__).parameters["guidance_scale"].default)
 
@@ -426,7 +492,8 @@ def image_settings(args: argparse.Namespace, pipe, call: dict, seed: int, image)
         "height": image.height,
         "scheduler": type(pipe.scheduler).__name__,
         "sampler": a1111_sampler(pipe.scheduler),
-        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "family": pipeline_family(pipe),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
         "compiled": args.compile,
         "eager_nursing": args.eager_nursing,
         "detail_config": config.to_dict(),
@@ -450,6 +517,7 @@ def a1111_params(args: argparse.Namespace, pipe, call: dict, seed: int, image) -
         "Detail++ nursing": config.nursing,
         "Detail++ preset": config.preset_name,
         "Detail++ branches": len(plan.branches),
+        "Detail++ family": pipeline_family(pipe),
     }
     for i, net in enumerate(controlnet_settings(args) if args.controlnet else []):
         extra[f"ControlNet {i}"] = (

@@ -38,6 +38,7 @@ from detailpp.demo.session import (
     check_settings,
     plan_to_rows,
 )
+from detailpp.inputs import MAX_STEPS
 from detailpp.plan import GRANULARITIES
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class PageStart:
     table_prompt: str | None
     controlnet: bool
     planners: tuple[str, ...] = ("spacy",)
+    guidance: float = 5.0
+    base: str = "SDXL"
 
 
 def page_start(
@@ -106,6 +109,8 @@ def page_start(
         table_prompt=table_prompt,
         controlnet=session.has_controlnet if controlnet is None else controlnet,
         planners=tuple(session.planners),
+        guidance=session.default_guidance(),
+        base=session.base_label,
     )
 
 
@@ -246,8 +251,9 @@ def settings_controls(gr: Any, start: PageStart) -> dict[str, Any]:
     config, c = start.config, {}
     with gr.Row():
         c["seed"] = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="detailpp-seed")
-        c["steps"] = gr.Slider(1, 100, value=start.steps, step=1, label="Steps", elem_id="detailpp-steps")
-        c["guidance"] = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance", elem_id="detailpp-guidance")
+        c["steps"] = gr.Slider(1, MAX_STEPS, value=start.steps, step=1, label="Steps", elem_id="detailpp-steps")
+        guidance = gr.Slider(0, 15, value=start.guidance, step=0.5, label="Guidance", elem_id="detailpp-guidance")
+        c["guidance"] = guidance
     with gr.Row():
         c["tau"] = gr.Slider(  # (a recommended tau outside the usual range widens it)
             min(0.05, config.mask_threshold),
@@ -264,7 +270,7 @@ def settings_controls(gr: Any, start: PageStart) -> dict[str, Any]:
     with gr.Row():
         c["width"] = gr.Number(value=start.width, precision=0, step=8, label="Width", elem_id="detailpp-width")
         c["height"] = gr.Number(value=start.height, precision=0, step=8, label="Height", elem_id="detailpp-height")
-        c["compare"] = gr.Checkbox(value=True, label="Also plain SDXL, same seed", elem_id="detailpp-compare")
+        c["compare"] = gr.Checkbox(value=True, label=f"Also plain {start.base}, same seed", elem_id="detailpp-compare")
         c["preset"] = gr.Radio(
             list(PRESETS),
             value="detailpp",
@@ -282,14 +288,15 @@ def settings_controls(gr: Any, start: PageStart) -> dict[str, Any]:
     return c
 
 
-def output_column(gr: Any) -> dict[str, Any]:
-    """The results: Detail++ and plain SDXL, the branches, the masks, the plan as JSON."""
+def output_column(gr: Any, base: str = "SDXL") -> dict[str, Any]:
+    """The results: Detail++ and the plain base model (``base``: "SDXL", "FLUX.1"...), the branches, the masks, the
+    plan as JSON."""
     c: dict[str, Any] = {}
     shown = {"type": "pil", "format": "png", "height": 300, "interactive": False}
     shown["buttons"] = ["download", "fullscreen"]  # no "share": it uploads to Hugging Face
     with gr.Row():
         c["image"] = gr.Image(label="Detail++", **shown, elem_id="detailpp-image")
-        c["plain"] = gr.Image(label="plain SDXL, same seed", **shown, elem_id="detailpp-plain")
+        c["plain"] = gr.Image(label=f"plain {base}, same seed", **shown, elem_id="detailpp-plain")
     gallery = {"columns": 4, "height": "auto", "fit_columns": False, "object_fit": "contain", "format": "png"}
     gallery["buttons"] = ["download", "download_all", "fullscreen"]
     c["branches"] = gr.Gallery(label="Branches p0, p1, p2..pn", **gallery, elem_id="detailpp-branches")
@@ -299,15 +306,15 @@ def output_column(gr: Any) -> dict[str, Any]:
     return c
 
 
-def intro(gr: Any, session: DemoSession, controlnet: bool) -> None:
+def intro(gr: Any, session: DemoSession, controlnet: bool, base: str = "SDXL") -> None:
     """The page's heading and what it does."""
     model_note = f"Model: `{session.model_name}`."
-    if session.model_name == "tiny-random":
+    if session.model_name.startswith("tiny-random"):
         model_note += " Its weights are random, so its images are noise: it shows the plumbing only."
     if controlnet:
         model_note += " A ControlNet is loaded: upload a control image; it guides every branch."
     gr.Markdown(
-        "# Detail++ for SDXL\n"
+        f"# Detail++ for {base}\n"
         "The prompt is split into a base prompt and one sub-prompt per subject; every branch is denoised in one "
         "batch sharing the full prompt's layout, and each branch may change the image only inside its subject's "
         f"mask. Edit the plan below to correct the parse. {model_note}",
@@ -383,7 +390,7 @@ def build_demo(
     # Result images are files in Gradio's cache: those older than a day go, checked every hour.
     with gr.Blocks(title="Detail++ demo", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         demo.detailpp_theme = theme  # picked up by launch(); Gradio 6 takes theme and css there
-        intro(gr, session, start.controlnet)
+        intro(gr, session, start.controlnet, start.base)
         table_prompt = gr.State(start.table_prompt)
         with gr.Row():
             with gr.Column(scale=5):
@@ -392,7 +399,7 @@ def build_demo(
                 c["error"] = gr.HTML(visible=False, elem_id="detailpp-error")
                 c["status"] = gr.Markdown(elem_id="detailpp-status")
             with gr.Column(scale=6):
-                c |= output_column(gr)
+                c |= output_column(gr, start.base)
         gr.Examples(examples, inputs=[c["prompt"]], label="Example prompts")
         wire(session, gr, c, table_prompt)
     demo.queue(default_concurrency_limit=1, max_size=max_queue_size)
@@ -400,9 +407,11 @@ def build_demo(
 
 
 def launch_kwargs(demo: Any) -> dict[str, Any]:
-    """Offline, local-only launch settings: no share link, no server-side rendering, no MCP server."""
+    """Offline, local-only launch settings: no share link, no server-side rendering, no MCP server, and none of
+    Gradio's printed notices (the command logs the address; the share-link hint would point at a link it refuses)."""
     return {
         "share": False,
+        "quiet": True,
         "ssr_mode": False,
         "mcp_server": False,
         "show_error": False,

@@ -8,6 +8,7 @@ once, runs one generation at a time and returns everything the page shows (:clas
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -20,8 +21,24 @@ import torch
 from detailpp.config import DetailConfig
 from detailpp.errors import DetailError
 from detailpp.images import mask_overlay
-from detailpp.inputs import DetailInputError, check_image_side
-from detailpp.plan import GRANULARITIES, Branch, DecompositionPlan, PlanError, check_prompt_text, find_subject_span
+from detailpp.inputs import (
+    DetailInputError,
+    check_guidance,
+    check_image_side,
+    check_prompt_window,
+    check_scheduler_steps,
+    check_seed,
+    check_steps,
+)
+from detailpp.plan import (
+    GRANULARITIES,
+    Branch,
+    DecompositionPlan,
+    PlanError,
+    check_prompt_text,
+    find_subject_span,
+    plan_rewrites,
+)
 
 # Gradio phones home for analytics and a version check unless told not to; the demo must work offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -42,8 +59,6 @@ TOY_EXAMPLE_PROMPTS = [
     "a dotted yellow star and a green heart",
     "a purple triangle, a white cross and an orange circle",
 ]
-MAX_SIDE = 4096
-MAX_STEPS = 200
 #: one generation at a time in this process, whichever page, tab or Blocks asked for it.
 GENERATION_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()
@@ -54,6 +69,10 @@ class DemoInputError(DetailError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- the table
+
+
+#: The short name of each family's plain model, as the page labels the comparison.
+BASE_LABELS = {"sdxl": "SDXL", "sd": "SD", "flux": "FLUX.1", "sd3": "SD3"}
 
 
 def plan_to_rows(plan: DecompositionPlan) -> list[list[str]]:
@@ -92,8 +111,9 @@ def _filled(row: list[str]) -> bool:
 def rows_to_plan(prompt: str, rows: Any, granularity: str = "subject") -> DecompositionPlan:
     """The plan the table describes for ``prompt``; :class:`DemoInputError` names the row and the fix.
 
-    Exactly one row has the role ``base``; every other non-empty row is a detail branch and needs a prompt and a
-    subject that is written in ``prompt``. Token indices are left to :func:`detailpp.plan.validate_plan`.
+    Exactly one row has the role ``base``; every other non-empty row is a detail branch (role ``branch``, or empty;
+    any other role is refused) and needs a prompt and a subject that is written in ``prompt``. Token indices are left
+    to :func:`detailpp.plan.validate_plan`.
     """
     prompt = check_prompt(prompt)
     table = normalize_rows(rows)
@@ -110,8 +130,13 @@ def rows_to_plan(prompt: str, rows: Any, granularity: str = "subject") -> Decomp
     branches = []
     others = ((i, r) for i, r in enumerate(table) if i != bases[0] and _filled(r))
     for n, (i, row) in enumerate(others, start=2):
-        _, sub_prompt, subject = row
+        role, sub_prompt, subject = row
         where = f"Row {i + 1} (branch p{n})"
+        if role.lower() not in ("branch", ""):
+            raise DemoInputError(
+                f"Row {i + 1} has the role {role!r}; a row's role is 'base' (one row) or 'branch' (or empty, for a "
+                "branch)."
+            )
         if not sub_prompt:
             raise DemoInputError(f"{where} has no prompt; write the base prompt plus this subject's details.")
         if not subject:
@@ -140,13 +165,24 @@ def check_prompt(prompt: Any) -> str:
 def _as_int(name: str, value: Any) -> int:
     if value is None or value == "":
         raise DemoInputError(f"{name} is empty; give a number.")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # (exact: a float would round the seeds near 2^64)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise DemoInputError(f"{name} must be a number, got {value!r}.") from None
-    if number != int(number):
+    if not math.isfinite(number) or number != int(number):
         raise DemoInputError(f"{name} must be a whole number, got {value!r}.")
     return int(number)
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"{name} must be a number, got {value!r}.") from None
 
 
 @dataclass(frozen=True)
@@ -179,28 +215,16 @@ def check_settings(
     ``preset``: ``"detailpp"`` (our defaults) or ``"authors"`` (the authors' code, see
     :meth:`DetailConfig.authors_preset`).
     """
-    seed_value = _as_int("The seed", seed)
-    if not 0 <= seed_value < 2**63:
-        raise DemoInputError(f"The seed must lie in [0, 2^63), got {seed_value}.")
-    steps_value = _as_int("Steps", steps)
-    if not 1 <= steps_value <= MAX_STEPS:
-        raise DemoInputError(f"Steps must lie in [1, {MAX_STEPS}], got {steps_value}.")
-    sizes = {}
-    for name, value in (("Height", height), ("Width", width)):
-        side = _as_int(name, value)
-        try:
-            check_image_side(name, side, hint=" (e.g. 512, 768, 1024)")
-        except DetailInputError as e:
-            raise DemoInputError(str(e)) from None
-        if side > MAX_SIDE:
-            raise DemoInputError(f"{name} must be at most {MAX_SIDE} pixels, got {side}.")
-        sizes[name] = side
-    try:
-        guidance = float(guidance_scale)
-    except (TypeError, ValueError):
-        raise DemoInputError(f"The guidance scale must be a number, got {guidance_scale!r}.") from None
-    if guidance < 0:
-        raise DemoInputError(f"The guidance scale must be >= 0, got {guidance}.")
+    try:  # the rules of detailpp.inputs, as the CLI and the Python API word them (with the page's names)
+        seed_value = check_seed("The seed", _as_int("The seed", seed))
+        steps_value = check_steps("Steps", _as_int("Steps", steps))
+        sizes = {
+            name: check_image_side(name, _as_int(name, value), hint=" (e.g. 512, 768, 1024)")
+            for name, value in (("Height", height), ("Width", width))
+        }
+        guidance = check_guidance("The guidance scale", _as_float("The guidance scale", guidance_scale))
+    except DetailInputError as e:
+        raise DemoInputError(str(e)) from None
     if granularity not in GRANULARITIES:
         raise DemoInputError(f"Granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     try:
@@ -270,14 +294,15 @@ class DemoSession:
     """
 
     def __init__(self, pipe_or_loader: Any, model_name: str | None = None, planner: Any = None) -> None:
-        if callable(pipe_or_loader) and not hasattr(pipe_or_loader, "unet"):
+        is_pipe = hasattr(pipe_or_loader, "unet") or hasattr(pipe_or_loader, "transformer")
+        if callable(pipe_or_loader) and not is_pipe:
             self._loader: Callable[[], Any] | None = pipe_or_loader
             self._pipe = None
         else:
             self._loader, self._pipe = None, pipe_or_loader
         self.model = model_name
         self.model_name = model_name or "a custom pipeline"
-        self.embedded = model_name in ("toy", "tiny-random")
+        self.embedded = model_name == "toy" or (model_name or "").startswith("tiny-random")
         self.planner = None if planner is None or getattr(planner, "name", planner) == "spacy" else planner
 
     @property
@@ -312,7 +337,30 @@ class DemoSession:
         return int(self._pipe.default_sample_size * self._pipe.vae_scale_factor)
 
     def default_steps(self) -> int:
-        return 30 if self.embedded else 50
+        """30 on the embedded models, else the loaded pipeline's default (SDXL 50, FLUX.1-dev and SD3 28,
+        FLUX.1-schnell 4), 50 before it is loaded."""
+        if self.embedded:
+            return 30
+        steps = getattr(self._pipe, "default_num_inference_steps", None)
+        return int(steps) if steps is not None else 50
+
+    def default_guidance(self) -> float:
+        """The loaded pipeline's default guidance scale (SDXL 5.0, SD 7.5, FLUX.1 3.5, SD3 7.0), 5.0 before."""
+        guidance = getattr(self._pipe, "default_guidance_scale", None)
+        return float(guidance) if guidance is not None else 5.0
+
+    @property
+    def base_label(self) -> str:
+        """The plain model the page compares with: "SDXL", "SD", "FLUX.1", "SD3" (SDXL before it is loaded)."""
+        from detailpp.models.families import UnsupportedModelError, family_of_class
+
+        if self._pipe is None:
+            return "SDXL"
+        try:
+            family = family_of_class(type(self._pipe).__name__)
+        except UnsupportedModelError:
+            return "SDXL"
+        return BASE_LABELS.get(family.name, "SDXL")
 
     def initial_config(self) -> DetailConfig:
         """The settings the page's controls start at: the model's recommended ones over DetailConfig's defaults.
@@ -411,6 +459,7 @@ class DemoSession:
                 # the demo's fields over the model's recommended settings (the toy model's nursing step size)
                 config = pipe.make_detail_config(settings.config.preset_name, **_demo_fields(settings.config))
                 plan = pipe.prepare_plan(plan.prompt, plan, config)
+                check_plan_texts(pipe, plan, negative_prompt, settings.steps)
             except (DetailError, ValueError) as e:
                 raise DemoInputError(str(e)) from e
             started = time.perf_counter()
@@ -431,12 +480,14 @@ class DemoSession:
                 plain = pipe.plain_pipeline()(
                     prompt=plan.prompt,
                     generator=torch.Generator(device="cpu").manual_seed(settings.seed),
-                    callback_on_step_end=callback("plain SDXL", settings.steps),
+                    callback_on_step_end=callback(f"plain {self.base_label}", settings.steps),
                     **common,
                 ).images[0]
             seconds = time.perf_counter() - started
         logger.info("generated %r (seed %d) in %.1f s", plan.prompt, settings.seed, seconds)
-        return self.result(out, plain, plan, config, settings, note, seconds)
+        stamp_parameters(out.images[0], plain, pipe, plan, config, settings, negative_prompt, self.model_name)
+        notes = [n for n in [note, *plan_rewrites(plan)] if n]  # a hand-edited branch that rewrites the prompt
+        return self.result(out, plain, plan, config, settings, "; ".join(notes) or None, seconds)
 
     def result(
         self,
@@ -462,6 +513,48 @@ class DemoSession:
         if self.model_name.startswith("tiny-random"):
             notes.append(f"{self.model_name} has random weights: its images are noise")
         return DemoResult(image, plain, branches, masks, plan, seconds, notes)
+
+
+def stamp_parameters(
+    image: Any,
+    plain: Any | None,
+    pipe: Any,
+    plan: DecompositionPlan,
+    config: DetailConfig,
+    settings: Settings,
+    negative_prompt: str | None,
+    model: str,
+) -> None:
+    """The generation parameters in the images' PNG text chunks, as ``detailpp generate`` writes them (A1111's
+    ``parameters``, the settings and plan as JSON in ``detailpp``): an image downloaded from the page carries them
+    (Gradio copies a PIL image's text info into the PNG it serves)."""
+    from detailpp.images import a1111_parameters, a1111_sampler, dumps
+
+    sampler = a1111_sampler(pipe.scheduler) if getattr(pipe, "scheduler", None) is not None else "?"
+    common = (settings.steps, sampler, settings.guidance_scale, settings.seed, settings.width, settings.height, model)
+    extra = {
+        "Detail++ tau": config.mask_threshold,
+        "Detail++ share steps": config.share_steps,
+        "Detail++ nursing": config.nursing,
+        "Detail++ preset": config.preset_name,
+        "Detail++ branches": len(plan.branches),
+    }
+    record = {"prompt": plan.prompt, "negative_prompt": negative_prompt, "model": model, "seed": settings.seed}
+    record |= {"steps": settings.steps, "guidance_scale": settings.guidance_scale, "sampler": sampler}
+    record |= {"width": settings.width, "height": settings.height}
+    image.info["parameters"] = a1111_parameters(plan.prompt, negative_prompt, *common, extra)
+    image.info["detailpp"] = dumps(record | {"detail_config": config.to_dict(), "plan": plan.to_dict()})
+    if plain is not None:
+        plain.info["parameters"] = a1111_parameters(plan.prompt, negative_prompt, *common, {"Method": "plain"})
+
+
+def check_plan_texts(pipe: Any, plan: DecompositionPlan, negative_prompt: str | None, steps: int) -> None:
+    """The rules the pipeline's call checks, with the page's names, before the run starts: the 75-token window of
+    every text the plan encodes (refused, as everywhere: :func:`detailpp.inputs.check_prompt_window`) and the
+    scheduler's own limit on the steps."""
+    for text, what in plan.texts_to_encode(negative_prompt):
+        check_prompt_window(text, what, getattr(pipe, "plan_tokenizer", pipe.tokenizer))
+    check_scheduler_steps(pipe.scheduler, steps, "Steps")
 
 
 def control_arguments(pipe: Any, control_image: Any | None, settings: Settings) -> dict:

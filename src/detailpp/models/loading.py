@@ -6,18 +6,21 @@ model trained on synthetic scenes, when it is installed).
 
 A folder or Hub id loads the Detail++ pipeline of its family (:data:`FAMILY_PIPELINES`, from its
 ``model_index.json``: :func:`detailpp.models.families.model_family`); an unsupported family is refused before any
-weight loads. Single-file checkpoints load as SDXL."""
+weight loads. A single-file checkpoint loads offline as the family its keys tell, with the package's configuration
+of that family or the one given (:mod:`detailpp.models.single_file`)."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from detailpp.errors import DetailError
 from detailpp.models.families import BUILTIN_MODELS, ModelFamily, UnsupportedModelError, model_family
+from detailpp.models.single_file import SingleFileError, is_single_file
 from detailpp.pipelines.base import dtype_kwarg  # (re-exported: its home is the pipelines' room)
 from detailpp.resources import DATA_DIR
 
@@ -124,6 +127,7 @@ def load_pipeline(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     pipeline_class: type | None = None,
+    config: str | Path | None = None,
 ):
     """A ready-to-call Detail++ pipeline of the model's family (or ``pipeline_class``) on ``device``.
 
@@ -131,17 +135,25 @@ def load_pipeline(
         model: a built-in model (:data:`~detailpp.models.families.BUILTIN_MODELS`: ``"tiny-random"``,
             ``"tiny-random-sd15"``, ``"tiny-random-sd21"``, ``"tiny-random-flux"``, ``"tiny-random-sd3"``;
             ``"sdxl-random"``, ``"sd15-random"``, ``"flux-random"``, ``"sd35-random"``: full size, random weights;
-            ``"toy"``), a local diffusers folder, a ``.safetensors``/``.ckpt`` single-file SDXL checkpoint, or a Hub
-            id (SDXL, SD 1.x/2.x, FLUX.1, SD3/3.5 or a fine-tune). A folder or Hub id gets its family's pipeline
+            ``"toy"``), a local diffusers folder, a ``.safetensors`` single-file checkpoint in the original layout
+            (SDXL, SD 1.x or 2.x, told from its keys; loaded offline with the package's configuration:
+            :mod:`detailpp.models.single_file`; a pickle ``.ckpt`` is refused), or a Hub id (SDXL, SD 1.x/2.x,
+            FLUX.1, SD3/3.5 or a fine-tune). A folder or Hub id gets its family's pipeline
             (:data:`FAMILY_PIPELINES`): ``DetailPlusPlusPipeline`` for SDXL, ``DetailPlusPlusSDPipeline`` for SD
             1.x/2.x...; an unsupported family (FLUX.2, Kandinsky...) raises
             :class:`~detailpp.models.families.UnsupportedModelError` before any weight loads.
         device: ``"cuda"``, ``"cpu"``, ``"mps"``...; the best available when ``None``.
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``; float16 on CUDA and float32 elsewhere when ``None``.
         pipeline_class: load with this class instead of the family's.
+        config: for a single file only: the configuration to load it with instead of the package's (a diffusers
+            folder or Hub id of the file's family).
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if is_single_file(Path(model).expanduser()):
+        return _load_single_file(Path(model).expanduser(), pipeline_class, torch_dtype, config).to(device)
+    if config is not None:
+        raise SingleFileError(f"config= ({config}) applies to single-file checkpoints only; {model!r} is not one.")
     if model in BUILTIN_MODELS and model != "toy":
         return _load_builtin(model, pipeline_class or pipeline_class_for(BUILTIN_MODELS[model]), device, torch_dtype)
     source: str | Path = model
@@ -156,21 +168,16 @@ def load_pipeline(
     try:
         if pipeline_class is None:  # the family from model_index.json; refused here, before any weight loads
             pipeline_class = pipeline_class_for(BUILTIN_MODELS["toy"] if model == "toy" else model_family(source))
-        if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
-            pipe = pipeline_class.from_single_file(str(path), **dtype_kwarg(torch_dtype))
-        else:
-            if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-                raise FileNotFoundError(f"no folder {model!r} and it is no Hub id of the form 'owner/name'")
-            variant = "fp16" if torch_dtype == torch.float16 and not path.exists() else None
-            extra = packaged_tokenizers(path) if model == "toy" else {}
-            try:
-                pipe = pipeline_class.from_pretrained(
-                    str(source), variant=variant, **dtype_kwarg(torch_dtype), **extra
-                )
-            except (OSError, ValueError):
-                if variant is None:
-                    raise
-                pipe = pipeline_class.from_pretrained(str(source), **dtype_kwarg(torch_dtype), **extra)
+        if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+            raise FileNotFoundError(f"no folder {model!r} and it is no Hub id of the form 'owner/name'")
+        variant = "fp16" if torch_dtype == torch.float16 and not path.exists() else None
+        extra = packaged_tokenizers(path) if model == "toy" else {}
+        try:
+            pipe = pipeline_class.from_pretrained(str(source), variant=variant, **dtype_kwarg(torch_dtype), **extra)
+        except (OSError, ValueError):
+            if variant is None:
+                raise
+            pipe = pipeline_class.from_pretrained(str(source), **dtype_kwarg(torch_dtype), **extra)
     except Exception as e:  # every loader failure gets the same clear way out
         if isinstance(e, UnsupportedModelError) or type(e).__name__ == "DetailInputError":
             raise  # the model's family, the folder's detail_config.json: their own clear messages
@@ -183,6 +190,26 @@ def load_pipeline(
             "and, for gated models, `hf auth login`), or --model tiny-random to check the set-up without weights."
         ) from e
     return pipe.to(device)
+
+
+def _load_single_file(path: Path, pipeline_class: type | None, torch_dtype: torch.dtype, config) -> Any:
+    """A single-file checkpoint (:func:`detailpp.models.single_file.load_single_file`): its own refusals as they
+    are, diffusers' failures as one :class:`ModelLoadError` that names the configuration it was loaded with."""
+    from detailpp.models.single_file import layout_dir, load_single_file, read_kind
+
+    kind = read_kind(path)
+    pipeline_class = pipeline_class or pipeline_class_for(kind.family)
+    try:
+        return load_single_file(path, pipeline_class, torch_dtype, config, kind=kind)
+    except DetailError:
+        raise
+    except Exception as e:
+        cause = (str(e).strip().splitlines() or [""])[0]
+        used = config if config is not None else f"the package's {kind.label} configuration ({layout_dir(kind)})"
+        raise ModelLoadError(
+            f"Cannot load the {kind.label} checkpoint {str(path)!r} with {used}: {type(e).__name__}: {cause}. If "
+            "the file is a fine-tune of another layout, give its configuration with --config DIR|ID (config=)."
+        ) from e
 
 
 #: The tiny built-in models: their builder in :mod:`detailpp.models.tiny` and its fixed arguments.

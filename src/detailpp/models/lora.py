@@ -23,6 +23,10 @@ class LoraError(DetailError, ValueError):
     """A LoRA argument or file that cannot be used; the message names it and the fix."""
 
 
+#: The file name diffusers' ``save_lora_weights`` gives every LoRA; its folder names such a LoRA instead.
+DEFAULT_WEIGHT_NAME = "pytorch_lora_weights"
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """One LoRA to load: a ``.safetensors`` file or a folder holding ``pytorch_lora_weights.safetensors``."""
@@ -32,22 +36,47 @@ class LoraSpec:
 
     @property
     def adapter_name(self) -> str:
-        return "".join(c if c.isalnum() else "_" for c in self.path.stem) or "lora"
+        """A name for the adapter: the file's stem, or its folder's name for diffusers' default file name."""
+        name = self.path.parent.name if self.path.stem == DEFAULT_WEIGHT_NAME else self.path.stem
+        return "".join(c if c.isalnum() else "_" for c in name) or "lora"
+
+
+def adapter_names(specs: list[LoraSpec]) -> list[str]:
+    """One distinct adapter name per LoRA (``name``, ``name_2``, ...): two files of one name are two adapters."""
+    names: list[str] = []
+    for spec in specs:
+        name, k = spec.adapter_name, 1
+        while name in names:
+            k += 1
+            name = f"{spec.adapter_name}_{k}"
+        names.append(name)
+    return names
 
 
 def parse_lora(text: str) -> LoraSpec:
-    """``PATH`` or ``PATH:SCALE`` (scale a number, default 1.0), checked without loading anything."""
+    """``PATH`` or ``PATH:SCALE`` (scale a finite number, default 1.0), checked without loading anything."""
+    from detailpp.inputs import DetailInputError, check_finite
+
     path, scale = text, 1.0
     head, sep, tail = text.rpartition(":")
-    if sep and head:
+    if sep and head and not Path(text).expanduser().exists():
         try:
             path, scale = head, float(tail)
         except ValueError:
+            if Path(head).expanduser().exists():
+                raise LoraError(
+                    f"--lora {text}: the scale {tail!r} is not a number; write PATH:SCALE, e.g. {head}:0.8."
+                ) from None
             path = text  # a ':' that is part of the path
+        else:
+            try:
+                check_finite(f"--lora {text}: the scale", scale)
+            except DetailInputError as e:
+                raise LoraError(str(e)) from None
     p = Path(path).expanduser()
     if not p.exists():
         raise LoraError(f"--lora {text}: no such file or folder {str(p)!r}.")
-    if p.is_file() and p.suffix != ".safetensors":
+    if p.is_file() and p.suffix.lower() != ".safetensors":
         raise LoraError(f"--lora {text}: expected a .safetensors file (or a folder holding one), got {p.name!r}.")
     return LoraSpec(p, scale)
 
@@ -63,20 +92,20 @@ def apply_loras(pipe: Any, specs: list[LoraSpec]) -> None:
         return
     check_peft()
     names = []
-    for spec in specs:
+    for spec, name in zip(specs, adapter_names(specs), strict=True):
         try:
-            pipe.load_lora_weights(str(spec.path), adapter_name=spec.adapter_name)
+            pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except (RuntimeError, ValueError, KeyError, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LoraError(
                 f"The LoRA {str(spec.path)!r} does not fit this model ({first[:300]}); is it a LoRA for this "
                 "model family (SDXL LoRAs for SDXL models)?"
             ) from e
-        if not any(spec.adapter_name in names for names in pipe.get_list_adapters().values()):
+        if not any(name in loaded for loaded in pipe.get_list_adapters().values()):
             raise LoraError(
                 f"The LoRA {str(spec.path)!r} matches no layer of this model's UNet or text encoders; is it a LoRA "
                 "for this model family (SDXL LoRAs for SDXL models)?"
             )
-        names.append(spec.adapter_name)
+        names.append(name)
     pipe.set_adapters(names, adapter_weights=[s.scale for s in specs])
     logger.info("LoRA: %s", ", ".join(f"{s.path} x {s.scale}" for s in specs))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,32 @@ from detailpp.parsing.words import has_letter, is_modifier_word, is_style_word
 logger = logging.getLogger(__name__)
 
 _HYPHENS = ("-", "\u2010", "\u2011", "\u2013")
+#: Quotation marks: around a modifier they are read through (rule 15) and go with it.
+_QUOTES = frozenset("\"'\u2018\u2019\u201c\u201d\u00ab\u00bb`")
+#: Unicode categories of emoji and their joiners/variation selectors (rule 15).
+_EMOJI_CATEGORIES = frozenset(("So", "Sk", "Mn", "Me", "Cf"))
+
+
+def _is_quote(tok: Any) -> bool:
+    return len(tok.text) == 1 and tok.text in _QUOTES
+
+
+def _transparent(tok: Any) -> bool:
+    """A quotation mark or an emoji: read through inside a noun phrase (``a "red" dog``, ``a red 🐶 dog``)."""
+    if _is_quote(tok) and tok.pos_ in ("PUNCT", "X", "SYM"):  # (not the possessive of "the dogs' bowls": PART)
+        return True
+    return bool(tok.text) and all(unicodedata.category(c) in _EMOJI_CATEGORIES for c in tok.text)
+
+
+def _with_quotes(doc: Any, tokens: Sequence[int]) -> list[int]:
+    """``tokens`` plus the pair of quotation marks that hugs them (``"red"``): they go, or stay, with the words."""
+    lo, hi = min(tokens), max(tokens)
+    if lo == 0 or hi + 1 >= len(doc):
+        return list(tokens)
+    opening, closing = doc[lo - 1], doc[hi + 1]
+    if _is_quote(opening) and _is_quote(closing) and not opening.whitespace_ and not doc[hi].whitespace_:
+        return [lo - 1, *tokens, hi + 1]
+    return list(tokens)
 
 
 @dataclass(frozen=True)
@@ -200,6 +227,8 @@ def _chunk(doc: Any, frozen: set[int]) -> list[_Run]:
         cur = None
 
     for tok in doc:
+        if tok.i not in frozen and _transparent(tok) and cur is not None and cur.material:
+            continue  # read through: the phrase goes on after a quote or an emoji (rule 15)
         role = "boundary" if tok.i in frozen else _role(tok)
         if role == "glue":
             if cur is not None and cur.material:
@@ -504,7 +533,7 @@ def analyse(doc: Any) -> Analysis:
     claimed = set(owner)
 
     attributes: list[Attribute] = [
-        Attribute(h, frozenset(g), _span_text(doc, g), g[0], prenominal=True)
+        Attribute(h, frozenset(_with_quotes(doc, g)), _span_text(doc, g), g[0], prenominal=True)
         for h, (_, groups) in phrases.items()
         if h in subject_heads
         for g in groups

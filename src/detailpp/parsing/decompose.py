@@ -90,6 +90,10 @@ case below is a choice, and is tested):
     "<lora:...>") raises :class:`PlanError` naming the syntax (:func:`check_weight_syntax`): SDXL would read the
     brackets as text, and the parser would make subjects of them. Plain parentheses are text.
 
+15. **Quotation marks and emoji are read through.** Inside a noun phrase a quotation mark or an emoji does not end
+    it: ``a "red" dog`` and ``a red 🐶 dog`` have the subject "dog" with ["red"]. Quotation marks that hug a
+    modifier go with it (base ``a dog``); an emoji is kept everywhere (``a 🐶 dog``).
+
 Anything spaCy parses (emoji, markup, very long prompts) gives a plan or a :class:`PlanError`, never another
 exception.
 """
@@ -260,43 +264,64 @@ def decompose_many(
 
     Raises:
         PlanError: as :func:`decompose`, for the first prompt that fails; the message names the prompt's position
-            when there is more than one.
+            when there is more than one (:func:`decompose_each` reports every prompt's failure instead).
     """
+    results = decompose_each(prompts, granularity, nlp, tokenizer, batch_size)
+    for n, result in enumerate(results):
+        if isinstance(result, PlanError):
+            raise PlanError(f"prompt {n + 1}: {result}" if len(results) > 1 else str(result)) from None
+    return results  # type: ignore[return-value] - no PlanError left
+
+
+def decompose_each(
+    prompts: Sequence[str],
+    granularity: str = "subject",
+    nlp: Any | None = None,
+    tokenizer: Any | None = None,
+    batch_size: int = 256,
+) -> list[DecompositionPlan | PlanError]:
+    """Each prompt's plan, or the :class:`PlanError` that prompt raised: one bad prompt fails alone (``decompose
+    --file``). A granularity spaCy cannot use, or no spaCy model, raises for all."""
     _check_granularity(granularity)
     prompts = list(prompts)
+    results: list[DecompositionPlan | PlanError | None] = [None] * len(prompts)
     for n, prompt in enumerate(prompts):
         try:
             _check_prompt(prompt)
             check_weight_syntax(prompt)
         except PlanError as e:
-            raise PlanError(f"prompt {n + 1}: {e}" if len(prompts) > 1 else str(e)) from None
+            results[n] = e
+    if all(r is not None for r in results):
+        return results  # type: ignore[return-value] - nothing to parse: no spaCy needed
     nlp = nlp if nlp is not None else load_nlp()
     tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
-    too_long = next((p for p in prompts if len(p) > nlp.max_length), None)
-    if too_long is not None:
-        raise PlanError(f"A prompt of {len(too_long)} characters is longer than spaCy's limit of {nlp.max_length}.")
-    plans: list[DecompositionPlan | None] = [None] * len(prompts)
     readable = []
     for n, prompt in enumerate(prompts):
-        reason = language_notice(prompt)
-        if reason is None:
-            readable.append(n)
+        if results[n] is not None:
             continue
-        notice = fallback_notice(reason)
-        logger.warning("%s (%r)", notice, prompt)
-        plans[n] = DecompositionPlan(prompt=prompt, base=prompt, granularity=granularity, branches=(), notice=notice)
+        if len(prompt) > nlp.max_length:
+            results[n] = PlanError(
+                f"A prompt of {len(prompt)} characters is longer than spaCy's limit of {nlp.max_length}."
+            )
+        elif (reason := language_notice(prompt)) is not None:
+            notice = fallback_notice(reason)
+            logger.warning("%s (%r)", notice, prompt)
+            results[n] = DecompositionPlan(prompt, prompt, granularity, branches=(), notice=notice)
+        else:
+            readable.append(n)
     for n, doc in zip(readable, nlp.pipe([prompts[n] for n in readable], batch_size=batch_size), strict=True):
         try:
-            plans[n] = _plan(doc, prompts[n], granularity, tokenizer)
+            results[n] = _plan(doc, prompts[n], granularity, tokenizer)
         except PlanError as e:
-            raise PlanError(f"prompt {n + 1}: {e}" if len(prompts) > 1 else str(e)) from None
-    return [plan for plan in plans if plan is not None]
+            results[n] = e
+    return results  # type: ignore[return-value] - every slot is filled
 
 
 __all__ = [
     "check_prompt_for_planning",
     "check_weight_syntax",
     "decompose",
+    "decompose_each",
     "decompose_many",
     "language_notice",
     "load_nlp",

@@ -116,6 +116,40 @@ def decompose(
     return plan_prompt(prompt, planner, granularity, tokenizer)
 
 
+def plan_each(
+    prompts: Sequence[str],
+    planner: Planner | str | None = None,
+    granularity: str = "subject",
+    tokenizer: Any | None = None,
+    concurrency: int = 4,
+) -> list[DecompositionPlan | PlanError]:
+    """Each prompt's plan, or the :class:`PlanError` that prompt raised (one bad prompt fails alone: ``decompose
+    --file``): spaCy in batches, another planner with up to ``concurrency`` requests at once (each distinct prompt
+    asked once). A planner that cannot work at all (a server out of reach) raises for all."""
+    from detailpp.parsing.decompose import decompose_each
+    from detailpp.parsing.nlp import default_tokenizer
+
+    planner = resolve_planner(planner)
+    tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+    prompts = list(prompts)
+    if isinstance(planner, SpacyPlanner):
+        return decompose_each(prompts, granularity, tokenizer=tokenizer)
+    if concurrency < 1:
+        raise PlanError(f"The concurrency must be at least 1, got {concurrency}.")
+    planner.check(prompts, granularity)
+    distinct = list(dict.fromkeys(prompts))
+
+    def one(prompt: str) -> DecompositionPlan | PlanError:
+        try:
+            return plan_prompt(prompt, planner, granularity, tokenizer)
+        except PlanError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(distinct) or 1)) as pool:
+        plans = dict(zip(distinct, pool.map(one, distinct), strict=True))
+    return [plans[p] for p in prompts]
+
+
 def plan_prompts(
     prompts: Sequence[str],
     planner: Planner | str | None = None,
@@ -123,32 +157,13 @@ def plan_prompts(
     tokenizer: Any | None = None,
     concurrency: int = 4,
 ) -> list[DecompositionPlan]:
-    """:func:`plan_prompt` for many prompts: spaCy in batches, another planner with up to ``concurrency`` requests
-    at once (each distinct prompt asked once).
+    """:func:`plan_each` that raises the first prompt's failure.
 
     Raises:
         PlanError: for the first prompt that fails, naming its position when there are several.
     """
-    from detailpp.parsing.decompose import decompose_many
-    from detailpp.parsing.nlp import default_tokenizer
-
-    planner = resolve_planner(planner)
-    tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
-    prompts = list(prompts)
-    if isinstance(planner, SpacyPlanner):
-        return decompose_many(prompts, granularity, tokenizer=tokenizer)
-    if concurrency < 1:
-        raise PlanError(f"The concurrency must be at least 1, got {concurrency}.")
-    planner.check(prompts, granularity)
-    distinct = list(dict.fromkeys(prompts))
-
-    def one(prompt: str) -> DecompositionPlan:
-        try:
-            return plan_prompt(prompt, planner, granularity, tokenizer)
-        except PlanError as e:
-            n = prompts.index(prompt) + 1
-            raise PlanError(f"prompt {n}: {e}" if len(prompts) > 1 else str(e)) from None
-
-    with ThreadPoolExecutor(max_workers=min(concurrency, len(distinct) or 1)) as pool:
-        plans = dict(zip(distinct, pool.map(one, distinct), strict=True))
-    return [plans[p] for p in prompts]
+    results = plan_each(prompts, planner, granularity, tokenizer, concurrency)
+    for n, result in enumerate(results):
+        if isinstance(result, PlanError):
+            raise PlanError(f"prompt {n + 1}: {result}" if len(results) > 1 else str(result)) from None
+    return results  # type: ignore[return-value] - no PlanError left

@@ -26,7 +26,15 @@ import torch
 from detailpp.backbones.unet import Conditioning
 from detailpp.config import DETAIL_DEFAULTS_FILE, ConfigError, DetailConfig, check_detail_fields
 from detailpp.hub import read_detail_defaults
-from detailpp.inputs import DetailInputError, check_image_side
+from detailpp.inputs import (
+    DetailInputError,
+    check_finite,
+    check_image_side,
+    check_negative_prompt,
+    check_prompt_window,
+    check_scheduler_steps,
+    check_steps,
+)
 from detailpp.method.backbone import Backbone
 from detailpp.method.engine import BranchLayout, DetailEngine
 from detailpp.parsing.planner import Planner
@@ -57,6 +65,13 @@ def dtype_kwarg(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": torch_dtype}
 
 
+def _base_default(cls: type, name: str) -> Any:
+    """The default of argument ``name`` of ``cls.__call__``."""
+    import inspect
+
+    return inspect.signature(cls.__call__).parameters[name].default
+
+
 class DetailPipelineMixin:
     """The Detail++ part of a pipeline class, independent of its base model (see the module's documentation)."""
 
@@ -72,6 +87,16 @@ class DetailPipelineMixin:
     unsupported_arguments: ClassVar[Mapping[str, str]] = UNSUPPORTED
     #: What an image side must be a multiple of (the VAE's factor, times a transformer's patch size).
     SIDE_MULTIPLE: ClassVar[int] = 8
+
+    @property
+    def default_num_inference_steps(self) -> int:
+        """The steps a call takes by default: its diffusers base's (SDXL and SD 50, FLUX.1 and SD3 28)."""
+        return int(_base_default(self.base_pipeline_class, "num_inference_steps"))
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance scale of its diffusers base's call (SDXL 5.0, SD 7.5, FLUX.1 3.5, SD3 7.0)."""
+        return float(_base_default(self.base_pipeline_class, "guidance_scale"))
 
     @property
     def plan_tokenizer(self):
@@ -203,11 +228,16 @@ class DetailPipelineMixin:
         num_inference_steps: int,
         kwargs: dict[str, Any],
         planner: Planner | str | None = None,
+        guidance: dict[str, Any] | None = None,
+        negative_prompt: Any = None,
     ) -> tuple[DetailConfig, DecompositionPlan]:
         """The Detail++ part of a call's checks, before anything is encoded: fail early, with the fix in the message.
 
-        ``kwargs`` are the call's arguments beyond its signature. Returns the call's DetailConfig (the model's
-        :attr:`detail_defaults` when none is given) and its validated plan (parsed from ``prompt`` when not given).
+        ``kwargs`` are the call's arguments beyond its signature; ``guidance`` names the call's guidance scales
+        (``guidance_scale``, ``guidance_rescale``, FLUX's ``true_cfg_scale``...) by their argument names. Returns the
+        call's DetailConfig (the model's :attr:`detail_defaults` when none is given) and its validated plan (parsed
+        from ``prompt`` by ``planner`` when not given). The prompts are checked against the window of
+        :attr:`plan_tokenizer`.
         """
         for name, value in kwargs.items():
             if value is None or (name == "guess_mode" and value is False):
@@ -227,9 +257,15 @@ class DetailPipelineMixin:
         hint = f" (the {type(self).__name__}'s latents are patched)" if self.SIDE_MULTIPLE != 8 else ""
         check_image_side("`height`", height, hint, self.SIDE_MULTIPLE)
         check_image_side("`width`", width, hint, self.SIDE_MULTIPLE)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise DetailInputError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        return config, self.prepare_plan(prompt, plan, config, planner)
+        check_steps("`num_inference_steps`", num_inference_steps)
+        check_scheduler_steps(self.scheduler, num_inference_steps, "`num_inference_steps`")
+        for name, value in (guidance or {}).items():  # finite and >= 0 (a NaN scale would turn guidance off)
+            check_finite(f"`{name}`", value, minimum=0)
+        negative_prompt = check_negative_prompt("`negative_prompt`", negative_prompt)
+        plan = self.prepare_plan(prompt, plan, config, planner)
+        for text, what in plan.texts_to_encode(negative_prompt):  # the window rule, as the CLI and the demo
+            check_prompt_window(text, what, self.plan_tokenizer)
+        return config, plan
 
     def check_base_inputs(self, prompt: str, height: int, width: int, *args: Any, **kwargs: Any) -> None:
         """The base pipeline's own ``check_inputs`` for a Detail++ run (each family calls its base's)."""

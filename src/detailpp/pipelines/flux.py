@@ -84,6 +84,12 @@ class DetailPlusPlusFluxPipeline(DetailPipelineMixin, FluxPipeline):
         """T5's tokenizer: the transformer's text keys are T5 tokens (CLIP gives only the pooled embedding)."""
         return self.tokenizer_2
 
+    @property
+    def default_num_inference_steps(self) -> int:
+        """28 (FLUX.1-dev), 4 for FLUX.1-schnell (timestep-distilled; told by its transformer's missing guidance
+        embedding)."""
+        return 28 if self.transformer.config.guidance_embeds else 4
+
     def check_base_inputs(
         self,
         plan: DecompositionPlan,
@@ -265,8 +271,9 @@ class DetailPlusPlusFluxPipeline(DetailPipelineMixin, FluxPipeline):
         width = self.default_sample_size * self.vae_scale_factor if width is None else width
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
+        guidance = {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale}
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner, guidance, negative_prompt
         )
         if not plan.branches:  # 2. A plan without detail branch: plain FLUX (which checks its own inputs)
             return self.plain_call(

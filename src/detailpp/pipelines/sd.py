@@ -201,8 +201,9 @@ class DetailPlusPlusSDPipeline(SDBranchesMixin, DetailPipelineMixin, StableDiffu
         height, width = (self.default_size()[i] if v is None else v for i, v in enumerate((height, width)))
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
+        guidance = {"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale}
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner, guidance, negative_prompt
         )
         self.check_ip_adapter_inputs(
             ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None

@@ -253,8 +253,9 @@ class DetailPlusPlusSD3Pipeline(DetailPipelineMixin, StableDiffusion3Pipeline):
         width = self.default_sample_size * self.vae_scale_factor if width is None else width
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
+        guidance = {"guidance_scale": guidance_scale}
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner, guidance, negative_prompt
         )
         if not plan.branches:  # 2. A plan without detail branch: plain SD3 (which checks its own inputs)
             return self.plain_call(

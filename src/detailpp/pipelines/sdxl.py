@@ -269,8 +269,9 @@ class DetailPlusPlusPipeline(SDXLBranchesMixin, DetailPipelineMixin, StableDiffu
         width = self.default_sample_size * self.vae_scale_factor if width is None else width
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
+        guidance = {"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale}
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner, guidance, negative_prompt
         )
         self.check_ip_adapter_inputs(
             ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None

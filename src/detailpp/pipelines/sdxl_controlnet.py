@@ -303,8 +303,9 @@ class DetailPlusPlusControlNetPipeline(SDXLBranchesMixin, DetailPipelineMixin, S
         height, width, controlnet_conditioning_scale = self.check_control_inputs(image, height, width, scale)
 
         # 1. Check every input, once; the plan (parsed from the prompt when not given)
+        guidance = {"guidance_scale": guidance_scale}
         config, plan = self.check_detail_inputs(
-            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner=planner
+            prompt, plan, detail_config, height, width, num_inference_steps, kwargs, planner, guidance, negative_prompt
         )
         self.check_ip_adapter_inputs(
             ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs if plan.branches else None
