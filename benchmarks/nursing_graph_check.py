@@ -44,7 +44,7 @@ def eager_and_graphed_passes(engine, t: torch.Tensor, z0: torch.Tensor) -> list[
 
 
 def main() -> int:
-    from record import SUB_PROMPTS, SUBJECTS, Scenario, initial_latent  # noqa: F401
+    from scenarios import SUB_PROMPTS, SUBJECTS, Scenario, initial_latent  # noqa: F401
 
     from detailpp import DetailConfig
     from detailpp.method.engine import DetailEngine

@@ -65,7 +65,7 @@ class Bench:
         import torch
         from authors import COMMIT, import_authors
         from diffusers import StableDiffusionXLPipeline
-        from record import versions
+        from scenarios import versions
 
         import detailpp.method.nursing as nursing
         from detailpp.models.full_size import build_sdxl_random_pipeline
@@ -157,7 +157,7 @@ class Bench:
         self.torch.cuda.reset_peak_memory_stats()
 
     def scenario(self, steps: int, nursing: bool) -> Any:
-        from record import Scenario
+        from scenarios import Scenario
 
         config = {"nursing": nursing, "centroid_alignment": True, "nursing_step_size": 1750.0}
         return Scenario(f"{steps}-{nursing}", config, steps=steps, height=1024, width=1024)
@@ -165,7 +165,7 @@ class Bench:
     def call(self, run: str, mode: str, nursing: bool | None, steps: int, output_type: str = "pil") -> tuple:
         """One call: (seconds, output)."""
         from authors import run_authors
-        from record import SUB_PROMPTS, SUBJECTS, authors_kwargs, initial_latent
+        from scenarios import SUB_PROMPTS, SUBJECTS, authors_kwargs, initial_latent
 
         from detailpp import DetailConfig
 

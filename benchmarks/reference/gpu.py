@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from authors import COMMIT, import_authors, run_authors
-from record import SUB_PROMPTS, SUBJECTS, Scenario, authors_kwargs, initial_latent, versions
+from scenarios import SUB_PROMPTS, SUBJECTS, Scenario, authors_kwargs, initial_latent, versions
 
 from detailpp import DetailConfig
 

@@ -1,29 +1,44 @@
 """Record what the authors' Detail++ computes, measure each of our deviations, and time both pipelines.
 
-Give it a checkout of the authors' repository (``clf28/Detail-plus-plus`` at e73155b; never committed here)::
+Give it a checkout of the authors' repository (``clf28/Detail-plus-plus`` at e73155b; never committed here: the
+git-ignored ``.authors/`` of the repository's root is the place), and what their code imports::
 
-    git clone https://github.com/clf28/Detail-plus-plus /tmp/authors && git -C /tmp/authors checkout e73155b
-    pip install opencv-python-headless einops        # what their code imports
+    git clone https://github.com/clf28/Detail-plus-plus .authors && git -C .authors checkout e73155b
+    pip install opencv-python-headless einops        # recording only; not a detailpp dependency
 
-    python benchmarks/reference/record.py --authors /tmp/authors                 # rewrite the golden fixture
-    python benchmarks/reference/record.py --authors /tmp/authors --deviations    # the deviation table
-    python benchmarks/reference/record.py --authors /tmp/authors --gpu           # full size, fp16, timings
+    python benchmarks/reference/record.py --authors .authors                 # rewrite the golden fixture (~3 min)
+    python benchmarks/reference/record.py --authors .authors --deviations    # the deviation table
+    python benchmarks/reference/record.py --authors .authors --gpu           # full size, fp16, timings
 
 Recording runs their ``ProT2IPipeline`` (:mod:`authors`) on detailpp's tiny random SDXL components
-(:func:`detailpp.models.tiny.tiny_components`, CPU, fp32) for each scenario of :data:`SCENARIOS` and writes, into
-``tests/fixtures/authors_reference.safetensors``: every branch's final latent, the per-step binary subject masks and
-the nursing losses, with the commit and every setting in the file's metadata. ``tests/method/test_reference_parity.py``
-rebuilds the same inputs from that metadata and checks that ``DetailConfig.authors_preset()`` reproduces them; it
-never reads the authors' code. Each recording is also checked against the preset here before it is written.
+(:func:`detailpp.models.tiny.tiny_components`, CPU, fp32) for each scenario of :data:`scenarios.SCENARIOS` and
+writes, into ``tests/fixtures/authors_reference.safetensors``: every branch's final latent, the per-step binary
+subject masks and the nursing losses, with the commit, every setting and what the recording measured (below) in
+the file's metadata.
+``tests/method/test_reference_parity.py`` rebuilds the same inputs from that metadata and checks that
+``DetailConfig.authors_preset()`` reproduces them; it never reads the authors' code. Each recording is also checked
+against the preset here before it is written. Every run, theirs and ours, and the fingerprint run on
+:data:`scenarios.THREADS` threads (the test pins the same count). A recording that does not hold (the preset off the
+authors' run, a margin, a gap or an effect too small) writes nothing and says which scenario to change.
 
-Float results of the same code differ between CPUs, so the metadata also holds the recording machine's platform
-fingerprint (:mod:`fingerprint`; the golden test asks bit-for-bit equality only where it is reproduced) and each
-scenario's mask margin (:func:`mask_margins`): a scenario whose masks have a pixel within :data:`MIN_MASK_MARGIN` of
-the threshold is refused (``--find-seed NAME`` finds a seed that clears it), so that no mask pixel flips between
-machines.
+Float results of the same code differ between CPUs, so the metadata also holds:
+
+- the recording machine's platform fingerprint (:mod:`fingerprint`; the golden test asks bit-for-bit equality only
+  where it is reproduced);
+- each scenario's mask margin (:func:`scenarios.mask_margins`) and, nursing on, the blurred nursing maps' argmax gap
+  (:func:`scenarios.argmax_gaps`): a scenario with a mask pixel within :data:`MIN_MASK_MARGIN` of the threshold's
+  cut, or a near tie under :data:`MIN_ARGMAX_GAP`, is refused (``--find-seed NAME`` finds a seed that clears both),
+  so that no mask pixel and no L_align target moves between machines;
+- each scenario's cross-platform bounds on the final latents and the nursing losses: the worst difference of our
+  preset's run on the emulated platforms of :mod:`noise` (other instruction sets and thread counts) from this
+  machine's, times :data:`NOISE_MARGIN`, rounded up; and each of the scenario's switches (``Scenario.switches``)
+  flipped alone, its effect on the latents and losses: one under :data:`MIN_EFFECT_RATIO` times the bounds is
+  refused, so that flipping it fails the golden test on every machine. The switches whose effect is rounding alone
+  are tested on their arithmetic instead (``tests/method/test_authors_switches.py``).
 
 ``--deviations`` starts from the preset and switches each of detailpp's deviations back to our default alone,
-printing the max abs difference of the final latent from the authors' (the table in ``docs/method.md``).
+printing the max abs difference of the final latent from the authors' (the table in ``docs/method.md``), on each
+scenario's own settings unless ``--steps`` or ``--size`` says otherwise.
 
 ``--gpu`` builds full-size SDXL with random weights (:mod:`detailpp.models.full_size`) on the GPU, fp16, 1024x1024,
 and in one process on one card: compares the preset's final latent with the authors', and times plain SDXL, our
@@ -35,14 +50,13 @@ each row starts from the UNet's original processors.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +67,19 @@ sys.path.insert(0, str(HERE))
 
 from authors import COMMIT, CheckoutError, check_checkout, import_authors, run_authors  # noqa: E402
 from fingerprint import platform_fingerprint  # noqa: E402
+from noise import measure_effects, measure_noise, worst  # noqa: E402
+from scenarios import (  # noqa: E402
+    SCENARIOS,
+    THREADS,
+    MarginTooSmall,
+    Scenario,
+    authors_kwargs,
+    initial_latent,
+    pinned_threads,
+    run_ours,
+    tiny,
+    versions,
+)
 
 from detailpp.config import AUTHORS_SETTINGS, AuthorsBehaviour, DetailConfig  # noqa: E402
 
@@ -60,73 +87,9 @@ logger = logging.getLogger("record")
 
 FIXTURE = HERE.parents[1] / "tests" / "fixtures" / "authors_reference.safetensors"
 
-#: The sub-prompts of the authors' style example, each ending in "." (their code strips it; we keep it by default).
-SUB_PROMPTS = (
-    "A sketch-style robot is leaning a oil-painting style tree.",
-    "A robot is leaning a tree.",
-    "A sketch-style robot is leaning a tree.",
-    "A robot is leaning a oil-painting style tree.",
-)
-SUBJECTS = ("robot", "tree")
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One recorded run: the call's settings and the DetailConfig fields on top of the reference preset."""
-
-    name: str
-    config: dict[str, Any]
-    steps: int = 16
-    height: int = 256
-    width: int = 256
-    guidance_scale: float = 7.5
-    seed: int = 0
-    component_seed: int = 0
-    sub_prompts: tuple[str, ...] = SUB_PROMPTS
-    subjects: tuple[str, ...] = SUBJECTS
-    #: the golden test's bound on the max abs difference of any branch's final latent, on a machine whose
-    #: :func:`~fingerprint.platform_fingerprint` is the recording machine's (0: bit for bit) ...
-    atol: float = 0.0
-    #: ... and on a machine that rounds otherwise (another CPU, instruction set or thread count)
-    cross_platform_atol: float = 2e-4
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def detail_config(self) -> DetailConfig:
-        return DetailConfig.authors_preset(**self.config)
-
-    def plan(self) -> dict[str, Any]:
-        p = self.sub_prompts
-        branches = [{"prompt": q, "subject": s} for q, s in zip(p[2:], self.subjects, strict=True)]
-        return {"prompt": p[0], "base": p[1], "branches": branches}
-
-    def to_metadata(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-#: 256x256 (masks on 32x32 latents, nursing on an 8x8 grid: enough pixels near tau, and blurred maps whose argmax the
-#: kernel can move, for every switch to show), 16 steps (int(0.8 T) = 12 != round(0.8 T) = 13).
-SCENARIOS = (
-    Scenario("nursing_off", {"nursing": False}, seed=74),
-    Scenario(
-        "nursing_on",
-        {"nursing": True, "centroid_alignment": True, "nursing_step_size": 17.5},
-        seed=30,
-        atol=1e-4,
-        cross_platform_atol=1e-3,
-    ),
-)
-
-
-def initial_latent(scenario: Scenario, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
-    """The one initial latent every branch starts from (the UNet's 4 channels at the latent size)."""
-    generator = torch.Generator("cpu").manual_seed(scenario.seed)
-    shape = (1, 4, scenario.height // 8, scenario.width // 8)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-
-
 #: The smallest mask margin a recorded scenario may have (in units of the normalised map, whose range is [0, 1]):
-#: far above the CPU-to-CPU float noise of the maps (see :func:`mask_margins`), so that no mask pixel flips on
-#: another machine and the golden test can require identical masks everywhere.
+#: far above the CPU-to-CPU float noise of the maps (see :func:`scenarios.mask_margins`), so that no mask pixel flips
+#: on another machine and the golden test can require identical masks everywhere.
 MIN_MASK_MARGIN = 2e-5
 
 
@@ -134,73 +97,6 @@ MIN_MASK_MARGIN = 2e-5
 #: nursing map (whose argmax is L_align's target): the seed first chosen for nursing on had one of 1.0e-4, and its
 #: argmax moved under ``ATEN_CPU_CAPABILITY=avx2`` (a nursing loss by 0.1, the latents by 1.7e-3).
 MIN_ARGMAX_GAP = 1e-3
-
-
-@contextlib.contextmanager
-def argmax_gaps() -> Iterator[list[float]]:
-    """Record, for each blurred nursing map, ``(top1 - top2) / top1``: its argmax is a near tie below float noise.
-
-    Wraps :func:`detailpp.method.nursing.gaussian_blur` (called only for
-    :func:`~detailpp.method.nursing.centroid_alignment_loss`'s target) for the duration of the block.
-    """
-    from detailpp.method import nursing
-
-    gaps: list[float] = []
-    original = nursing.gaussian_blur
-
-    def measured(maps: torch.Tensor, kernel_size: int, sigma: float, opencv: bool = False) -> torch.Tensor:
-        blurred = original(maps, kernel_size, sigma, opencv=opencv)
-        top = blurred.flatten(1).topk(2, dim=1).values
-        gaps.append(float(((top[:, 0] - top[:, 1]) / top[:, 0].abs()).min()))
-        return blurred
-
-    nursing.gaussian_blur = measured
-    try:
-        yield gaps
-    finally:
-        nursing.gaussian_blur = original
-
-
-class MarginTooSmall(Exception):
-    """A step's mask margin fell below the bound :func:`mask_margins` was given (the run is abandoned)."""
-
-
-@contextlib.contextmanager
-def mask_margins(stop_below: float | None = None) -> Iterator[list[float]]:
-    """Record, for each step's masks of our pipeline, the smallest distance of any pixel from the threshold's cut.
-
-    The cut is eq. 3's ``tau``, or with ``relative_mask_threshold`` (the authors' rule, the preset's)
-    ``min + (max - min) * tau`` of each normalised map. A pixel whose distance is below the float noise of the maps
-    may land on either side on another CPU; the scenario's margin is the minimum over every step and pixel. Wraps
-    :func:`detailpp.method.masks.binary_masks` where the engine calls it, for the duration of the block; with
-    ``stop_below``, raises :class:`MarginTooSmall` at the first step whose margin is below it.
-
-    CPU-to-CPU noise of the normalised maps, measured on the recording machine (AMD EPYC, AVX-512, MKL; torch 2.13,
-    both scenarios, every step): 1 thread against 2, and ``ATEN_CPU_CAPABILITY=avx2`` or ``default`` against the
-    AVX-512 default, move the maps by at most 6.2e-6 (the final latents by up to 6e-5 nursing off, 3.8e-4 nursing
-    on, with every mask equal). :data:`MIN_MASK_MARGIN` is about three times that.
-    """
-    from detailpp.method import engine
-
-    margins: list[float] = []
-    original = engine.binary_masks
-
-    def measured(normalized: torch.Tensor, tau: float, relative: bool = False) -> torch.Tensor:
-        cut = torch.full_like(normalized[..., :1, :1], tau)
-        if relative:
-            lo = normalized.amin(dim=(-2, -1), keepdim=True)
-            hi = normalized.amax(dim=(-2, -1), keepdim=True)
-            cut = lo + (hi - lo) * tau
-        margins.append(float((normalized - cut).abs().min()))
-        if stop_below is not None and margins[-1] < stop_below:
-            raise MarginTooSmall(margins[-1])
-        return original(normalized, tau, relative=relative)
-
-    engine.binary_masks = measured
-    try:
-        yield margins
-    finally:
-        engine.binary_masks = original
 
 
 def find_seed(scenario: Scenario, start: int, count: int) -> int | None:
@@ -222,70 +118,13 @@ def find_seed(scenario: Scenario, start: int, count: int) -> int | None:
     return None
 
 
-def run_ours(
-    pipe: Any, scenario: Scenario, config: DetailConfig, latents: torch.Tensor, stop_below: float | None = None
-) -> dict[str, Any]:
-    """Our pipeline on the scenario: every branch's final latent, the per-step masks, the nursing losses, and the
-    masks' margin (:func:`mask_margins`; ``None`` without masks)."""
-    masks: list[torch.Tensor] = []
-
-    def keep_masks(pipeline, step, timestep, tensors):
-        if tensors.get("masks") is not None:
-            masks.append(tensors["masks"].detach().cpu())
-        return {}
-
-    with mask_margins(stop_below) as margins, argmax_gaps() as gaps:
-        out = pipe(
-            plan=scenario.plan(),
-            height=scenario.height,
-            width=scenario.width,
-            num_inference_steps=scenario.steps,
-            guidance_scale=scenario.guidance_scale,
-            latents=latents,
-            detail_config=config,
-            output_type="latent",
-            return_branch_images=True,
-            callback_on_step_end=keep_masks,
-            callback_on_step_end_tensor_inputs=["masks"],
-        )
-    if len(margins) != len(masks):
-        raise RuntimeError(f"measured the margin of {len(margins)} steps' masks, the pipeline made {len(masks)}")
-    losses = [x for record in out.nursing for x in record.losses]
-    margin = min(margins) if margins else None
-    gap = min(gaps) if gaps else None
-    return {"latents": out.branch_images.float().cpu(), "masks": masks, "losses": losses, "margin": margin, "gap": gap}
-
-
-def authors_kwargs(scenario: Scenario) -> dict[str, Any]:
-    """Their pipeline's settings for the scenario, read off the preset's config."""
-    c = scenario.detail_config()
-    return {
-        "steps": scenario.steps,
-        "height": scenario.height,
-        "width": scenario.width,
-        "guidance_scale": scenario.guidance_scale,
-        "share_steps": c.share_steps,
-        "mask_threshold": c.mask_threshold,
-        "nursing": c.nursing,
-        "centroid_alignment": c.centroid_alignment,
-        "step_size": c.nursing_step_size,
-        "thresholds": c.nursing_thresholds[: c.nursing_steps],
-        "max_iterations": (c.nursing_max_iterations_early, c.nursing_max_iterations_late),
-    }
-
-
-def tiny(scenario: Scenario, pipeline_class: Any = None) -> Any:
-    from detailpp.models.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(scenario.component_seed, pipeline_class=pipeline_class)
-
-
 def authors_run(modules: Any, scenario: Scenario, latents: torch.Tensor) -> Any:
     """Their pipeline on the scenario, on fresh tiny components (so their processors never reach ours)."""
     components = tiny(scenario).components
-    return run_authors(
-        modules, components, scenario.sub_prompts, scenario.subjects, latents=latents, **authors_kwargs(scenario)
-    )
+    with pinned_threads():
+        return run_authors(
+            modules, components, scenario.sub_prompts, scenario.subjects, latents=latents, **authors_kwargs(scenario)
+        )
 
 
 def compare(ours: dict[str, Any], theirs: Any) -> dict[str, Any]:
@@ -309,8 +148,9 @@ def compare(ours: dict[str, Any], theirs: Any) -> dict[str, Any]:
     }
 
 
-def record(authors_path: Path, out: Path) -> None:
-    """Run both pipelines on every scenario, check the preset against theirs, write the fixture."""
+def record(authors_path: Path, out: Path, jobs: int = 1) -> None:
+    """Run both pipelines on every scenario, check the preset against theirs, measure the platforms' noise and each
+    switch's effect (:mod:`noise`), write the fixture."""
     from safetensors.torch import save
 
     from detailpp.atomic import atomic_write_bytes
@@ -318,11 +158,12 @@ def record(authors_path: Path, out: Path) -> None:
     modules = import_authors(authors_path)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {"repository": "clf28/Detail-plus-plus", "commit": COMMIT}
-    fingerprints = {platform_fingerprint(tiny(scenario)) for scenario in SCENARIOS}
+    with pinned_threads():
+        fingerprints = {platform_fingerprint(tiny(scenario)) for scenario in SCENARIOS}
     if len(fingerprints) != 1:
         raise SystemExit("the scenarios' tiny components differ (component_seed): one platform fingerprint each")
     meta["fingerprint"] = fingerprints.pop()
-    meta["threads"] = str(torch.get_num_threads())
+    meta["threads"] = str(THREADS)
     scenarios = []
     for scenario in SCENARIOS:
         latents = initial_latent(scenario)
@@ -330,9 +171,14 @@ def record(authors_path: Path, out: Path) -> None:
         ours = run_ours(tiny(scenario), scenario, scenario.detail_config(), latents)
         result = compare(ours, theirs)
         logger.info("%s: %s, mask margin %s", scenario.name, result, ours["margin"])
-        if result["max_abs"] > scenario.atol or not result["masks_equal"]:
+        if (
+            result["max_abs"] > scenario.atol
+            or (result["loss_max_abs"] or 0.0) > scenario.atol
+            or not result["masks_equal"]
+        ):
             raise SystemExit(f"{scenario.name}: the reference preset does not reproduce the authors' run: {result}")
         check_margin(scenario, ours["margin"], ours["gap"])
+        bounds = measured_bounds(scenario, jobs)
         tensors[f"{scenario.name}.initial_latent"] = latents.contiguous()
         tensors[f"{scenario.name}.latents"] = theirs.latents.contiguous()
         if theirs.masks:
@@ -342,6 +188,7 @@ def record(authors_path: Path, out: Path) -> None:
         scenarios.append(
             {
                 **scenario.to_metadata(),
+                **bounds,
                 "detail_config": scenario.detail_config().to_dict(),
                 "plan": scenario.plan(),
                 "measured": result,
@@ -353,6 +200,52 @@ def record(authors_path: Path, out: Path) -> None:
     meta["versions"] = json.dumps(versions())
     atomic_write_bytes(out, save(tensors, metadata=meta))
     print(f"wrote {out} ({out.stat().st_size} bytes): {', '.join(s['name'] for s in scenarios)}")
+
+
+#: How far the golden test's cross-platform bounds sit above the noise measured on the emulated platforms
+#: (:data:`noise.PLATFORMS`): emulation caps one machine's instruction sets, and another CPU's kernels may differ more.
+NOISE_MARGIN = 2.0
+#: The least factor by which flipping a scenario's switch must move what the golden test compares (the final
+#: latents, or the nursing losses) beyond its cross-platform bound, so that it fails on every machine.
+MIN_EFFECT_RATIO = 10.0
+
+
+def round_up(x: float) -> float:
+    """``x`` rounded up to one significant digit (0 stays 0)."""
+    if x <= 0:
+        return 0.0
+    scale = 10.0 ** math.floor(math.log10(x))
+    return float(f"{math.ceil(round(x / scale, 6)) * scale:.1g}")
+
+
+def measured_bounds(scenario: Scenario, jobs: int = 1) -> dict[str, Any]:
+    """The scenario's cross-platform bounds (:data:`NOISE_MARGIN` times the worst emulated difference, rounded up),
+    each switch's effect against them; refuses a switch under :data:`MIN_EFFECT_RATIO`."""
+    platforms = measure_noise(scenario, jobs=jobs)
+    noise = worst(platforms)
+    latent_bound = max(round_up(NOISE_MARGIN * noise["latents"]), scenario.atol)
+    loss_bound = max(round_up(NOISE_MARGIN * noise["losses"]), scenario.atol) if scenario.config["nursing"] else 0.0
+    effects = measure_effects(scenario)
+    for switch, effect in effects.items():
+        ratios = [effect["latents"] / latent_bound]
+        if effect["losses"] is not None and loss_bound:
+            ratios.append(effect["losses"] / loss_bound)
+        effect["ratio"] = max(ratios)
+        logger.info("%s: %s flipped: %s", scenario.name, switch, effect)
+        if effect["ratio"] < MIN_EFFECT_RATIO:
+            raise SystemExit(
+                f"{scenario.name}: flipping {switch} moves the latents by {effect['latents']:.2g} and the losses by "
+                f"{effect['losses']}, under {MIN_EFFECT_RATIO:g} times the cross-platform bounds ({latent_bound:g}, "
+                f"{loss_bound:g}): the golden test could miss it on another machine. Choose the scenario's settings "
+                "so that it shows (noise.py --effects measures), or test the switch's arithmetic instead."
+            )
+    return {
+        "cross_platform_atol": latent_bound,
+        "cross_platform_loss_atol": loss_bound,
+        "noise": platforms,
+        "worst_noise": noise,
+        "effects": effects,
+    }
 
 
 def check_margin(scenario: Scenario, margin: float | None, gap: float | None = None) -> None:
@@ -370,13 +263,6 @@ def check_margin(scenario: Scenario, margin: float | None, gap: float | None = N
             f"the {MIN_MASK_MARGIN:g} the golden test needs: on another CPU it may land on the other side. "
             "Choose another seed for this scenario in SCENARIOS (record.py --find-seed NAME finds one)."
         )
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
 #: Our deviations from the authors' code, as changes to the authors' preset: the name in the table, the change.
@@ -400,13 +286,16 @@ def config_with(scenario: Scenario, change: dict[str, Any]) -> DetailConfig:
     return base.replace(**others)
 
 
-def deviation_table(authors_path: Path, steps: int, size: int) -> list[dict[str, Any]]:
-    """Each deviation of our default switched on alone: its effect on the final latent, per scenario."""
+def deviation_table(authors_path: Path, steps: int | None = None, size: int | None = None) -> list[dict[str, Any]]:
+    """Each deviation of our default switched on alone: its effect on the final latent, per scenario (on its own
+    steps and size, or ``steps`` and ``size`` where given)."""
     modules = import_authors(authors_path)
     table: list[dict[str, Any]] = []
     results: dict[str, dict[str, float]] = {}
     for scenario in SCENARIOS:
-        scenario = dataclasses.replace(scenario, steps=steps, height=size, width=size)
+        scenario = dataclasses.replace(
+            scenario, steps=steps or scenario.steps, height=size or scenario.height, width=size or scenario.width
+        )
         latents = initial_latent(scenario)
         theirs = authors_run(modules, scenario, latents)
         pipe = tiny(scenario)
@@ -460,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, help="print the GPU table of a --gpu results file (no checkout needed)")
     parser.add_argument("--out", type=Path, default=FIXTURE, help="where the fixture goes (default: %(default)s)")
     parser.add_argument("--deviations", action="store_true", help="print the deviation table instead of recording")
-    parser.add_argument("--steps", type=int, default=16, help="--deviations: denoising steps (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=256, help="--deviations: image size (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="--deviations: denoising steps (default: each scenario's)")
+    parser.add_argument("--size", type=int, help="--deviations: image size (default: each scenario's)")
     parser.add_argument("--json", type=Path, help="also write the deviation table or GPU results as JSON here")
     parser.add_argument("--update-doc", type=Path, help="--deviations: write the table into this file's markers")
+    parser.add_argument("--jobs", type=int, default=1, help="emulated platforms run at once (default: %(default)s)")
     parser.add_argument("--gpu", action="store_true", help="full-size fp16 parity and timing on the GPU")
     parser.add_argument(
         "--find-seed",
@@ -489,7 +379,6 @@ def main(argv: list[str] | None = None) -> int:
     except CheckoutError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     if args.gpu:
         from gpu import gpu_main
@@ -504,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     else:
-        record(args.authors, args.out)
+        record(args.authors, args.out, args.jobs)
     logger.info("done in %.1f s", time.perf_counter() - started)
     return 0
 

@@ -35,8 +35,8 @@ class AuthorsBehaviour:
     Attributes:
         normalize_prompts: lower-case every sub-prompt and strip leading/trailing "." and spaces before encoding
             (their ``preprocess_prompts``). CLIP lower-cases anyway; a trailing "." is a token that changes the image.
-        floor_share_steps: S = int(share_steps * T) (theirs) instead of round(share_steps * T): they differ at
-            T = 7, 12, 17, ...
+        floor_share_steps: S = int(share_steps * T) (theirs) instead of round(share_steps * T): at the default
+            0.8 they differ exactly for every T = 1 or 2 (mod 5), T = 1, 2, 6, 7, 11, 12, 16, 17, ... (by one step).
         alm_one_step_short: Accumulative Latent Modification after steps 0..S-2 only (theirs: the controller's step
             counter has already moved on when the blend runs), while attention is shared in steps 0..S-1.
         aliased_mask_sum: with masks from the previous branch (nursing off), average the maps as the authors' code
