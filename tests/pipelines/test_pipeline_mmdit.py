@@ -268,3 +268,32 @@ def test_a_subject_beyond_flux_s_t5_window_is_refused(pipes):
     ]
     with pytest.raises(PlanError, match="beyond the text encoder's window of 256 tokens"):
         run(pipes["flux"], plan=plan, max_sequence_length=256)
+
+
+@pytest.mark.parametrize(
+    ("family", "blocks"),
+    [("flux", {"FluxTransformerBlock", "FluxSingleTransformerBlock"}), ("sd3", {"JointTransformerBlock"})],
+)
+def test_compiled_transformer_blocks_equal_eager_without_graph_breaks(pipes, family, blocks):
+    """`compile_detail` compiles the joint blocks with Detail++'s processors inside (the "eager" backend runs the
+    captured ops: bit for bit), nursing included, with no graph break (fullgraph would raise)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from detailpp.method.compile import uncompile
+
+    pipe = pipes[family]
+    config = DetailConfig(nursing_steps=1, nursing_max_iterations_early=1, nursing_max_iterations_late=1)
+    eager = run(pipe, steps=2, detail_config=config)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = pipe.compile_detail(backend="eager", fullgraph=True)
+        assert {type(pipe.transformer.get_submodule(n)).__name__ for n in compiled} == blocks
+        out = run(pipe, steps=2, detail_config=config)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert [r.updates for r in out.nursing] == [r.updates for r in eager.nursing] == [1]
+        assert torch.equal(out.images, eager.images)
+    finally:
+        uncompile(pipe.transformer)
+        torch._dynamo.reset()

@@ -35,18 +35,40 @@ class StopForward(Exception):
     """Raised by a forward hook to end a denoiser call once every capture layer has run (a nursing pass)."""
 
 
-@contextmanager
-def stop_after(module: torch.nn.Module, name: str) -> Iterator[None]:
-    """End ``module``'s forwards with :class:`StopForward` after its submodule ``name``."""
+class _StopAfter(torch.nn.Module):
+    """Runs the wrapped module, then raises :class:`StopForward`: outside the module's own call, so that a compiled
+    module (``module.compile()`` compiles its hooks with it) stays one graph."""
 
-    def hook(submodule, args, output):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name: str):  # the parent's forward reads the block's attributes (a UNet's resnets...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, *args, **kwargs):
+        self.inner(*args, **kwargs)
         raise StopForward
 
-    handle = module.get_submodule(name).register_forward_hook(hook)
+
+@contextmanager
+def stop_after(module: torch.nn.Module, name: str) -> Iterator[None]:
+    """End ``module``'s forwards with :class:`StopForward` after its submodule ``name``.
+
+    The submodule is swapped for a wrapper in its parent for the block (and put back after): a forward hook would
+    raise inside a compiled block and break its graph.
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = module.get_submodule(parent_name)
+    inner = parent._modules[child]
+    parent._modules[child] = _StopAfter(inner)
     try:
         yield
     finally:
-        handle.remove()
+        parent._modules[child] = inner
 
 
 @contextmanager
