@@ -375,8 +375,8 @@ class DetailPipelineMixin:
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One initial noise (or the given ``latents``), repeated for every branch."""
-        channels = self.unet.config.in_channels
+        """One initial noise (or the given ``latents``), repeated for every branch (FLUX packs its own)."""
+        channels = self.denoiser.config.in_channels
         latents = self.prepare_latents(1, channels, height, width, dtype, device, generator, latents)
         return latents.repeat(layout.n_branches, 1, 1, 1)
 

@@ -133,21 +133,6 @@ class DetailPlusPlusSD3Pipeline(DetailPipelineMixin, StableDiffusion3Pipeline):
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         return RowConditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled})
 
-    def prepare_branch_latents(
-        self,
-        layout: BranchLayout,
-        height: int,
-        width: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One initial noise (or the given ``latents``), repeated for every branch."""
-        channels = self.transformer.config.in_channels
-        latents = self.prepare_latents(1, channels, height, width, dtype, device, generator, latents)
-        return latents.repeat(layout.n_branches, 1, 1, 1)
-
     def sd3_timesteps(
         self, num_inference_steps: int, sigmas: list[float] | None, mu: float | None, latent_hw, device: torch.device
     ) -> tuple[torch.Tensor, int]:
