@@ -30,6 +30,8 @@ SIZE = {"height": 128, "width": 128}
 #: every Detail++ step of the method off: each branch is its own prompt's plain run
 PLAIN = DetailConfig(share_attention=False, latent_modification=False, nursing=False, prune_branches=False)
 FAMILIES = ("flux", "sd3")
+#: with SD3.5-medium's dual attention (an image-only attn2 in the first blocks, which shares too)
+WITH_DUAL = (*FAMILIES, "sd35-medium")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,7 @@ def pipes() -> dict:
     out = {
         "flux": build_tiny_flux_pipeline(pipeline_class=DetailPlusPlusFluxPipeline),
         "sd3": build_tiny_sd3_pipeline(pipeline_class=DetailPlusPlusSD3Pipeline),
+        "sd35-medium": build_tiny_sd3_pipeline(pipeline_class=DetailPlusPlusSD3Pipeline, dual=True),
     }
     for pipe in out.values():
         pipe.set_progress_bar_config(disable=True)
@@ -54,7 +57,7 @@ def run(pipe, steps: int = 3, seed: int = 0, **kwargs):
     return pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WITH_DUAL)
 def test_zero_branch_plan_is_the_plain_pipeline_bit_for_bit(pipes, family):
     pipe = pipes[family]
     plan = DecompositionPlan(prompt="a dog", base="a dog", branches=())
@@ -66,7 +69,7 @@ def test_zero_branch_plan_is_the_plain_pipeline_bit_for_bit(pipes, family):
     assert out.plan == plan and (out.images == ref.images).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WITH_DUAL)
 def test_with_sharing_and_alm_off_each_branch_is_the_plain_pipeline_on_its_prompt(pipes, family):
     pipe = pipes[family]
     out = run(pipe, detail_config=PLAIN, return_branch_images=True, return_masks=True)
@@ -80,7 +83,7 @@ def test_with_sharing_and_alm_off_each_branch_is_the_plain_pipeline_on_its_promp
     assert out.masks is not None and out.masks.shape[0] == 2  # captured, yet nothing changed
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WITH_DUAL)
 def test_sharing_and_alm_change_the_branches_and_the_final_image_is_the_last_branch(pipes, family):
     pipe = pipes[family]
     off = run(pipes[family], detail_config=PLAIN, return_branch_images=True)
