@@ -156,7 +156,10 @@ def test_files_that_are_no_checkpoint_of_a_supported_family(tmp_path):
         read_kind(lora)
     flux = tmp_path / "flux.safetensors"
     save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(1)}, str(flux))
-    with pytest.raises(UnsupportedModelError, match="is a FLUX checkpoint"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match="is a FLUX single file: Detail\\+\\+ reads single files of SDXL and SD 1.x/2.x only",
+    ):
         read_kind(flux)
     text = tmp_path / "notes.txt"
     text.write_text("hello")

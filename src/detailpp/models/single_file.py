@@ -102,10 +102,11 @@ def read_kind(path: str | os.PathLike) -> CheckpointKind:
     path = Path(path)
     check_single_file(path)
     keys, handle = _keys_and_shapes(path)
+    only = "Detail++ reads single files of SDXL and SD 1.x/2.x only; give it as a diffusers folder or Hub id"
     if any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
-        raise UnsupportedModelError(f"{path} is a Stable Diffusion 3 checkpoint (an MMDiT): Detail++ runs on UNets.")
+        raise UnsupportedModelError(f"{path} is a Stable Diffusion 3 single file: {only} (SD3 runs experimentally).")
     if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
-        raise UnsupportedModelError(f"{path} is a FLUX checkpoint (a transformer): Detail++ runs on UNets.")
+        raise UnsupportedModelError(f"{path} is a FLUX single file: {only} (FLUX.1 runs experimentally).")
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise SingleFileError(
             f"{path} holds no UNet in the original layout (model.diffusion_model.*): it is no full SD/SDXL checkpoint "
