@@ -127,10 +127,13 @@ def native_size(model: str, config_source: str | None = None) -> int:
 
     def config(name: str) -> dict:
         path = folder / name / "config.json"
-        if not folder.exists() and source.count("/") == 1:  # a Hub id
+        if not folder.exists() and source.count("/") == 1:  # a Hub id: the cache only when the Hub is out of reach
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(source, f"{name}/config.json"))
+            from detailpp.hub import hub_unreachable_reason
+
+            local = hub_unreachable_reason() is not None
+            path = Path(hf_hub_download(source, f"{name}/config.json", local_files_only=local))
         return json.loads(path.read_text(encoding="utf-8"))
 
     try:
