@@ -218,24 +218,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The Markdown table of one results file."""
+    """The Markdown table of one results file: time and peak against plain (and time against the floor), and what
+    one nursing pass costs (the row's excess over Detail++ with nursing off, per pass)."""
     rows = results["rows"]
-    plain = rows[0]["seconds"]
+    plain, plain_peak = rows[0]["seconds"], rows[0]["peak_gib"]
     floor = results["floor"].get("floor_s")
+    off = next((r["seconds"] for r in rows if r["run"] == "detailpp, nursing off"), None)
     lines = [
         f"{results['family']}, {results['size']}x{results['size']}, bf16, {results['steps']} steps, "
         f"{results['device']} ({results['date']}; torch {results['versions']['torch']}, diffusers "
         f"{results['versions']['diffusers']})",
         "",
-        "| run | s | x plain | x floor | peak GiB | nursing passes |",
-        "|---|---|---|---|---|---|",
+        "| run | s | x plain | x floor | peak GiB | peak x plain | nursing passes | ms a pass |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio_floor = f"{r['seconds'] / floor:.2f}" if floor and "offload" not in r["run"] else ""
+        offload = "offload" in r["run"]
+        ratio_floor = f"{r['seconds'] / floor:.2f}" if floor and not offload else ""
         passes = r.get("nursing_passes", "")
+        per_pass = f"{1000 * (r['seconds'] - off) / passes:.0f}" if passes and off and not offload else ""
+        peak_ratio = "" if offload else f"{r['peak_gib'] / plain_peak:.2f}"
         lines.append(
             f"| {r['run']} | {r['seconds']:.2f} | {r['seconds'] / plain:.2f} | {ratio_floor} | {r['peak_gib']:.1f} | "
-            f"{passes} |"
+            f"{peak_ratio} | {passes} | {per_pass} |"
         )
     f = results["floor"]
     if f:

@@ -22,7 +22,7 @@ import torch
 from detailpp.backbones.mmdit_attention import FluxDetailProcessor, SD3DetailProcessor, joint_processors
 from detailpp.errors import DetailError
 from detailpp.method.attention import AttentionState, MaskLayers
-from detailpp.method.backbone import StopForward, stop_after
+from detailpp.method.backbone import stop_after
 
 #: FLUX.1's default Detail++ blocks, as [start, stop) fractions of its double-stream blocks' depth (19 in FLUX.1):
 #: (sharing, capturing): share in all of them, capture in blocks 2-9 (subjects localise early; a nursing pass stops
@@ -140,11 +140,8 @@ class MMDiTBackbone:
         return joint_processors(self.denoiser, state, self.processor_class, self.softmax)
 
     def predict_to_last_capture(self, sample: torch.Tensor, t: torch.Tensor, rows: Sequence[int], step: int) -> None:
-        try:
-            with stop_after(self.denoiser, self.layers.last_block):
-                self.predict(sample, t, rows, step)
-        except StopForward:
-            pass
+        with stop_after(self.denoiser, self.layers.last_block):
+            self.predict(sample, t, rows, step)
 
     def model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x  # flow matching feeds the latents as they are

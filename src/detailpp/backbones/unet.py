@@ -21,7 +21,7 @@ from diffusers.models.attention_processor import Attention
 
 from detailpp.backbones.unet_attention import detail_processors
 from detailpp.method.attention import AttentionState, MaskLayers
-from detailpp.method.backbone import StopForward, stop_after
+from detailpp.method.backbone import stop_after
 
 #: Text keys of a CLIP-encoded prompt, and where the prompt's first token sits (after the start token).
 CLIP_PROMPT_OFFSET = 1
@@ -215,11 +215,8 @@ class UNetBackbone:
 
     def predict_to_last_capture(self, sample: torch.Tensor, t: torch.Tensor, rows: Sequence[int], step: int) -> None:
         """A UNet call cut after the block that holds the last mask layer (``layers.last_block``)."""
-        try:
-            with stop_after(self.denoiser, self.layers.last_block):
-                self.predict(sample, t, rows, step)
-        except StopForward:
-            pass
+        with stop_after(self.denoiser, self.layers.last_block):
+            self.predict(sample, t, rows, step)
 
     def model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.scale_model_input(x, t)

@@ -396,7 +396,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _generation_settings(args: argparse.Namespace) -> dict:
     """The run's sampling settings: the model's native size, steps and guidance unless given (toy: 128x128, 20
     steps, guidance 5), every value checked, and the device and dtype (``args`` is updated to match)."""
-    from detailpp.cli.common import check_device, check_dtype, default_steps, family_guidance, native_size
+    from detailpp.cli.common import (
+        check_device,
+        check_dtype,
+        default_steps,
+        family_guidance,
+        native_size,
+        side_multiple,
+    )
     from detailpp.inputs import check_guidance, check_image_side, check_seed, check_steps
 
     size = native_size(args.model, args.config)
@@ -407,7 +414,7 @@ def _generation_settings(args: argparse.Namespace) -> dict:
     if args.guidance_scale is None:  # T2I-CompBench's 7.5 on the UNets; FLUX.1 3.5 and SD3 7.0, their pipelines'
         args.guidance_scale = 5.0 if args.model == "toy" else family_guidance(family, 7.5)
     check_steps("--steps", args.steps)
-    multiple = 16 if family is not None and family.transformer else 8  # a transformer patches the latents 2x2
+    multiple = side_multiple(family)
     check_image_side("--height", args.height, multiple=multiple)
     check_image_side("--width", args.width, multiple=multiple)
     check_guidance("--guidance-scale", args.guidance_scale)

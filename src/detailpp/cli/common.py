@@ -153,8 +153,36 @@ def default_steps(model: str, family=None, pipe=None) -> int:
     if pipe is not None and hasattr(pipe, "default_num_inference_steps"):
         return pipe.default_num_inference_steps
     if family is not None:
-        return _base_default(_family_base(family), "num_inference_steps", 50)
+        return _family_default(family, "num_inference_steps")
     return 50
+
+
+def side_multiple(family) -> int:
+    """What an image side must be a multiple of: 16 for a transformer (it patches the 8x latents 2x2), else 8."""
+    return 16 if family is not None and family.transformer else 8
+
+
+def check_family_flags(
+    family, height: int | None, width: int | None, scheduler: str | None = None, controlnet: bool = False
+) -> None:
+    """What a transformer family (FLUX.1, SD3) cannot take, refused before loading: sides that are not multiples
+    of 16, ``--scheduler`` (its flow-matching scheduler is part of the model), ``--controlnet``."""
+    if family is None or not family.transformer:
+        return
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            check_image_side(f"--{name}", value, f" for {family.label}", multiple=side_multiple(family))
+    if scheduler is not None:
+        raise UserError(
+            f"--scheduler {scheduler}: {family.label} samples with its own flow-matching scheduler "
+            "(FlowMatchEulerDiscreteScheduler); the UNet schedulers of --scheduler do not apply to it. Leave "
+            "--scheduler out."
+        )
+    if controlnet:
+        raise UserError(
+            f"--controlnet: Detail++ runs ControlNet with Stable Diffusion XL only, not with {family.label}; leave "
+            "--controlnet out or use an SDXL model."
+        )
 
 
 def family_guidance(family, default: float) -> float:
@@ -162,20 +190,15 @@ def family_guidance(family, default: float) -> float:
     UNet families (a bench keeps its own)."""
     if family is None or not family.transformer:
         return default
-    return float(_base_default(_family_base(family), "guidance_scale", default))
+    return float(_family_default(family, "guidance_scale"))
 
 
-def _family_base(family) -> type:
+def _family_default(family, name: str):
+    """The default of ``name`` in the call of ``family``'s diffusers pipeline (before any model loads)."""
     from detailpp.models.loading import pipeline_class_for
+    from detailpp.pipelines.base import call_default
 
-    return pipeline_class_for(family).base_pipeline_class
-
-
-def _base_default(cls: type, name: str, fallback):
-    import inspect
-
-    parameter = inspect.signature(cls.__call__).parameters.get(name)
-    return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+    return call_default(pipeline_class_for(family).base_pipeline_class, name)
 
 
 def check_size(name: str, value: int | None) -> None:

@@ -23,12 +23,12 @@ from detailpp.cli.common import (
     check_controlnet_source,
     check_device,
     check_dtype,
+    check_family_flags,
     check_model,
     check_size,
 )
 from detailpp.cli.flags import add_device_flags, add_model_flag, add_planner_flags, add_size_flags, planner_from_args
 from detailpp.errors import operation
-from detailpp.inputs import check_image_side
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model or default_model()
     family = check_model(model, args.config)
-    if family is not None and family.transformer:
-        if args.controlnet is not None:
-            raise UserError(f"--controlnet: Detail++ runs ControlNet with SDXL only, not with {family.label}.")
-        for name in ("width", "height"):  # a transformer patches the latents 2x2
-            if getattr(args, name) is not None:
-                check_image_side(f"--{name}", getattr(args, name), f" for {family.label}", multiple=16)
+    check_family_flags(family, args.height, args.width, controlnet=args.controlnet is not None)
     if model in BUILTIN_SIZES:  # the page opens at a built-in's native size
         args.width, args.height = args.width or BUILTIN_SIZES[model], args.height or BUILTIN_SIZES[model]
     if model.startswith("tiny-random"):

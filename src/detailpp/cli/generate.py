@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from detailpp.cli.common import (
     check_controlnet_args,
     check_device,
     check_dtype,
+    check_family_flags,
     check_model,
     check_output_dir,
     check_size,
@@ -53,7 +53,7 @@ from detailpp.cli.flags import (
 from detailpp.config import PRESETS, DetailConfig
 from detailpp.errors import operation
 from detailpp.images import a1111_parameters, captioned_grid, dumps, mask_overlay, save_png
-from detailpp.inputs import check_guidance, check_image_side, check_prompt_window, check_scheduler_steps, check_steps
+from detailpp.inputs import check_guidance, check_prompt_window, check_scheduler_steps, check_steps
 from detailpp.models.lora import LoraError, apply_loras, check_peft, parse_lora
 from detailpp.parsing.plan_cache import CACHE_FILE
 from detailpp.plan import GRANULARITIES, DecompositionPlan, PlanError, check_prompt_text, load_plan, retokenized
@@ -251,26 +251,6 @@ def early_plan(
     return plan
 
 
-def check_family_args(args: argparse.Namespace, family: Any) -> None:
-    """What a transformer family (FLUX.1, SD3) cannot take, refused before loading."""
-    if family is None or not family.transformer:
-        return
-    for name in ("height", "width"):  # a transformer patches the latents 2x2: sides in multiples of 16
-        if getattr(args, name) is not None:
-            check_image_side(f"--{name}", getattr(args, name), f" for {family.label}", multiple=16)
-    if args.scheduler is not None:
-        raise UserError(
-            f"--scheduler {args.scheduler}: {family.label} samples with its own flow-matching scheduler "
-            "(FlowMatchEulerDiscreteScheduler); the UNet schedulers of --scheduler do not apply to it. Leave "
-            "--scheduler out."
-        )
-    if args.controlnet:
-        raise UserError(
-            f"--controlnet: Detail++ runs ControlNet with Stable Diffusion XL only, not with {family.label}; leave "
-            "--controlnet out or use an SDXL model."
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     existed = args.output_dir.exists()
     try:
@@ -286,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
     config = check_args(args)
     model = args.model or default_model()
     family = check_model(model, args.config)
-    check_family_args(args, family)
+    check_family_flags(family, args.height, args.width, args.scheduler, bool(args.controlnet))
     if model in BUILTIN_SIZES and not args.controlnet:  # a built-in's native size (else: the control image's)
         args.height, args.width = args.height or BUILTIN_SIZES[model], args.width or BUILTIN_SIZES[model]
     device = check_device(args.device)
@@ -401,10 +381,10 @@ def pipeline_family(pipe) -> str:
 
 def default_guidance(pipe) -> float:
     """The default guidance scale of the pipeline's diffusers base (SDXL 5.0, SD 1.x/2.x 7.5, FLUX.1 3.5, SD3 7.0)."""
-    if hasattr(pipe, "default_guidance_scale"):
-        return pipe.default_guidance_scale
-    base = getattr(pipe, "base_pipeline_class", type(pipe))
-    return float(inspect.signature(base.__call__).parameters["guidance_scale"].default)
+    from detailpp.pipelines.base import call_default
+
+    guidance = getattr(pipe, "default_guidance_scale", None)
+    return guidance if guidance is not None else float(call_default(type(pipe), "guidance_scale"))
 
 
 def call_arguments(

@@ -56,7 +56,8 @@ class _StopAfter(torch.nn.Module):
 
 @contextmanager
 def stop_after(module: torch.nn.Module, name: str) -> Iterator[None]:
-    """End ``module``'s forwards with :class:`StopForward` after its submodule ``name``.
+    """End ``module``'s forwards after its submodule ``name``: a forward inside the block stops there (with
+    :class:`StopForward`, caught at the block's end, so the rest of the block is skipped).
 
     The submodule is swapped for a wrapper in its parent for the block (and put back after): a forward hook would
     raise inside a compiled block and break its graph.
@@ -67,6 +68,8 @@ def stop_after(module: torch.nn.Module, name: str) -> Iterator[None]:
     parent._modules[child] = _StopAfter(inner)
     try:
         yield
+    except StopForward:
+        pass
     finally:
         parent._modules[child] = inner
 

@@ -65,8 +65,8 @@ def dtype_kwarg(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": torch_dtype}
 
 
-def _base_default(cls: type, name: str) -> Any:
-    """The default of argument ``name`` of ``cls.__call__``."""
+def call_default(cls: type, name: str) -> Any:
+    """The default of argument ``name`` of ``cls.__call__`` (a diffusers pipeline's steps, guidance scale...)."""
     import inspect
 
     return inspect.signature(cls.__call__).parameters[name].default
@@ -91,12 +91,12 @@ class DetailPipelineMixin:
     @property
     def default_num_inference_steps(self) -> int:
         """The steps a call takes by default: its diffusers base's (SDXL and SD 50, FLUX.1 and SD3 28)."""
-        return int(_base_default(self.base_pipeline_class, "num_inference_steps"))
+        return int(call_default(self.base_pipeline_class, "num_inference_steps"))
 
     @property
     def default_guidance_scale(self) -> float:
         """The guidance scale of its diffusers base's call (SDXL 5.0, SD 7.5, FLUX.1 3.5, SD3 7.0)."""
-        return float(_base_default(self.base_pipeline_class, "guidance_scale"))
+        return float(call_default(self.base_pipeline_class, "guidance_scale"))
 
     @property
     def plan_tokenizer(self):
